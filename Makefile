@@ -1,0 +1,50 @@
+# Two entry points matter: `make run` and `make test`. Both build everything they need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PG_TEST_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
+
+.PHONY: run test venv generate check-generated lint typecheck proto-lint migrate bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+generate: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/generate.py
+
+# Regenerates and fails when the committed generated/ or third_party/ differ.
+check-generated: generate
+	git diff --exit-code --stat -- generated third_party
+	@test -z "$$(git status --porcelain -- generated third_party)" || \
+		(git status --porcelain -- generated third_party; echo "generated/ is stale: run make generate"; exit 1)
+
+proto-lint: generate
+	$(BIN)/buf lint generated/payments_descriptor_set.binpb --config buf.yaml \
+		--path payments/v1 --path orders/v1 --path auth/v1
+
+lint: $(STAMP)
+	$(BIN)/ruff check payment_grpc tests bench tools migrations
+	$(BIN)/ruff format --check payment_grpc tests bench tools migrations
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+migrate: generate
+	$(BIN)/payment-grpc migrate
+
+run: generate
+	$(BIN)/payment-grpc serve
+
+test: check-generated proto-lint lint typecheck
+	PG_TEST_URL=$(PG_TEST_URL) $(BIN)/pytest -q -p no:cacheprovider
+
+bench: generate
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) payments.db payments.db-* .data

@@ -1,0 +1,179 @@
+"""SQLAlchemy Core repositories: one statement per call, no ORM flushes on the hot path."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from payment_grpc.adapters.db.rows import (
+    event_to_row,
+    payment_to_row,
+    refund_to_row,
+    row_to_event,
+    row_to_payment,
+    row_to_refund,
+)
+from payment_grpc.adapters.db.tables import payment_events, payments, refunds
+from payment_grpc.domain.errors import (
+    ActivePaymentExists,
+    ConcurrentModification,
+    PaymentNotFound,
+    RefundNotFound,
+)
+from payment_grpc.domain.payment import INACTIVE_STATUSES, Payment, PaymentEvent, PaymentStatus
+from payment_grpc.domain.refund import Refund, RefundStatus
+from payment_grpc.service.ports import PageCursor, PaymentFilter
+
+_INACTIVE = [s.value for s in INACTIVE_STATUSES]
+
+
+class SqlPaymentRepository:
+    def __init__(self, conn: AsyncConnection, row_locks: bool) -> None:
+        self._conn = conn
+        self._row_locks = row_locks
+
+    async def add(self, payment: Payment, events: Sequence[PaymentEvent]) -> None:
+        try:
+            async with self._conn.begin_nested():
+                await self._conn.execute(payments.insert().values(payment_to_row(payment)))
+        except IntegrityError as exc:
+            existing = await self.active_for_order(payment.order_id)
+            if existing is None:
+                raise
+            raise ActivePaymentExists(payment.order_id, existing.payment_id) from exc
+        await self._insert_events(events)
+
+    async def get(self, payment_id: str, *, for_update: bool = False) -> Payment:
+        query = sa.select(payments).where(payments.c.id == payment_id)
+        if for_update and self._row_locks:
+            query = query.with_for_update()
+        row = (await self._conn.execute(query)).mappings().first()
+        if row is None:
+            raise PaymentNotFound(payment_id)
+        return row_to_payment(row)
+
+    async def save(self, before: Payment, after: Payment, events: Sequence[PaymentEvent]) -> None:
+        result = await self._conn.execute(
+            payments.update()
+            .where(
+                payments.c.id == before.payment_id,
+                payments.c.sequence == before.sequence,
+                payments.c.in_flight == before.in_flight,
+            )
+            .values(payment_to_row(after))
+        )
+        if result.rowcount != 1:
+            raise ConcurrentModification(f"payment {before.payment_id} changed concurrently")
+        await self._insert_events(events)
+
+    async def _insert_events(self, events: Sequence[PaymentEvent]) -> None:
+        if events:
+            await self._conn.execute(payment_events.insert(), [event_to_row(e) for e in events])
+
+    async def active_for_order(self, order_id: str) -> Payment | None:
+        query = sa.select(payments).where(
+            payments.c.order_id == order_id, payments.c.status.not_in(_INACTIVE)
+        )
+        row = (await self._conn.execute(query)).mappings().first()
+        return row_to_payment(row) if row else None
+
+    async def page(
+        self, where: PaymentFilter, after: PageCursor | None, limit: int
+    ) -> list[Payment]:
+        query = sa.select(payments)
+        if where.order_id:
+            query = query.where(payments.c.order_id == where.order_id)
+        if where.customer_id:
+            query = query.where(payments.c.customer_id == where.customer_id)
+        if where.status is not None:
+            query = query.where(payments.c.status == where.status.value)
+        if after is not None:
+            query = query.where(
+                sa.tuple_(payments.c.created_at, payments.c.id)
+                < sa.tuple_(sa.literal(after.created_at, payments.c.created_at.type), after.last_id)
+            )
+        query = query.order_by(payments.c.created_at.desc(), payments.c.id.desc()).limit(limit)
+        rows = (await self._conn.execute(query)).mappings().all()
+        return [row_to_payment(r) for r in rows]
+
+    async def events_after(self, payment_id: str, sequence: int, limit: int) -> list[PaymentEvent]:
+        query = (
+            sa.select(payment_events)
+            .where(payment_events.c.payment_id == payment_id, payment_events.c.sequence > sequence)
+            .order_by(payment_events.c.sequence)
+            .limit(limit)
+        )
+        rows = (await self._conn.execute(query)).mappings().all()
+        return [row_to_event(r) for r in rows]
+
+    async def stale(self, updated_before: datetime, limit: int) -> list[Payment]:
+        query = (
+            sa.select(payments)
+            .where(
+                sa.or_(
+                    payments.c.status == PaymentStatus.PROCESSING.value,
+                    payments.c.in_flight != "",
+                ),
+                payments.c.updated_at < updated_before,
+            )
+            .order_by(payments.c.updated_at)
+            .limit(limit)
+        )
+        rows = (await self._conn.execute(query)).mappings().all()
+        return [row_to_payment(r) for r in rows]
+
+
+class SqlRefundRepository:
+    def __init__(self, conn: AsyncConnection) -> None:
+        self._conn = conn
+
+    async def add(self, refund: Refund) -> None:
+        await self._conn.execute(refunds.insert().values(refund_to_row(refund)))
+
+    async def save(self, refund: Refund) -> None:
+        await self._conn.execute(
+            refunds.update().where(refunds.c.id == refund.refund_id).values(refund_to_row(refund))
+        )
+
+    async def get(self, refund_id: str) -> Refund:
+        query = sa.select(refunds).where(refunds.c.id == refund_id)
+        row = (await self._conn.execute(query)).mappings().first()
+        if row is None:
+            raise RefundNotFound(refund_id)
+        return row_to_refund(row)
+
+    async def page_for_payment(
+        self, payment_id: str, after: PageCursor | None, limit: int
+    ) -> list[Refund]:
+        query = sa.select(refunds).where(refunds.c.payment_id == payment_id)
+        if after is not None:
+            query = query.where(
+                sa.tuple_(refunds.c.created_at, refunds.c.id)
+                > sa.tuple_(sa.literal(after.created_at, refunds.c.created_at.type), after.last_id)
+            )
+        query = query.order_by(refunds.c.created_at, refunds.c.id).limit(limit)
+        rows = (await self._conn.execute(query)).mappings().all()
+        return [row_to_refund(r) for r in rows]
+
+    async def reserved_minor(self, payment_id: str) -> int:
+        query = sa.select(sa.func.coalesce(sa.func.sum(refunds.c.amount_minor), 0)).where(
+            refunds.c.payment_id == payment_id, refunds.c.status == RefundStatus.PENDING.value
+        )
+        return int((await self._conn.execute(query)).scalar_one())
+
+    async def stale_pending(self, updated_before: datetime, limit: int) -> list[Refund]:
+        query = (
+            sa.select(refunds)
+            .where(
+                refunds.c.status == RefundStatus.PENDING.value,
+                refunds.c.updated_at < updated_before,
+            )
+            .order_by(refunds.c.updated_at)
+            .limit(limit)
+        )
+        rows = (await self._conn.execute(query)).mappings().all()
+        return [row_to_refund(r) for r in rows]

@@ -1,0 +1,136 @@
+"""Table definitions (SQLAlchemy Core). Alembic revisions in migrations/ create them;
+a test checks the migrated schema matches this metadata on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC on both databases (SQLite keeps no zone of its own)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None or value.tzinfo is not None:
+            return value
+        return value.replace(tzinfo=UTC)
+
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+payments = sa.Table(
+    "payments",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("order_id", sa.String(128), nullable=False),
+    sa.Column("customer_id", sa.String(128), nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    sa.Column("amount_minor", sa.BigInteger, nullable=False),
+    sa.Column("captured_minor", sa.BigInteger, nullable=False),
+    sa.Column("refunded_minor", sa.BigInteger, nullable=False),
+    sa.Column("status", sa.String(24), nullable=False),
+    sa.Column("capture_method", sa.String(16), nullable=False),
+    sa.Column("method_type", sa.String(16), nullable=False),
+    sa.Column("method_token", sa.String(512), nullable=False),
+    sa.Column("wallet_provider", sa.String(64), nullable=False),
+    sa.Column("bank_code", sa.String(16), nullable=False),
+    sa.Column("card_brand", sa.String(32)),
+    sa.Column("card_last4", sa.String(4)),
+    sa.Column("card_exp_month", sa.SmallInteger),
+    sa.Column("card_exp_year", sa.SmallInteger),
+    sa.Column("failure_code", sa.String(64)),
+    sa.Column("failure_decline_code", sa.String(64)),
+    sa.Column("failure_message", sa.String(500)),
+    sa.Column("gateway_reference", sa.String(128), nullable=False),
+    sa.Column("sequence", sa.BigInteger, nullable=False),
+    sa.Column("in_flight", sa.String(64), nullable=False),
+    sa.Column("description", sa.String(500), nullable=False),
+    sa.Column("metadata_json", sa.Text, nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
+    sa.CheckConstraint(
+        "0 <= refunded_minor AND refunded_minor <= captured_minor"
+        " AND captured_minor <= amount_minor",
+        name="amounts",
+    ),
+    sa.Index("ix_payments_customer_created", "customer_id", "created_at"),
+    sa.Index("ix_payments_created", "created_at", "id"),
+    sa.Index("ix_payments_order", "order_id"),
+    # At most one live payment per order: FAILED and CANCELED free the order again.
+    sa.Index(
+        "uq_payments_live_order",
+        "order_id",
+        unique=True,
+        sqlite_where=sa.text("status NOT IN ('FAILED', 'CANCELED')"),
+        postgresql_where=sa.text("status NOT IN ('FAILED', 'CANCELED')"),
+    ),
+    sa.Index(
+        "ix_payments_unfinished",
+        "updated_at",
+        sqlite_where=sa.text("status = 'PROCESSING' OR in_flight != ''"),
+        postgresql_where=sa.text("status = 'PROCESSING' OR in_flight != ''"),
+    ),
+)
+
+payment_events = sa.Table(
+    "payment_events",
+    metadata,
+    sa.Column("payment_id", sa.String(64), sa.ForeignKey("payments.id"), primary_key=True),
+    sa.Column("sequence", sa.BigInteger, primary_key=True),
+    sa.Column("previous_status", sa.String(24)),
+    sa.Column("status", sa.String(24), nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    sa.Column("amount_minor", sa.BigInteger, nullable=False),
+    sa.Column("captured_minor", sa.BigInteger, nullable=False),
+    sa.Column("refunded_minor", sa.BigInteger, nullable=False),
+    sa.Column("failure_code", sa.String(64)),
+    sa.Column("failure_decline_code", sa.String(64)),
+    sa.Column("failure_message", sa.String(500)),
+    sa.Column("actor", sa.String(255), nullable=False),
+    sa.Column("trace_id", sa.String(32), nullable=False),
+    sa.Column("occurred_at", UtcDateTime, nullable=False),
+)
+
+refunds = sa.Table(
+    "refunds",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("payment_id", sa.String(64), sa.ForeignKey("payments.id"), nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    sa.Column("amount_minor", sa.BigInteger, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("reason", sa.String(32), nullable=False),
+    sa.Column("gateway_reference", sa.String(128), nullable=False),
+    sa.Column("failure_code", sa.String(64), nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
+    sa.CheckConstraint("amount_minor > 0", name="positive"),
+    sa.Index("ix_refunds_payment_created", "payment_id", "created_at", "id"),
+    sa.Index(
+        "ix_refunds_pending",
+        "updated_at",
+        sqlite_where=sa.text("status = 'PENDING'"),
+        postgresql_where=sa.text("status = 'PENDING'"),
+    ),
+)

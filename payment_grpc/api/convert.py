@@ -1,0 +1,163 @@
+"""Protobuf <-> domain. The only place that knows both shapes."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from payments.v1 import payment_service_pb2 as api
+from payments.v1 import resources_pb2 as pb
+
+from payment_grpc.domain.money import Money
+from payment_grpc.domain.payment import (
+    CaptureMethod,
+    Failure,
+    Payment,
+    PaymentEvent,
+    PaymentMethod,
+    PaymentMethodType,
+    PaymentStatus,
+)
+from payment_grpc.domain.refund import Refund, RefundReason, RefundStatus
+from payment_grpc.service.charging import ChargeCommand
+from payment_grpc.service.ports import PaymentFilter
+
+
+def _enum_map(prefix: str, enum_type: type, proto_enum: object) -> dict[object, int]:
+    return {member: proto_enum.Value(f"{prefix}{member.value}") for member in enum_type}  # type: ignore[attr-defined]
+
+
+STATUS_TO_PB = _enum_map("PAYMENT_STATUS_", PaymentStatus, pb.PaymentStatus)
+STATUS_FROM_PB = {v: k for k, v in STATUS_TO_PB.items()}
+CAPTURE_TO_PB = _enum_map("CAPTURE_METHOD_", CaptureMethod, pb.CaptureMethod)
+METHOD_TYPE_TO_PB = _enum_map("PAYMENT_METHOD_TYPE_", PaymentMethodType, pb.PaymentMethodType)
+REFUND_STATUS_TO_PB = _enum_map("REFUND_STATUS_", RefundStatus, pb.RefundStatus)
+REASON_TO_PB = _enum_map("REFUND_REASON_", RefundReason, pb.RefundReason)
+REASON_FROM_PB = {v: k for k, v in REASON_TO_PB.items()}
+
+
+def money_to_pb(money: Money) -> pb.Money:
+    return pb.Money(currency=money.currency, amount_minor=money.amount_minor)
+
+
+def money_from_pb(money: pb.Money) -> Money:
+    return Money(money.currency, money.amount_minor)
+
+
+def timestamp(at: datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(at)
+    return ts
+
+
+def method_from_pb(method: pb.PaymentMethod) -> PaymentMethod:
+    kind = method.WhichOneof("kind")
+    if kind == "card":
+        return PaymentMethod(PaymentMethodType.CARD, token=method.card.token)
+    if kind == "upi":
+        return PaymentMethod(PaymentMethodType.UPI, token=method.upi.vpa)
+    if kind == "wallet":
+        return PaymentMethod(
+            PaymentMethodType.WALLET, token=method.wallet.token, wallet_provider=method.wallet.provider
+        )
+    if kind == "net_banking":
+        return PaymentMethod(PaymentMethodType.NET_BANKING, bank_code=method.net_banking.bank_code)
+    if kind == "paypal":
+        return PaymentMethod(PaymentMethodType.PAYPAL, token=method.paypal.payer_token)
+    return PaymentMethod(PaymentMethodType.COD)
+
+
+def charge_command(request: api.ChargeRequest) -> ChargeCommand:
+    capture = (
+        CaptureMethod.MANUAL
+        if request.capture_method == pb.CAPTURE_METHOD_MANUAL
+        else CaptureMethod.AUTOMATIC
+    )
+    return ChargeCommand(
+        order_id=request.order_id,
+        amount=money_from_pb(request.amount),
+        method=method_from_pb(request.payment_method),
+        capture_method=capture,
+        customer_id=request.customer_id,
+        description=request.description,
+        metadata=dict(request.metadata),
+    )
+
+
+def optional_amount(request: api.CapturePaymentRequest | api.RefundRequest) -> int | None:
+    return request.amount.amount_minor if request.HasField("amount") else None
+
+
+def payment_filter(request: api.ListPaymentsRequest) -> PaymentFilter:
+    status = STATUS_FROM_PB.get(request.status) if request.status else None
+    return PaymentFilter(request.order_id, request.customer_id, status)  # type: ignore[arg-type]
+
+
+def failure_to_pb(failure: Failure | None) -> pb.PaymentFailure | None:
+    if failure is None:
+        return None
+    return pb.PaymentFailure(
+        code=failure.code, decline_code=failure.decline_code, message=failure.message
+    )
+
+
+def payment_to_pb(p: Payment) -> pb.Payment:
+    details = pb.PaymentMethodDetails(
+        type=METHOD_TYPE_TO_PB[p.method.type],  # type: ignore[arg-type]
+        wallet_provider=p.method.wallet_provider,
+        bank_code=p.method.bank_code,
+    )
+    if p.card is not None:
+        details.card.CopyFrom(
+            pb.CardDetails(
+                brand=p.card.brand,
+                last4=p.card.last4,
+                exp_month=p.card.exp_month,
+                exp_year=p.card.exp_year,
+            )
+        )
+    return pb.Payment(
+        payment_id=p.payment_id,
+        order_id=p.order_id,
+        customer_id=p.customer_id,
+        amount=money_to_pb(p.amount),
+        captured_amount=money_to_pb(p.captured),
+        refunded_amount=money_to_pb(p.refunded),
+        status=STATUS_TO_PB[p.status],  # type: ignore[arg-type]
+        capture_method=CAPTURE_TO_PB[p.capture_method],  # type: ignore[arg-type]
+        payment_method=details,
+        failure=failure_to_pb(p.failure),
+        gateway_reference=p.gateway_reference,
+        sequence=p.sequence,
+        create_time=timestamp(p.created_at),
+        update_time=timestamp(p.updated_at),
+        metadata=dict(p.metadata),
+        description=p.description,
+    )
+
+
+def refund_to_pb(r: Refund) -> pb.Refund:
+    return pb.Refund(
+        refund_id=r.refund_id,
+        payment_id=r.payment_id,
+        amount=money_to_pb(r.amount),
+        status=REFUND_STATUS_TO_PB[r.status],  # type: ignore[arg-type]
+        reason=REASON_TO_PB[r.reason],  # type: ignore[arg-type]
+        gateway_reference=r.gateway_reference,
+        create_time=timestamp(r.created_at),
+        update_time=timestamp(r.updated_at),
+    )
+
+
+def event_to_pb(e: PaymentEvent) -> pb.PaymentStatusEvent:
+    return pb.PaymentStatusEvent(
+        payment_id=e.payment_id,
+        sequence=e.sequence,
+        previous_status=STATUS_TO_PB[e.previous_status] if e.previous_status else 0,  # type: ignore[arg-type]
+        status=STATUS_TO_PB[e.status],  # type: ignore[arg-type]
+        amount=money_to_pb(e.amount),
+        captured_amount=money_to_pb(e.captured),
+        refunded_amount=money_to_pb(e.refunded),
+        failure=failure_to_pb(e.failure),
+        event_time=timestamp(e.occurred_at),
+    )

@@ -1,0 +1,72 @@
+"""Validates every request before a use case runs, and turns every failure into a
+clear gRPC status: domain errors through the error table, anything unexpected into a
+bare INTERNAL (logged here, never sent to the caller)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from payment_grpc.api.errors import INTERNAL, invalid_argument, status_for
+from payment_grpc.api.interceptors.wrapping import Streaming, Unary, wrap_handler
+from payment_grpc.api.validation import violations
+from payment_grpc.domain.errors import DomainError
+
+log = logging.getLogger(__name__)
+
+
+async def _reject_invalid(request: Any, context: aio.ServicerContext[Any, Any]) -> None:
+    found = violations(request)
+    if found:
+        await context.abort_with_status(invalid_argument(found))
+
+
+async def _abort_for(exc: BaseException, context: aio.ServicerContext[Any, Any]) -> None:
+    if isinstance(exc, DomainError):
+        await context.abort_with_status(status_for(exc))
+    log.error("unexpected error in handler", exc_info=exc)
+    await context.abort_with_status(INTERNAL)
+
+
+def _guard_unary(behavior: Unary) -> Unary:
+    async def guarded(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        await _reject_invalid(request, context)
+        try:
+            return await behavior(request, context)
+        except (aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            await _abort_for(exc, context)
+
+    return guarded
+
+
+def _guard_streaming(behavior: Streaming) -> Streaming:
+    async def guarded(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        await _reject_invalid(request, context)
+        try:
+            async for item in behavior(request, context):
+                yield item
+        except (aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            await _abort_for(exc, context)
+
+    return guarded
+
+
+class GuardInterceptor(aio.ServerInterceptor):
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith("/payments.v1."):
+            return handler
+        return wrap_handler(handler, _guard_unary, _guard_streaming)

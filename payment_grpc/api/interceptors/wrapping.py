@@ -1,0 +1,38 @@
+"""Wrap the behaviour of a grpc.aio method handler: the aio interceptor API only sees
+call details, so interceptors that need the request or the outcome wrap the handler."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+Unary = Callable[[Any, aio.ServicerContext[Any, Any]], Awaitable[Any]]
+Streaming = Callable[[Any, aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
+
+
+def wrap_handler(
+    handler: grpc.RpcMethodHandler,
+    unary: Callable[[Unary], Unary],
+    streaming: Callable[[Streaming], Streaming],
+) -> grpc.RpcMethodHandler:
+    """Return `handler` with its unary-unary or unary-stream behaviour wrapped."""
+    if handler.request_streaming:
+        return handler  # no client-streaming RPCs in this API
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(
+            streaming(handler.unary_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    return grpc.unary_unary_rpc_method_handler(
+        unary(handler.unary_unary),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def is_payment_service(method: str) -> bool:
+    return method.startswith("/payments.v1.PaymentService/")

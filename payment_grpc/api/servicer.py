@@ -1,0 +1,106 @@
+"""PaymentService transport: convert the request, call one use case, convert the result."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from grpc import aio
+from payments.v1 import payment_service_pb2 as api
+from payments.v1 import payment_service_pb2_grpc
+
+from payment_grpc.api import convert
+from payment_grpc.api.context import request_context
+from payment_grpc.domain.refund import RefundReason
+from payment_grpc.service.charging import Charging
+from payment_grpc.service.operations import Operations
+from payment_grpc.service.queries import Queries
+
+Context = aio.ServicerContext[Any, Any]
+
+
+class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
+    def __init__(self, charging: Charging, operations: Operations, queries: Queries) -> None:
+        self._charging = charging
+        self._operations = operations
+        self._queries = queries
+
+    async def Charge(self, request: api.ChargeRequest, context: Context) -> api.ChargeResponse:
+        payment = await self._charging.charge(
+            convert.charge_command(request), request_context(context)
+        )
+        return api.ChargeResponse(payment=convert.payment_to_pb(payment))
+
+    async def CapturePayment(
+        self, request: api.CapturePaymentRequest, context: Context
+    ) -> api.CapturePaymentResponse:
+        payment = await self._operations.capture(
+            request.payment_id, convert.optional_amount(request), request_context(context)
+        )
+        return api.CapturePaymentResponse(payment=convert.payment_to_pb(payment))
+
+    async def CancelPayment(
+        self, request: api.CancelPaymentRequest, context: Context
+    ) -> api.CancelPaymentResponse:
+        payment = await self._operations.cancel(request.payment_id, request_context(context))
+        return api.CancelPaymentResponse(payment=convert.payment_to_pb(payment))
+
+    async def Refund(self, request: api.RefundRequest, context: Context) -> api.RefundResponse:
+        refund, payment = await self._operations.refund(
+            request.payment_id,
+            convert.optional_amount(request),
+            convert.REASON_FROM_PB.get(request.reason, RefundReason.UNSPECIFIED),  # type: ignore[arg-type]
+            request_context(context),
+        )
+        return api.RefundResponse(
+            refund=convert.refund_to_pb(refund), payment=convert.payment_to_pb(payment)
+        )
+
+    async def GetPayment(
+        self, request: api.GetPaymentRequest, context: Context
+    ) -> api.GetPaymentResponse:
+        payment = await self._queries.get_payment(request.payment_id, request_context(context))
+        return api.GetPaymentResponse(payment=convert.payment_to_pb(payment))
+
+    async def ListPayments(
+        self, request: api.ListPaymentsRequest, context: Context
+    ) -> api.ListPaymentsResponse:
+        page = await self._queries.list_payments(
+            convert.payment_filter(request),
+            request.page_size,
+            request.page_token,
+            request_context(context),
+        )
+        return api.ListPaymentsResponse(
+            payments=[convert.payment_to_pb(p) for p in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    async def GetRefund(
+        self, request: api.GetRefundRequest, context: Context
+    ) -> api.GetRefundResponse:
+        refund = await self._queries.get_refund(request.refund_id, request_context(context))
+        return api.GetRefundResponse(refund=convert.refund_to_pb(refund))
+
+    async def ListRefunds(
+        self, request: api.ListRefundsRequest, context: Context
+    ) -> api.ListRefundsResponse:
+        page = await self._queries.list_refunds(
+            request.payment_id, request.page_size, request.page_token, request_context(context)
+        )
+        return api.ListRefundsResponse(
+            refunds=[convert.refund_to_pb(r) for r in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    async def WatchPaymentStatus(  # type: ignore[override]
+        self, request: api.WatchPaymentStatusRequest, context: Context
+    ) -> AsyncIterator[api.WatchPaymentStatusResponse]:
+        events = self._queries.watch(
+            request.payment_id,
+            request.from_sequence,
+            request.follow_refunds,
+            request_context(context),
+        )
+        async for event in events:
+            yield api.WatchPaymentStatusResponse(event=convert.event_to_pb(event))

@@ -1,0 +1,99 @@
+"""The only composition root: Settings -> adapters -> use cases -> server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from payment_grpc.adapters.bus.memory import InProcessStatusBus
+from payment_grpc.adapters.clock import SystemClock
+from payment_grpc.adapters.db.engine import SqlUnitOfWorkFactory, make_engine
+from payment_grpc.adapters.db.health import database_reachable
+from payment_grpc.adapters.gateways.simulated import SimulatedGateway, SimulatedGatewayConfig
+from payment_grpc.api.server import PaymentServer
+from payment_grpc.api.servicer import PaymentServicer
+from payment_grpc.config import Settings
+from payment_grpc.service.charging import Charging
+from payment_grpc.service.deps import Deps
+from payment_grpc.service.operations import Operations
+from payment_grpc.service.queries import Queries
+from payment_grpc.service.recovery import Recovery
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Application:
+    settings: Settings
+    engine: AsyncEngine
+    gateway: SimulatedGateway
+    server: PaymentServer
+    recovery: Recovery
+    port: int = 0
+    _recovery_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.server.start()
+        self._recovery_task = asyncio.create_task(
+            self.recovery.run_forever(self.settings.recovery_interval_seconds)
+        )
+        log.info("payment-grpc listening", extra={"port": self.port})
+
+    async def stop(self) -> None:
+        await self.server.stop(self.settings.shutdown_grace_seconds)
+        if self._recovery_task is not None:
+            self._recovery_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recovery_task
+        await self.gateway.close()
+        await self.engine.dispose()
+
+
+def build_gateway(settings: Settings) -> SimulatedGateway:
+    ledger = settings.ledger_path()
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    return SimulatedGateway(
+        SimulatedGatewayConfig(
+            ledger_path=str(ledger),
+            success_rate=settings.gateway_success_rate,
+            failure_mix=settings.failure_mix(),
+            latency_ms_min=settings.gateway_latency_ms_min,
+            latency_ms_max=settings.gateway_latency_ms_max,
+            async_settle_ms=settings.gateway_async_settle_ms,
+            seed=settings.gateway_seed,
+        )
+    )
+
+
+def build_application(settings: Settings) -> Application:
+    engine = make_engine(settings.database_url, settings.db_pool_size)
+    gateway = build_gateway(settings)
+    deps = Deps(
+        uow=SqlUnitOfWorkFactory(engine),
+        gateway=gateway,
+        bus=InProcessStatusBus(),
+        clock=SystemClock(),
+    )
+    charging = Charging(deps)
+    operations = Operations(deps)
+    recovery = Recovery(
+        deps, charging, operations, timedelta(seconds=settings.recovery_stale_seconds)
+    )
+
+    async def healthy() -> bool:
+        return await database_reachable(engine, settings.database_url)
+
+    server = PaymentServer(
+        PaymentServicer(charging, operations, Queries(deps)),
+        dependencies_healthy=healthy,
+        health_interval_s=settings.health_check_interval_seconds,
+        max_message_bytes=settings.max_message_bytes,
+    )
+    app = Application(settings, engine, gateway, server, recovery)
+    app.port = server.bind(f"{settings.host}:{settings.port}")
+    return app

@@ -1,0 +1,83 @@
+"""`payment-grpc serve | migrate | probe` (also `python -m payment_grpc`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from payment_grpc.config import Settings
+from payment_grpc.logging_setup import configure_logging
+
+log = logging.getLogger("payment_grpc")
+
+
+async def _serve(settings: Settings) -> None:
+    from payment_grpc.bootstrap import build_application
+
+    app = build_application(settings)
+    await app.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: health NOT_SERVING, draining in-flight calls")
+    await app.stop()
+    log.info("stopped")
+
+
+def serve(settings: Settings) -> int:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if settings.migrate_on_start:
+        migrate(settings)
+    try:
+        import uvloop
+
+        uvloop.run(_serve(settings))
+    except ImportError:
+        asyncio.run(_serve(settings))
+    return 0
+
+
+def migrate(settings: Settings) -> int:
+    from payment_grpc.adapters.db.migrate import upgrade
+
+    upgrade(settings.database_url)
+    log.info("database migrated to head")
+    return 0
+
+
+def probe(settings: Settings) -> int:
+    """Exit 0 when the local server reports SERVING (Docker HEALTHCHECK)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{settings.port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=3)
+        except grpc.RpcError as exc:
+            print(f"unhealthy: {exc.code().name}", file=sys.stderr)
+            return 1
+    serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+    print("SERVING" if serving else "NOT_SERVING")
+    return 0 if serving else 1
+
+
+COMMANDS = {"serve": serve, "migrate": migrate, "probe": probe}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="payment-grpc", description=__doc__)
+    parser.add_argument("command", choices=sorted(COMMANDS))
+    args = parser.parse_args(argv)
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return COMMANDS[args.command](settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

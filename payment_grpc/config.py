@@ -1,0 +1,45 @@
+"""Settings: every knob is an environment variable (documented in the README)."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from payment_grpc.adapters.gateways.simulated import FailureMix
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    host: str = "0.0.0.0"  # noqa: S104 - the pod IP must be reachable for k8s grpc probes
+    port: int = Field(8009, ge=0, le=65535)
+    database_url: str = "sqlite+aiosqlite:///./payments.db"
+    db_pool_size: int = Field(10, ge=1)
+    migrate_on_start: bool = True
+    data_dir: pathlib.Path = pathlib.Path(".data")
+    shutdown_grace_seconds: float = Field(10.0, ge=0)
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "text"
+    health_check_interval_seconds: float = Field(2.0, gt=0)
+    recovery_interval_seconds: float = Field(5.0, gt=0)
+    recovery_stale_seconds: float = Field(30.0, ge=0)
+    max_message_bytes: int = Field(1024 * 1024, ge=1024)
+
+    gateway: Literal["simulated"] = "simulated"
+    gateway_ledger_path: pathlib.Path | None = None
+    gateway_success_rate: float = Field(0.95, ge=0, le=1)
+    gateway_failure_mix: str = "declined=60,insufficient_funds=10,network_error=20,invalid_method=10"
+    gateway_latency_ms_min: int = Field(20, ge=0)
+    gateway_latency_ms_max: int = Field(120, ge=0)
+    gateway_async_settle_ms: int = Field(2000, ge=0)
+    gateway_seed: int | None = None
+
+    def ledger_path(self) -> pathlib.Path:
+        return self.gateway_ledger_path or self.data_dir / "simulated_gateway.db"
+
+    def failure_mix(self) -> FailureMix:
+        weights = dict(part.split("=") for part in self.gateway_failure_mix.split(",") if part)
+        return FailureMix(**{name.strip(): int(value) for name, value in weights.items()})

@@ -1,0 +1,149 @@
+"""Charge: create the payment, ask the gateway, record the outcome.
+
+Phases (each one transaction): 1. insert PENDING -> PROCESSING; 2. authorize at the
+gateway with a key derived from the payment id (the gateway dedupes on it); 3. record
+the outcome. A crash or timeout between 1 and 3 leaves the payment PROCESSING and the
+recovery worker (or a retry) finishes it with the same gateway key.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+
+from payment_grpc.domain.money import Money
+from payment_grpc.domain.payment import (
+    CaptureMethod,
+    Payment,
+    PaymentEvent,
+    PaymentMethod,
+    PaymentMethodType,
+    PaymentStatus,
+)
+from payment_grpc.service.context import GATEWAY_CALLBACK, RequestContext
+from payment_grpc.service.deps import Deps, authorize_key, new_id
+from payment_grpc.service.ports import (
+    Authorization,
+    AuthorizationOutcome,
+    AuthorizationRequest,
+    GatewayDown,
+    GatewayTimeout,
+    Settlement,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeCommand:
+    order_id: str
+    amount: Money
+    method: PaymentMethod
+    capture_method: CaptureMethod = CaptureMethod.AUTOMATIC
+    customer_id: str = ""
+    description: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+class Charging:
+    def __init__(self, deps: Deps) -> None:
+        self._deps = deps
+        deps.gateway.on_settlement(self._on_settlement)
+
+    async def charge(self, command: ChargeCommand, ctx: RequestContext) -> Payment:
+        payment = await self.create(command, ctx)
+        return await self.authorize(payment, ctx)
+
+    async def create(self, command: ChargeCommand, ctx: RequestContext) -> Payment:
+        now = self._deps.clock.now()
+        pending = Payment(
+            payment_id=new_id("pay"),
+            order_id=command.order_id,
+            customer_id=command.customer_id,
+            amount=command.amount,
+            capture_method=command.capture_method,
+            method=command.method,
+            created_at=now,
+            updated_at=now,
+            description=command.description,
+            metadata=dict(command.metadata),
+        )
+        created = pending.creation_event(ctx.subject, ctx.trace_id)
+        processing, sent = pending.transition(
+            PaymentStatus.PROCESSING, action="charge", actor=ctx.subject, trace_id=ctx.trace_id, at=now
+        )
+        async with self._deps.uow() as tx:
+            await tx.payments.add(processing, [created, sent])
+            await tx.commit()
+        await self._deps.announce([created, sent])
+        return processing
+
+    async def authorize(self, payment: Payment, ctx: RequestContext) -> Payment:
+        """Phase 2+3; safe to repeat for the same payment (the gateway dedupes)."""
+        request = AuthorizationRequest(
+            idempotency_key=authorize_key(payment.payment_id),
+            payment_id=payment.payment_id,
+            amount=payment.amount,
+            method=payment.method,
+            capture=_captures_now(payment),
+        )
+        try:
+            authorization = await self._deps.gateway.authorize(request)
+        except (GatewayTimeout, GatewayDown) as exc:
+            log.warning("gateway did not answer for %s: %s", payment.payment_id, type(exc).__name__)
+            return payment
+        return await self.record(payment.payment_id, authorization, ctx)
+
+    async def record(
+        self, payment_id: str, authorization: Authorization, ctx: RequestContext
+    ) -> Payment:
+        """Phase 3: apply the gateway's answer, once. A second answer changes nothing."""
+        async with self._deps.uow() as tx:
+            current = await tx.payments.get(payment_id, for_update=True)
+            if current.status is not PaymentStatus.PROCESSING:
+                return current
+            after, events = _apply(current, authorization, ctx, self._deps.clock.now())
+            await tx.payments.save(current, after, events)
+            await tx.commit()
+        await self._deps.announce(events)
+        return after
+
+    async def _on_settlement(self, settlement: Settlement) -> None:
+        await self.record(settlement.payment_id, settlement.authorization, GATEWAY_CALLBACK)
+
+
+def _captures_now(payment: Payment) -> bool:
+    return (
+        payment.capture_method is CaptureMethod.AUTOMATIC
+        and payment.method.type is not PaymentMethodType.COD
+    )
+
+
+_OUTCOME_STATUS = {
+    AuthorizationOutcome.AUTHORIZED: PaymentStatus.AUTHORIZED,
+    AuthorizationOutcome.CAPTURED: PaymentStatus.CAPTURED,
+    AuthorizationOutcome.DECLINED: PaymentStatus.FAILED,
+}
+
+
+def _apply(
+    current: Payment, authorization: Authorization, ctx: RequestContext, now: datetime
+) -> tuple[Payment, list[PaymentEvent]]:
+    if authorization.outcome is AuthorizationOutcome.PENDING:
+        return replace(current, gateway_reference=authorization.reference), []
+    to = _OUTCOME_STATUS[authorization.outcome]
+    captured = current.amount.amount_minor if to is PaymentStatus.CAPTURED else 0
+    after, event = current.transition(
+        to,
+        action="authorize",
+        actor=ctx.subject,
+        trace_id=ctx.trace_id,
+        at=now,
+        gateway_reference=authorization.reference,
+        card=authorization.card or current.card,
+        failure=authorization.failure,
+        captured_minor=captured,
+    )
+    return after, [event]

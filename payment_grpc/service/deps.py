@@ -1,0 +1,39 @@
+"""What every use case shares: ports plus the one way to commit a change."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from payment_grpc.domain.payment import PaymentEvent
+from payment_grpc.service.ports import Clock, PaymentGateway, StatusBus, UnitOfWorkFactory
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+@dataclass(frozen=True, slots=True)
+class Deps:
+    uow: UnitOfWorkFactory
+    gateway: PaymentGateway
+    bus: StatusBus
+    clock: Clock
+
+    async def announce(self, events: Sequence[PaymentEvent]) -> None:
+        """Tell watchers about committed events (call only after commit)."""
+        for event in events:
+            await self.bus.publish(event.payment_id, event.sequence)
+
+
+def authorize_key(payment_id: str) -> str:
+    return f"{payment_id}:authorize"
+
+
+def capture_key(payment_id: str) -> str:
+    return f"{payment_id}:capture"
+
+
+def void_key(payment_id: str) -> str:
+    return f"{payment_id}:void"

@@ -1,0 +1,190 @@
+"""Ports: what the use cases need from the outside world. Adapters implement them."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from payment_grpc.domain.money import Money
+from payment_grpc.domain.payment import (
+    CardDetails,
+    Failure,
+    Payment,
+    PaymentEvent,
+    PaymentMethod,
+    PaymentStatus,
+)
+from payment_grpc.domain.refund import Refund
+
+# ---------------------------------------------------------------- gateway
+
+
+class GatewayTimeout(Exception):
+    """The request may have reached the gateway; its outcome is unknown."""
+
+
+class GatewayDown(Exception):
+    """Nothing was sent: the gateway refused the connection. Safe to retry."""
+
+
+class AuthorizationOutcome(enum.StrEnum):
+    AUTHORIZED = "AUTHORIZED"
+    CAPTURED = "CAPTURED"
+    DECLINED = "DECLINED"
+    PENDING = "PENDING"  # asynchronous methods: the result comes through a callback
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizationRequest:
+    idempotency_key: str
+    payment_id: str
+    amount: Money
+    method: PaymentMethod
+    capture: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Authorization:
+    outcome: AuthorizationOutcome
+    reference: str
+    card: CardDetails | None = None
+    failure: Failure | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayResult:
+    succeeded: bool
+    reference: str = ""
+    failure: Failure | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """An asynchronous authorization finished at the gateway."""
+
+    payment_id: str
+    authorization: Authorization
+
+
+SettlementHandler = Callable[[Settlement], Awaitable[None]]
+
+
+class PaymentGateway(Protocol):
+    async def authorize(self, request: AuthorizationRequest) -> Authorization: ...
+
+    async def capture(self, reference: str, amount: Money, idempotency_key: str) -> GatewayResult: ...
+
+    async def void(self, reference: str, idempotency_key: str) -> GatewayResult: ...
+
+    async def refund(self, reference: str, amount: Money, idempotency_key: str) -> GatewayResult: ...
+
+    async def lookup(self, idempotency_key: str) -> Authorization | None:
+        """The authorization recorded under our key, or None if the gateway never saw it."""
+        ...
+
+    def on_settlement(self, handler: SettlementHandler) -> None:
+        """Register the service's callback for asynchronous outcomes."""
+        ...
+
+    async def healthy(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------- persistence
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentFilter:
+    order_id: str = ""
+    customer_id: str = ""
+    status: PaymentStatus | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PageCursor:
+    """Position after the last row of a page: (created_at, id) of that row."""
+
+    created_at: datetime
+    last_id: str
+
+
+class PaymentRepository(Protocol):
+    async def add(self, payment: Payment, events: Sequence[PaymentEvent]) -> None:
+        """Insert; raises ActivePaymentExists if the order already has a live payment."""
+        ...
+
+    async def get(self, payment_id: str, *, for_update: bool = False) -> Payment: ...
+
+    async def save(self, before: Payment, after: Payment, events: Sequence[PaymentEvent]) -> None:
+        """Write `after` if the row is still `before` (else ConcurrentModification)."""
+        ...
+
+    async def active_for_order(self, order_id: str) -> Payment | None: ...
+
+    async def page(
+        self, where: PaymentFilter, after: PageCursor | None, limit: int
+    ) -> list[Payment]: ...
+
+    async def events_after(self, payment_id: str, sequence: int, limit: int) -> list[PaymentEvent]: ...
+
+    async def stale(self, updated_before: datetime, limit: int) -> list[Payment]:
+        """Payments PROCESSING or holding an in-flight claim, last changed before the cutoff."""
+        ...
+
+
+class RefundRepository(Protocol):
+    async def add(self, refund: Refund) -> None: ...
+
+    async def save(self, refund: Refund) -> None: ...
+
+    async def get(self, refund_id: str) -> Refund: ...
+
+    async def page_for_payment(
+        self, payment_id: str, after: PageCursor | None, limit: int
+    ) -> list[Refund]: ...
+
+    async def reserved_minor(self, payment_id: str) -> int:
+        """Sum of the payment's refunds still PENDING at the gateway."""
+        ...
+
+    async def stale_pending(self, updated_before: datetime, limit: int) -> list[Refund]: ...
+
+
+class UnitOfWork(Protocol):
+    """One database transaction. Leaving the block without commit() rolls back."""
+
+    payments: PaymentRepository
+    refunds: RefundRepository
+
+    async def commit(self) -> None: ...
+
+
+class UnitOfWorkFactory(Protocol):
+    def __call__(self, *, read_only: bool = False) -> AbstractAsyncContextManager[UnitOfWork]: ...
+
+
+# ---------------------------------------------------------------- status bus
+
+
+class Subscription(Protocol):
+    async def wait(self) -> None:
+        """Return once something was published for the payment since the last wait."""
+        ...
+
+
+class StatusBus(Protocol):
+    async def publish(self, payment_id: str, sequence: int) -> None: ...
+
+    def subscribe(self, payment_id: str) -> AbstractAsyncContextManager[Subscription]: ...
+
+
+class Clock(Protocol):
+    def now(self) -> datetime: ...
+
+
+EventStream = AsyncIterator[PaymentEvent]

@@ -1,0 +1,100 @@
+"""Reads: one payment or refund, pages of them, and the status stream."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from payment_grpc.domain.payment import (
+    FINAL_STATUSES,
+    SETTLED_STATUSES,
+    Payment,
+    PaymentEvent,
+    PaymentStatus,
+)
+from payment_grpc.domain.refund import Refund
+from payment_grpc.service.context import RequestContext
+from payment_grpc.service.deps import Deps
+from payment_grpc.service.paging import decode_token, encode_token, page_size
+from payment_grpc.service.ports import PageCursor, PaymentFilter
+
+EVENT_BATCH = 100
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    items: list[T]
+    next_page_token: str
+
+
+class Queries:
+    def __init__(self, deps: Deps) -> None:
+        self._deps = deps
+
+    async def get_payment(self, payment_id: str, ctx: RequestContext) -> Payment:
+        async with self._deps.uow(read_only=True) as tx:
+            return await tx.payments.get(payment_id)
+
+    async def list_payments(
+        self, where: PaymentFilter, requested_size: int, token: str, ctx: RequestContext
+    ) -> Page[Payment]:
+        size = page_size(requested_size)
+        cursor = decode_token(token, where)
+        async with self._deps.uow(read_only=True) as tx:
+            rows = await tx.payments.page(where, cursor, size + 1)
+        return _page(rows, size, where, lambda p: PageCursor(p.created_at, p.payment_id))
+
+    async def get_refund(self, refund_id: str, ctx: RequestContext) -> Refund:
+        async with self._deps.uow(read_only=True) as tx:
+            return await tx.refunds.get(refund_id)
+
+    async def list_refunds(
+        self, payment_id: str, requested_size: int, token: str, ctx: RequestContext
+    ) -> Page[Refund]:
+        size = page_size(requested_size)
+        cursor = decode_token(token, payment_id)
+        async with self._deps.uow(read_only=True) as tx:
+            await tx.payments.get(payment_id)
+            rows = await tx.refunds.page_for_payment(payment_id, cursor, size + 1)
+        return _page(rows, size, payment_id, lambda r: PageCursor(r.created_at, r.refund_id))
+
+    async def watch(
+        self, payment_id: str, from_sequence: int, follow_refunds: bool, ctx: RequestContext
+    ) -> AsyncIterator[PaymentEvent]:
+        """Snapshot (unless resuming), then every event in order; ends after a final status.
+
+        Subscribes before reading, so a change committed between the read and the wait
+        still wakes us; events always come from the table, so none is skipped or repeated.
+        """
+        async with self._deps.bus.subscribe(payment_id) as subscription:
+            async with self._deps.uow(read_only=True) as tx:
+                payment = await tx.payments.get(payment_id)
+                start = from_sequence or payment.sequence - 1
+                pending = await tx.payments.events_after(payment_id, start, EVENT_BATCH)
+            status = payment.status
+            last = start
+            while True:
+                for event in pending:
+                    yield event
+                    last, status = event.sequence, event.status
+                if _stream_ends(status, follow_refunds) and last >= payment.sequence:
+                    return
+                if not pending:
+                    await subscription.wait()
+                async with self._deps.uow(read_only=True) as tx:
+                    pending = await tx.payments.events_after(payment_id, last, EVENT_BATCH)
+
+
+def _stream_ends(status: PaymentStatus, follow_refunds: bool) -> bool:
+    return status in (FINAL_STATUSES if follow_refunds else SETTLED_STATUSES)
+
+
+def _page(
+    rows: list[T], size: int, filters: object, cursor_of: Callable[[T], PageCursor]
+) -> Page[T]:
+    if len(rows) <= size:
+        return Page(rows, "")
+    items = rows[:size]
+    return Page(items, encode_token(cursor_of(items[-1]), filters))
