@@ -38,7 +38,7 @@ RUN groupadd --system --gid 10001 app \
  && chown -R app:app /var/lib/payment-grpc
 COPY --from=build /opt/venv /opt/venv
 # For the Envoy gateway: its init container copies this file (k8s/envoy-deployment.yaml).
-COPY generated/payments_descriptor_set.binpb /opt/payment-grpc/payments_descriptor_set.binpb
+COPY --chmod=0644 generated/payments_descriptor_set.binpb /opt/payment-grpc/payments_descriptor_set.binpb
 # Default SQLite URL (./payments.db) resolves here; production sets DATABASE_URL.
 WORKDIR /var/lib/payment-grpc
 USER 10001:10001

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PG_TEST_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 
-.PHONY: run test venv generate check-generated lint typecheck proto-lint migrate bench clean
+.PHONY: run test venv generate check-generated lint typecheck proto-lint check-deploy migrate bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,10 @@ migrate: generate
 run: generate
 	$(BIN)/payment-grpc serve
 
-test: check-generated proto-lint lint typecheck
+check-deploy: $(STAMP)
+	$(BIN)/python tools/check_deploy.py
+
+test: check-generated proto-lint lint typecheck check-deploy
 	PG_TEST_URL=$(PG_TEST_URL) $(BIN)/pytest -q -p no:cacheprovider
 
 bench: generate

@@ -140,7 +140,7 @@ class SimulatedGateway:
         assert stored is not None
         if lost:
             raise GatewayTimeout("simulated network error: the response was lost")
-        result = _authorization(stored)
+        result = await self._settled(stored)
         if result.outcome is AuthorizationOutcome.PENDING:
             self._schedule_settlement(request.payment_id, request.idempotency_key)
         return result

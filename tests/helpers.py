@@ -1,0 +1,97 @@
+"""Small helpers for tests: build requests, read rich errors, count rows."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import grpc
+import sqlalchemy as sa
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from payments.v1 import payment_service_pb2 as api
+from payments.v1 import resources_pb2 as pb
+
+from payment_grpc.adapters.db.tables import payment_events, payments, refunds
+from payment_grpc.bootstrap import Application
+
+S = pb.PaymentStatus
+
+
+def order_id() -> str:
+    return f"ord_{uuid.uuid4().hex[:16]}"
+
+
+def usd(amount_minor: int, currency: str = "USD") -> pb.Money:
+    return pb.Money(currency=currency, amount_minor=amount_minor)
+
+
+def card(token: str = "tok_visa") -> pb.PaymentMethod:
+    return pb.PaymentMethod(card=pb.CardMethod(token=token))
+
+
+def charge_request(
+    amount: int = 10_000,
+    method: pb.PaymentMethod | None = None,
+    *,
+    manual: bool = False,
+    **fields: Any,
+) -> api.ChargeRequest:
+    fields.setdefault("order_id", order_id())
+    return api.ChargeRequest(
+        amount=usd(amount) if "currency" not in fields else usd(amount, fields.pop("currency")),
+        payment_method=method or card(),
+        capture_method=pb.CAPTURE_METHOD_MANUAL if manual else pb.CAPTURE_METHOD_AUTOMATIC,
+        **fields,
+    )
+
+
+class RichError:
+    """The google.rpc details of a failed call."""
+
+    def __init__(self, error: grpc.aio.AioRpcError) -> None:
+        self.code = error.code()
+        self.message = error.details()
+        self.info = error_details_pb2.ErrorInfo()
+        self.bad_request = error_details_pb2.BadRequest()
+        self.retry = error_details_pb2.RetryInfo()
+        status = rpc_status.from_call(error)
+        self.has_retry = False
+        for detail in status.details if status else []:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                detail.Unpack(self.info)
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                detail.Unpack(self.bad_request)
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                detail.Unpack(self.retry)
+                self.has_retry = True
+
+    @property
+    def fields(self) -> set[str]:
+        return {v.field for v in self.bad_request.field_violations}
+
+
+async def rpc_error(call: Any) -> RichError:
+    try:
+        await call
+    except grpc.aio.AioRpcError as error:
+        return RichError(error)
+    raise AssertionError("the call succeeded but an error was expected")
+
+
+async def row_counts(app: Application) -> dict[str, int]:
+    async with app.engine.connect() as conn:
+        return {
+            table.name: (await conn.execute(sa.select(sa.func.count()).select_from(table))).scalar_one()
+            for table in (payments, payment_events, refunds)
+        }
+
+
+async def events_of(app: Application, payment_id: str) -> list[tuple[int, str | None, str]]:
+    async with app.engine.connect() as conn:
+        rows = await conn.execute(
+            sa.select(payment_events.c.sequence, payment_events.c.previous_status, payment_events.c.status)
+            .where(payment_events.c.payment_id == payment_id)
+            .order_by(payment_events.c.sequence)
+        )
+        return [tuple(r) for r in rows]  # type: ignore[misc]
