@@ -32,6 +32,7 @@ class Application:
     settings: Settings
     engine: AsyncEngine
     gateway: SimulatedGateway
+    bus: InProcessStatusBus
     server: PaymentServer
     recovery: Recovery
     port: int = 0
@@ -73,12 +74,8 @@ def build_gateway(settings: Settings) -> SimulatedGateway:
 def build_application(settings: Settings) -> Application:
     engine = make_engine(settings.database_url, settings.db_pool_size)
     gateway = build_gateway(settings)
-    deps = Deps(
-        uow=SqlUnitOfWorkFactory(engine),
-        gateway=gateway,
-        bus=InProcessStatusBus(),
-        clock=SystemClock(),
-    )
+    bus = InProcessStatusBus()
+    deps = Deps(uow=SqlUnitOfWorkFactory(engine), gateway=gateway, bus=bus, clock=SystemClock())
     charging = Charging(deps)
     operations = Operations(deps)
     recovery = Recovery(
@@ -94,6 +91,6 @@ def build_application(settings: Settings) -> Application:
         health_interval_s=settings.health_check_interval_seconds,
         max_message_bytes=settings.max_message_bytes,
     )
-    app = Application(settings, engine, gateway, server, recovery)
+    app = Application(settings, engine, gateway, bus, server, recovery)
     app.port = server.bind(f"{settings.host}:{settings.port}")
     return app

@@ -84,8 +84,8 @@ def charge_command(request: api.ChargeRequest) -> ChargeCommand:
     )
 
 
-def optional_amount(request: api.CapturePaymentRequest | api.RefundRequest) -> int | None:
-    return request.amount.amount_minor if request.HasField("amount") else None
+def optional_amount(request: api.CapturePaymentRequest | api.RefundRequest) -> Money | None:
+    return money_from_pb(request.amount) if request.HasField("amount") else None
 
 
 def payment_filter(request: api.ListPaymentsRequest) -> PaymentFilter:

@@ -14,6 +14,7 @@ from datetime import datetime
 
 from payment_grpc.domain.errors import (
     CaptureExceedsAuthorized,
+    CurrencyMismatch,
     IllegalTransition,
     OperationInProgress,
     RefundExceedsAvailable,
@@ -186,19 +187,21 @@ class Payment:
         if self.status not in allowed:
             raise IllegalTransition(action, self.status.value)
 
-    def check_capture(self, amount_minor: int) -> None:
+    def check_capture(self, amount: Money) -> None:
         self.require("capture", S.AUTHORIZED)
-        if amount_minor > self.amount.amount_minor:
+        if not amount <= self.amount:
             raise CaptureExceedsAuthorized(
-                amount_minor, self.amount.amount_minor, self.amount.currency
+                amount.amount_minor, self.amount.amount_minor, self.amount.currency
             )
 
-    def check_refund(self, amount_minor: int, reserved_minor: int) -> None:
+    def check_refund(self, amount: Money, reserved_minor: int) -> None:
         """`reserved_minor` is held by refunds still in flight at the gateway."""
         self.require("refund", S.CAPTURED, S.PARTIALLY_REFUNDED)
         available = self.refundable_minor - reserved_minor
-        if amount_minor > available:
-            raise RefundExceedsAvailable(amount_minor, available, self.amount.currency)
+        if amount.currency != self.amount.currency:
+            raise CurrencyMismatch(self.amount.currency, amount.currency)
+        if not 0 < amount.amount_minor <= available:
+            raise RefundExceedsAvailable(amount.amount_minor, available, self.amount.currency)
 
     def after_refund(
         self, amount_minor: int, actor: str, trace_id: str, at: datetime

@@ -38,13 +38,13 @@ class Operations:
     # ------------------------------------------------------------ capture
 
     async def capture(
-        self, payment_id: str, amount_minor: int | None, ctx: RequestContext
+        self, payment_id: str, amount: Money | None, ctx: RequestContext
     ) -> Payment:
         async with self._deps.uow() as tx:
             payment = await tx.payments.get(payment_id, for_update=True)
-            amount = payment.amount.amount_minor if amount_minor is None else amount_minor
+            amount = amount or payment.amount
             payment.check_capture(amount)
-            claimed = payment.claim(capture_claim(amount))
+            claimed = payment.claim(capture_claim(amount.amount_minor))
             await tx.payments.save(payment, claimed, [])
             await tx.commit()
         return await self.finish_capture(claimed, ctx)
@@ -142,7 +142,7 @@ class Operations:
     async def refund(
         self,
         payment_id: str,
-        amount_minor: int | None,
+        amount: Money | None,
         reason: RefundReason,
         ctx: RequestContext,
     ) -> tuple[Refund, Payment]:
@@ -151,12 +151,13 @@ class Operations:
             payment = await tx.payments.get(payment_id, for_update=True)
             payment.require("refund", PaymentStatus.CAPTURED, PaymentStatus.PARTIALLY_REFUNDED)
             reserved = await tx.refunds.reserved_minor(payment_id)
-            amount = payment.refundable_minor - reserved if amount_minor is None else amount_minor
-            payment.check_refund(max(amount, 1), reserved)
+            remainder = Money(payment.amount.currency, payment.refundable_minor - reserved)
+            amount = amount or remainder
+            payment.check_refund(amount, reserved)
             refund = Refund(
                 refund_id=new_id("re"),
                 payment_id=payment_id,
-                amount=Money(payment.amount.currency, amount),
+                amount=amount,
                 reason=reason,
                 created_at=now,
                 updated_at=now,

@@ -28,6 +28,8 @@ class _Subscription:
 class InProcessStatusBus:
     def __init__(self) -> None:
         self._subscribers: dict[str, set[_Subscription]] = defaultdict(set)
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def publish(self, payment_id: str, sequence: int) -> None:
         self.wake(payment_id)
@@ -40,6 +42,7 @@ class InProcessStatusBus:
     async def subscribe(self, payment_id: str) -> AsyncIterator[_Subscription]:
         subscription = _Subscription()
         self._subscribers[payment_id].add(subscription)
+        self._idle.clear()
         try:
             yield subscription
         finally:
@@ -47,6 +50,13 @@ class InProcessStatusBus:
             watchers.discard(subscription)
             if not watchers:
                 del self._subscribers[payment_id]
+            if not self._subscribers:
+                self._idle.set()
 
     def watcher_count(self) -> int:
         return sum(len(s) for s in self._subscribers.values())
+
+    async def wait_until_idle(self) -> bool:
+        """Return once no watcher is subscribed (for tests and shutdown)."""
+        await self._idle.wait()
+        return True

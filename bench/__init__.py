@@ -1,0 +1,1 @@
+"""Load benchmarks for payment-grpc: `python -m bench.run --help`."""
