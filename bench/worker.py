@@ -117,6 +117,7 @@ def run_worker(config: WorkerConfig, barrier: Any, results: Any) -> None:
     try:
         result = asyncio.run(_load(config, barrier))
     except Exception as exc:
-        result = WorkerResult(error=f"{type(exc).__name__}: {exc}")
+        barrier.abort()  # release the others now instead of at BARRIER_TIMEOUT_S
+        result = WorkerResult(error=f"{type(exc).__name__}: {exc!r}")
     result.cpu_s = _cpu_seconds()
     results.put(result)

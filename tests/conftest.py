@@ -68,7 +68,7 @@ def database_url(
     return url
 
 
-def test_settings(database_url: str, tmp_path: pathlib.Path, **overrides: object) -> Settings:
+def make_settings(database_url: str, tmp_path: pathlib.Path, **overrides: object) -> Settings:
     values: dict[str, object] = {
         "database_url": database_url,
         "host": "127.0.0.1",
@@ -91,7 +91,7 @@ def test_settings(database_url: str, tmp_path: pathlib.Path, **overrides: object
 
 @pytest.fixture
 def settings(database_url: str, tmp_path: pathlib.Path) -> Settings:
-    return test_settings(database_url, tmp_path)
+    return make_settings(database_url, tmp_path)
 
 
 @pytest.fixture

@@ -95,7 +95,10 @@ class PaymentServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace_s)
+        stopping = asyncio.ensure_future(self.server.stop(grace_s))
+        await asyncio.sleep(0)  # let stop() close the listeners before we say so
+        log.info("no longer accepting calls; draining in-flight calls for up to %ss", grace_s)
+        await stopping
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()

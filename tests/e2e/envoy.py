@@ -75,9 +75,7 @@ class Gateway:
     async def get(self, path: str, headers: dict[str, str] | None = None) -> Response:
         return await self.request("GET", path, headers=headers)
 
-    async def post(
-        self, path: str, body: Any, headers: dict[str, str] | None = None
-    ) -> Response:
+    async def post(self, path: str, body: Any, headers: dict[str, str] | None = None) -> Response:
         return await self.request("POST", path, body, headers)
 
     def log(self) -> str:
@@ -91,14 +89,24 @@ def free_port() -> int:
 
 
 def render_config(listener_port: int, upstream_port: int) -> str:
-    text = LOCAL_CONFIG.read_text()
-    for token in (PLACEHOLDER, LISTENER_PORT, UPSTREAM_PORT):
-        assert text.count(token) == 1, f"{LOCAL_CONFIG.name}: expected one {token!r}"
-    return (
-        text.replace(PLACEHOLDER, str(DESCRIPTOR_SET))
-        .replace(LISTENER_PORT, f"port_value: {listener_port}")
-        .replace(UPSTREAM_PORT, f"port_value: {upstream_port}")
-    )
+    """The local config with its placeholder and literal ports rewritten; comment lines
+    (the header mentions all three tokens) are left alone."""
+    replacements = {
+        PLACEHOLDER: str(DESCRIPTOR_SET),
+        LISTENER_PORT: f"port_value: {listener_port}",
+        UPSTREAM_PORT: f"port_value: {upstream_port}",
+    }
+    counts = dict.fromkeys(replacements, 0)
+    lines = LOCAL_CONFIG.read_text().splitlines(keepends=True)
+    for index, line in enumerate(lines):
+        if line.lstrip().startswith("#"):
+            continue
+        for token, value in replacements.items():
+            counts[token] += line.count(token)
+            line = line.replace(token, value)
+        lines[index] = line
+    assert all(n == 1 for n in counts.values()), f"{LOCAL_CONFIG.name}: token counts {counts}"
+    return "".join(lines)
 
 
 async def _accepts(port: int) -> bool:

@@ -3,6 +3,7 @@ call details, so interceptors that need the request or the outcome wrap the hand
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -22,8 +23,12 @@ def wrap_handler(
     if handler.request_streaming:
         return handler  # no client-streaming RPCs in this API
     if handler.response_streaming:
+        behavior = handler.unary_stream
+        # A streaming handler is either an async generator or a coroutine that writes
+        # with context.write() (grpc_health's Watch); the latter wraps like a unary one.
+        wrapped = streaming(behavior) if inspect.isasyncgenfunction(behavior) else unary(behavior)
         return grpc.unary_stream_rpc_method_handler(
-            streaming(handler.unary_stream),
+            wrapped,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )

@@ -1,0 +1,160 @@
+"""A fresh database and a `payment-grpc serve` subprocess on 127.0.0.1, for one run."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import psycopg
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy.engine import make_url
+
+HOST = "127.0.0.1"
+PG_ADMIN_URL = os.environ.get(
+    "BENCH_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+PG_BENCH_DB = "payment_grpc_bench"
+READY_TIMEOUT_S = 60.0
+HEALTH_DEADLINE_S = 0.5
+STOP_TIMEOUT_S = 30.0
+LOG_LEVELS = ("WARNING", "ERROR", "CRITICAL")
+MESSAGE_CHARS = 160
+SERVER_ENV = {
+    "HOST": HOST,
+    "GATEWAY_LATENCY_MS_MIN": "0",
+    "GATEWAY_LATENCY_MS_MAX": "0",
+    "GATEWAY_SUCCESS_RATE": "1.0",
+    "GATEWAY_SEED": "1",
+    "LOG_LEVEL": "WARNING",
+    "LOG_FORMAT": "text",
+    "MIGRATE_ON_START": "true",
+}
+
+
+@dataclass(slots=True)
+class RunningServer:
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: pathlib.Path
+    exit_code: int | None = None
+
+    @property
+    def target(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the server process (Linux /proc); 0.0 where unavailable."""
+        stat = pathlib.Path(f"/proc/{self.process.pid}/stat")
+        if not stat.exists():
+            return 0.0
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def log_messages(self, limit: int = 10) -> dict[str, int]:
+        """The most frequent WARNING+ lines, keyed by 'LEVEL logger: message' (no time)."""
+        counts: Counter[str] = Counter()
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            words = line.split(maxsplit=3)
+            if len(words) > 3 and words[2] in LOG_LEVELS:
+                counts[f"{words[2]} {words[3][:MESSAGE_CHARS]}"] += 1
+        return dict(counts.most_common(limit))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _libpq(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _recreate_postgres(name: str) -> str:
+    with psycopg.connect(_libpq(PG_ADMIN_URL), autocommit=True, connect_timeout=5) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    return make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+
+
+def _drop_postgres(name: str) -> None:
+    with psycopg.connect(_libpq(PG_ADMIN_URL), autocommit=True, connect_timeout=5) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def fresh_database(db: str, workdir: pathlib.Path) -> Iterator[str]:
+    """Yields a DATABASE_URL for an empty database (the server migrates it on start)."""
+    if db == "sqlite":
+        yield f"sqlite+aiosqlite:///{workdir / 'payments.db'}"
+        return
+    url = _recreate_postgres(PG_BENCH_DB)
+    try:
+        yield url
+    finally:
+        _drop_postgres(PG_BENCH_DB)
+
+
+def _is_serving(target: str) -> bool:
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_DEADLINE_S)
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def _wait_serving(server: RunningServer) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with {server.process.returncode}: {_tail(server)}")
+        if _is_serving(server.target):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"server not SERVING after {READY_TIMEOUT_S}s: {_tail(server)}")
+
+
+def _tail(server: RunningServer, lines: int = 20) -> str:
+    return "\n".join(server.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _stop(server: RunningServer) -> int:
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGTERM)
+    try:
+        return server.process.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait(timeout=STOP_TIMEOUT_S)
+        raise RuntimeError(f"server ignored SIGTERM for {STOP_TIMEOUT_S}s; killed") from None
+
+
+@contextlib.contextmanager
+def running_server(database_url: str, workdir: pathlib.Path) -> Iterator[RunningServer]:
+    """Starts the server, waits for SERVING, and SIGTERMs it on exit."""
+    port = free_port()
+    env = {**os.environ, **SERVER_ENV, "PORT": str(port), "DATABASE_URL": database_url}
+    env["DATA_DIR"] = str(workdir / "data")
+    log_path = workdir / "server.log"
+    with log_path.open("wb") as log:
+        command = [sys.executable, "-m", "payment_grpc", "serve"]
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = RunningServer(process, port, log_path)
+    try:
+        _wait_serving(server)
+        yield server
+    finally:
+        server.exit_code = _stop(server)

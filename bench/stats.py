@@ -1,0 +1,110 @@
+"""Merge worker results into one summary; render it as a markdown row and as JSON."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from bench.worker import WorkerResult
+
+TABLE_HEADER = (
+    "| db | scenario | procs x conc | calls | rps | p50 ms | p95 ms | p99 ms "
+    "| errors | distinct payments | server CPU (1 core = 100%) |\n"
+    "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    db: str
+    scenario: str
+    processes: int
+    concurrency: int
+    duration_s: float
+    warmup_s: float
+
+
+@dataclass(slots=True)
+class Summary:
+    info: RunInfo
+    calls: int
+    ok: int
+    rps: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    errors: dict[str, int]
+    statuses: dict[str, int]
+    distinct_payment_ids: int
+    warmup_calls: int
+    server_cpu_s: float
+    loadgen_cpu_s: float
+    load_wall_s: float
+    server_exit_code: int | None = None
+    server_log: dict[str, int] = field(default_factory=dict)
+    worker_failures: list[str] = field(default_factory=list)
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile; NaN for no values."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def summarize(
+    info: RunInfo, results: Sequence[WorkerResult], server_cpu_s: float, load_wall_s: float
+) -> Summary:
+    latencies = sorted(x for r in results for x in r.latencies_ms)
+    codes: Counter[str] = sum((r.codes for r in results), Counter())
+    calls = sum(codes.values())
+    return Summary(
+        info=info,
+        calls=calls,
+        ok=codes["OK"],
+        rps=calls / info.duration_s,
+        p50_ms=percentile(latencies, 50),
+        p95_ms=percentile(latencies, 95),
+        p99_ms=percentile(latencies, 99),
+        max_ms=latencies[-1] if latencies else math.nan,
+        errors={code: n for code, n in sorted(codes.items()) if code != "OK"},
+        statuses=dict(sum((r.statuses for r in results), Counter())),
+        distinct_payment_ids=len(set().union(*(r.payment_ids for r in results))),
+        warmup_calls=sum(r.warmup_calls for r in results),
+        server_cpu_s=server_cpu_s,
+        loadgen_cpu_s=sum(r.cpu_s for r in results),
+        load_wall_s=load_wall_s,
+        worker_failures=[r.error for r in results if r.error],
+    )
+
+
+def _errors_cell(errors: dict[str, int]) -> str:
+    return ", ".join(f"{code} {n}" for code, n in errors.items()) or "0"
+
+
+def markdown_row(s: Summary) -> str:
+    i = s.info
+    cpu = s.server_cpu_s / s.load_wall_s if s.load_wall_s > 0 else math.nan
+    cells = [
+        i.db,
+        i.scenario,
+        f"{i.processes} x {i.concurrency}",
+        str(s.calls),
+        f"{s.rps:.0f}",
+        f"{s.p50_ms:.1f}",
+        f"{s.p95_ms:.1f}",
+        f"{s.p99_ms:.1f}",
+        _errors_cell(s.errors),
+        str(s.distinct_payment_ids),
+        f"{cpu:.0%}",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def to_json(s: Summary) -> dict[str, Any]:
+    return asdict(s)
