@@ -108,7 +108,7 @@ def fresh_database(db: str, workdir: pathlib.Path) -> Iterator[str]:
 
 def _is_serving(target: str) -> bool:
     with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
+        stub = health_pb2_grpc.HealthStub(channel)  # type: ignore[no-untyped-call]
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_DEADLINE_S)
         except grpc.RpcError:

@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 from grpc import aio
+from payments.v1 import payment_service_pb2 as api
 from payments.v1 import payment_service_pb2_grpc
 from payments.v1 import resources_pb2 as pb
 
@@ -61,20 +62,20 @@ class Recorder:
         self.window = window
         self.result = WorkerResult()
 
-    def add(self, started: float, code: grpc.StatusCode, reply: Any | None) -> None:
+    def add(self, started: float, code: grpc.StatusCode, reply: api.ChargeResponse | None) -> None:
         if started < self.window.measure_from:
             self.result.warmup_calls += 1
             return
+        self.result.latencies_ms.append((time.perf_counter() - started) * 1000)
         self.result.codes[code.name] += 1
         if reply is None:
             return
-        self.result.latencies_ms.append((time.perf_counter() - started) * 1000)
         self.result.statuses[pb.PaymentStatus.Name(reply.payment.status)] += 1
         self.result.payment_ids.add(reply.payment.payment_id)
 
 
 async def _client(
-    stub: payment_service_pb2_grpc.PaymentServiceStub,
+    stub: payment_service_pb2_grpc.PaymentServiceAsyncStub,
     build: Builder,
     who: WorkerIdentity,
     counter: itertools.count[int],

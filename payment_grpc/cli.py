@@ -56,7 +56,7 @@ def probe(settings: Settings) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     with grpc.insecure_channel(f"127.0.0.1:{settings.port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
+        stub = health_pb2_grpc.HealthStub(channel)  # type: ignore[no-untyped-call]
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=3)
         except grpc.RpcError as exc:

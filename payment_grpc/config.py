@@ -31,7 +31,9 @@ class Settings(BaseSettings):
     gateway: Literal["simulated"] = "simulated"
     gateway_ledger_path: pathlib.Path | None = None
     gateway_success_rate: float = Field(0.95, ge=0, le=1)
-    gateway_failure_mix: str = "declined=60,insufficient_funds=10,network_error=20,invalid_method=10"
+    gateway_failure_mix: str = (
+        "declined=60,insufficient_funds=10,network_error=20,invalid_method=10"
+    )
     gateway_latency_ms_min: int = Field(20, ge=0)
     gateway_latency_ms_max: int = Field(120, ge=0)
     gateway_async_settle_ms: int = Field(2000, ge=0)

@@ -82,7 +82,9 @@ async def rpc_error(call: Any) -> RichError:
 async def row_counts(app: Application) -> dict[str, int]:
     async with app.engine.connect() as conn:
         return {
-            table.name: (await conn.execute(sa.select(sa.func.count()).select_from(table))).scalar_one()
+            table.name: (
+                await conn.execute(sa.select(sa.func.count()).select_from(table))
+            ).scalar_one()
             for table in (payments, payment_events, refunds)
         }
 
@@ -90,7 +92,9 @@ async def row_counts(app: Application) -> dict[str, int]:
 async def events_of(app: Application, payment_id: str) -> list[tuple[int, str | None, str]]:
     async with app.engine.connect() as conn:
         rows = await conn.execute(
-            sa.select(payment_events.c.sequence, payment_events.c.previous_status, payment_events.c.status)
+            sa.select(
+                payment_events.c.sequence, payment_events.c.previous_status, payment_events.c.status
+            )
             .where(payment_events.c.payment_id == payment_id)
             .order_by(payment_events.c.sequence)
         )

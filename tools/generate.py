@@ -36,9 +36,9 @@ def embedded_validate_descriptor() -> bytes:
 
     tree = ast.parse(inspect.getsource(validate_pb))
     for node in ast.walk(tree):
-        if isinstance(node, ast.Constant) and isinstance(node.value, bytes):
-            if node.value.startswith(b"\n\x1bbuf/validate/validate.proto"):
-                return node.value
+        value = node.value if isinstance(node, ast.Constant) else None
+        if isinstance(value, bytes) and value.startswith(b"\n\x1bbuf/validate/validate.proto"):
+            return value
     raise SystemExit("buf/validate/validate.proto not found in the protovalidate wheel")
 
 

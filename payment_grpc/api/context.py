@@ -11,7 +11,8 @@ from payment_grpc.service.context import RequestContext
 
 # Set by interceptors (auth, tracing) for the current call; anonymous by default.
 current_request: contextvars.ContextVar[RequestContext] = contextvars.ContextVar(
-    "current_request", default=RequestContext()
+    "current_request",
+    default=RequestContext(),  # noqa: B039 - frozen dataclass, immutable
 )
 
 

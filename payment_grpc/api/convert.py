@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import enum
 from datetime import datetime
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from payments.v1 import payment_service_pb2 as api
@@ -23,8 +25,9 @@ from payment_grpc.service.charging import ChargeCommand
 from payment_grpc.service.ports import PaymentFilter
 
 
-def _enum_map(prefix: str, enum_type: type, proto_enum: object) -> dict[object, int]:
-    return {member: proto_enum.Value(f"{prefix}{member.value}") for member in enum_type}  # type: ignore[attr-defined]
+def _enum_map(prefix: str, enum_type: type[enum.StrEnum], proto_enum: Any) -> dict[Any, Any]:
+    """Domain enum member -> proto enum number, by the shared value names."""
+    return {member: proto_enum.Value(f"{prefix}{member.value}") for member in enum_type}
 
 
 STATUS_TO_PB = _enum_map("PAYMENT_STATUS_", PaymentStatus, pb.PaymentStatus)
@@ -58,7 +61,9 @@ def method_from_pb(method: pb.PaymentMethod) -> PaymentMethod:
         return PaymentMethod(PaymentMethodType.UPI, token=method.upi.vpa)
     if kind == "wallet":
         return PaymentMethod(
-            PaymentMethodType.WALLET, token=method.wallet.token, wallet_provider=method.wallet.provider
+            PaymentMethodType.WALLET,
+            token=method.wallet.token,
+            wallet_provider=method.wallet.provider,
         )
     if kind == "net_banking":
         return PaymentMethod(PaymentMethodType.NET_BANKING, bank_code=method.net_banking.bank_code)
@@ -90,7 +95,7 @@ def optional_amount(request: api.CapturePaymentRequest | api.RefundRequest) -> M
 
 def payment_filter(request: api.ListPaymentsRequest) -> PaymentFilter:
     status = STATUS_FROM_PB.get(request.status) if request.status else None
-    return PaymentFilter(request.order_id, request.customer_id, status)  # type: ignore[arg-type]
+    return PaymentFilter(request.order_id, request.customer_id, status)
 
 
 def failure_to_pb(failure: Failure | None) -> pb.PaymentFailure | None:
@@ -103,7 +108,7 @@ def failure_to_pb(failure: Failure | None) -> pb.PaymentFailure | None:
 
 def payment_to_pb(p: Payment) -> pb.Payment:
     details = pb.PaymentMethodDetails(
-        type=METHOD_TYPE_TO_PB[p.method.type],  # type: ignore[arg-type]
+        type=METHOD_TYPE_TO_PB[p.method.type],
         wallet_provider=p.method.wallet_provider,
         bank_code=p.method.bank_code,
     )
@@ -123,8 +128,8 @@ def payment_to_pb(p: Payment) -> pb.Payment:
         amount=money_to_pb(p.amount),
         captured_amount=money_to_pb(p.captured),
         refunded_amount=money_to_pb(p.refunded),
-        status=STATUS_TO_PB[p.status],  # type: ignore[arg-type]
-        capture_method=CAPTURE_TO_PB[p.capture_method],  # type: ignore[arg-type]
+        status=STATUS_TO_PB[p.status],
+        capture_method=CAPTURE_TO_PB[p.capture_method],
         payment_method=details,
         failure=failure_to_pb(p.failure),
         gateway_reference=p.gateway_reference,
@@ -141,8 +146,8 @@ def refund_to_pb(r: Refund) -> pb.Refund:
         refund_id=r.refund_id,
         payment_id=r.payment_id,
         amount=money_to_pb(r.amount),
-        status=REFUND_STATUS_TO_PB[r.status],  # type: ignore[arg-type]
-        reason=REASON_TO_PB[r.reason],  # type: ignore[arg-type]
+        status=REFUND_STATUS_TO_PB[r.status],
+        reason=REASON_TO_PB[r.reason],
         gateway_reference=r.gateway_reference,
         create_time=timestamp(r.created_at),
         update_time=timestamp(r.updated_at),
@@ -153,8 +158,8 @@ def event_to_pb(e: PaymentEvent) -> pb.PaymentStatusEvent:
     return pb.PaymentStatusEvent(
         payment_id=e.payment_id,
         sequence=e.sequence,
-        previous_status=STATUS_TO_PB[e.previous_status] if e.previous_status else 0,  # type: ignore[arg-type]
-        status=STATUS_TO_PB[e.status],  # type: ignore[arg-type]
+        previous_status=STATUS_TO_PB.get(e.previous_status, pb.PAYMENT_STATUS_UNSPECIFIED),
+        status=STATUS_TO_PB[e.status],
         amount=money_to_pb(e.amount),
         captured_amount=money_to_pb(e.captured),
         refunded_amount=money_to_pb(e.refunded),

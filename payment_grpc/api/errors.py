@@ -48,7 +48,9 @@ def build_status(
     retry_after_s: float | None = None,
     violations: Iterable[tuple[str, str]] = (),
 ) -> grpc.Status:
-    details = [_pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata or {}))]
+    details = [
+        _pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata or {}))
+    ]
     field_violations = [
         error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in violations
     ]
@@ -58,23 +60,23 @@ def build_status(
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(int(retry_after_s * 1000))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-    status = status_pb2.Status(
-        code=getattr(code_pb2, code.name), message=message, details=details
-    )
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
     return rpc_status.to_status(status)
 
 
 def status_for(error: e.DomainError) -> grpc.Status:
     for kind in type(error).__mro__:
         if kind in ERROR_TABLE:
-            code, retry = ERROR_TABLE[kind]  # type: ignore[index]
+            code, retry = ERROR_TABLE[kind]
             return build_status(
                 code, error.message, error.reason, error.metadata, retry_after_s=retry
             )
     return build_status(grpc.StatusCode.INTERNAL, "internal error", "INTERNAL")
 
 
-def invalid_argument(violations: list[tuple[str, str]], reason: str = "INVALID_ARGUMENT") -> grpc.Status:
+def invalid_argument(
+    violations: list[tuple[str, str]], reason: str = "INVALID_ARGUMENT"
+) -> grpc.Status:
     fields = ", ".join(sorted({f for f, _ in violations}))
     return build_status(
         grpc.StatusCode.INVALID_ARGUMENT,

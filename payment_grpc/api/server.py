@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import grpc
 from grpc import aio
@@ -36,7 +37,7 @@ class PaymentServer:
         dependencies_healthy: Callable[[], Awaitable[bool]],
         health_interval_s: float,
         max_message_bytes: int,
-        extra_interceptors: Sequence[aio.ServerInterceptor] = (),
+        extra_interceptors: Sequence[aio.ServerInterceptor[Any, Any]] = (),
     ) -> None:
         self.metrics = RpcMetrics()
         self.health = HealthServicer()
@@ -58,9 +59,13 @@ class PaymentServer:
             options=options,
         )
         payment_service_pb2_grpc.add_PaymentServiceServicer_to_server(servicer, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)  # type: ignore[no-untyped-call]
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             self.server,
         )
 

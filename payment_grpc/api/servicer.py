@@ -49,7 +49,7 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
         refund, payment = await self._operations.refund(
             request.payment_id,
             convert.optional_amount(request),
-            convert.REASON_FROM_PB.get(request.reason, RefundReason.UNSPECIFIED),  # type: ignore[arg-type]
+            convert.REASON_FROM_PB.get(request.reason, RefundReason.UNSPECIFIED),
             request_context(context),
         )
         return api.RefundResponse(
@@ -93,7 +93,7 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
             next_page_token=page.next_page_token,
         )
 
-    async def WatchPaymentStatus(  # type: ignore[override]
+    async def WatchPaymentStatus(
         self, request: api.WatchPaymentStatusRequest, context: Context
     ) -> AsyncIterator[api.WatchPaymentStatusResponse]:
         events = self._queries.watch(

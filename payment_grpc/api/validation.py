@@ -14,7 +14,11 @@ def _field_path(violation: object) -> str:
         part = element.field_name
         subscript = element.subscript
         if subscript is not None and subscript.value is not None:
-            part += f"[{subscript.value!r}]" if isinstance(subscript.value, str) else f"[{subscript.value}]"
+            part += (
+                f"[{subscript.value!r}]"
+                if isinstance(subscript.value, str)
+                else f"[{subscript.value}]"
+            )
         parts.append(part)
     return ".".join(parts)
 

@@ -174,13 +174,22 @@ class Payment:
     def check_invariants(self) -> None:
         if not 0 <= self.refunded_minor <= self.captured_minor <= self.amount.amount_minor:
             raise AssertionError(f"amount invariant broken for {self.payment_id}")
-        if self.status in {S.CAPTURED, S.PARTIALLY_REFUNDED, S.REFUNDED} and not self.captured_minor:
+        if (
+            self.status in {S.CAPTURED, S.PARTIALLY_REFUNDED, S.REFUNDED}
+            and not self.captured_minor
+        ):
             raise AssertionError(f"{self.status} without a captured amount")
         if self.status is S.REFUNDED and self.refunded_minor != self.captured_minor:
             raise AssertionError("REFUNDED must refund the whole captured amount")
-        if self.status is S.PARTIALLY_REFUNDED and not 0 < self.refunded_minor < self.captured_minor:
+        if (
+            self.status is S.PARTIALLY_REFUNDED
+            and not 0 < self.refunded_minor < self.captured_minor
+        ):
             raise AssertionError("PARTIALLY_REFUNDED needs 0 < refunded < captured")
-        if self.status not in {S.CAPTURED, S.PARTIALLY_REFUNDED, S.REFUNDED} and self.captured_minor:
+        if (
+            self.status not in {S.CAPTURED, S.PARTIALLY_REFUNDED, S.REFUNDED}
+            and self.captured_minor
+        ):
             raise AssertionError(f"{self.status} cannot hold a captured amount")
 
     def require(self, action: str, *allowed: PaymentStatus) -> None:

@@ -72,7 +72,11 @@ class Charging:
         )
         created = pending.creation_event(ctx.subject, ctx.trace_id)
         processing, sent = pending.transition(
-            PaymentStatus.PROCESSING, action="charge", actor=ctx.subject, trace_id=ctx.trace_id, at=now
+            PaymentStatus.PROCESSING,
+            action="charge",
+            actor=ctx.subject,
+            trace_id=ctx.trace_id,
+            at=now,
         )
         async with self._deps.uow() as tx:
             await tx.payments.add(processing, [created, sent])

@@ -37,9 +37,7 @@ class Operations:
 
     # ------------------------------------------------------------ capture
 
-    async def capture(
-        self, payment_id: str, amount: Money | None, ctx: RequestContext
-    ) -> Payment:
+    async def capture(self, payment_id: str, amount: Money | None, ctx: RequestContext) -> Payment:
         async with self._deps.uow() as tx:
             payment = await tx.payments.get(payment_id, for_update=True)
             amount = amount or payment.amount
@@ -75,7 +73,9 @@ class Operations:
             await tx.commit()
         return await self.finish_cancel(claimed, ctx)
 
-    async def _cancel_unsent(self, tx: UnitOfWork, payment: Payment, ctx: RequestContext) -> Payment:
+    async def _cancel_unsent(
+        self, tx: UnitOfWork, payment: Payment, ctx: RequestContext
+    ) -> Payment:
         canceled, event = payment.transition(
             PaymentStatus.CANCELED,
             action=CANCEL,

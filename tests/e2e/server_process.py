@@ -30,7 +30,8 @@ class ServerProcess:
 
     async def wait_for_line(self, pattern: re.Pattern[str]) -> re.Match[str]:
         """Read the server's log until a line matches; fails if the server exits first."""
-        assert self.process is not None and self.process.stderr is not None
+        assert self.process is not None
+        assert self.process.stderr is not None
         while True:
             raw = await self.process.stderr.readline()
             if not raw:
@@ -46,8 +47,11 @@ class ServerProcess:
         self.process.send_signal(signal.SIGTERM)
 
     async def wait(self) -> int:
-        assert self.process is not None and self.process.stderr is not None
-        self.lines += [b.decode(errors="replace") for b in (await self.process.stderr.read()).splitlines(True)]
+        assert self.process is not None
+        assert self.process.stderr is not None
+        self.lines += [
+            b.decode(errors="replace") for b in (await self.process.stderr.read()).splitlines(True)
+        ]
         return await self.process.wait()
 
     def kill(self) -> None:

@@ -36,7 +36,7 @@ def browser_headers(trace_id: str | None = None) -> dict[str, str]:
 
 def traced_methods(caplog: pytest.LogCaptureFixture, trace_id: str) -> list[str]:
     return [
-        r.rpc_method.rsplit("/", 1)[-1]
+        str(getattr(r, "rpc_method", "")).rsplit("/", 1)[-1]
         for r in caplog.records
         if r.getMessage() == "rpc finished" and getattr(r, "trace_id", None) == trace_id
     ]

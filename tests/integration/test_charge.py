@@ -17,7 +17,10 @@ DECLINES = {
 }
 
 
-@pytest.mark.parametrize(("token", "brand", "last4"), [("tok_visa", "visa", "4242"), ("tok_mastercard", "mastercard", "4444")])
+@pytest.mark.parametrize(
+    ("token", "brand", "last4"),
+    [("tok_visa", "visa", "4242"), ("tok_mastercard", "mastercard", "4444")],
+)
 async def test_approved_card_is_captured(stub, app, token: str, brand: str, last4: str) -> None:
     reply = await stub.Charge(charge_request(2_500, card(token), customer_id="cus_1"))
     payment = reply.payment
@@ -70,7 +73,9 @@ async def test_cod_authorizes_and_is_captured_on_delivery(stub) -> None:
     reply = await stub.Charge(charge_request(4_000, pb.PaymentMethod(cod=pb.CodMethod())))
     assert reply.payment.status == S.PAYMENT_STATUS_AUTHORIZED
     assert reply.payment.payment_method.type == pb.PAYMENT_METHOD_TYPE_COD
-    captured = await stub.CapturePayment(api.CapturePaymentRequest(payment_id=reply.payment.payment_id))
+    captured = await stub.CapturePayment(
+        api.CapturePaymentRequest(payment_id=reply.payment.payment_id)
+    )
     assert captured.payment.status == S.PAYMENT_STATUS_CAPTURED
     assert captured.payment.captured_amount.amount_minor == 4_000
 

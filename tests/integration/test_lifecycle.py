@@ -29,7 +29,9 @@ async def _failed(stub) -> pb.Payment:
 
 async def _canceled(stub) -> pb.Payment:
     payment = await _authorized(stub)
-    return (await stub.CancelPayment(api.CancelPaymentRequest(payment_id=payment.payment_id))).payment
+    return (
+        await stub.CancelPayment(api.CancelPaymentRequest(payment_id=payment.payment_id))
+    ).payment
 
 
 async def _refunded(stub) -> pb.Payment:
@@ -65,7 +67,9 @@ async def test_partial_capture_then_refund_is_bounded_by_captured(stub) -> None:
 async def test_capture_above_authorized_is_rejected(stub) -> None:
     payment = await _authorized(stub, 1_000)
     error = await rpc_error(
-        stub.CapturePayment(api.CapturePaymentRequest(payment_id=payment.payment_id, amount=usd(1_001)))
+        stub.CapturePayment(
+            api.CapturePaymentRequest(payment_id=payment.payment_id, amount=usd(1_001))
+        )
     )
     assert error.code == grpc.StatusCode.FAILED_PRECONDITION
     assert error.info.reason == "CAPTURE_EXCEEDS_AUTHORIZED"
@@ -99,7 +103,9 @@ async def test_partial_refunds_then_full_remainder(stub, app) -> None:
     payment = await _captured(stub, 10_000)
     first = await stub.Refund(
         api.RefundRequest(
-            payment_id=payment.payment_id, amount=usd(2_500), reason=pb.REFUND_REASON_REQUESTED_BY_CUSTOMER
+            payment_id=payment.payment_id,
+            amount=usd(2_500),
+            reason=pb.REFUND_REASON_REQUESTED_BY_CUSTOMER,
         )
     )
     assert first.refund.status == pb.REFUND_STATUS_SUCCEEDED
@@ -147,7 +153,9 @@ ALLOWED = {
 
 def _operation(name: str, payment_id: str):  # type: ignore[no-untyped-def]
     return {
-        "capture": lambda stub: stub.CapturePayment(api.CapturePaymentRequest(payment_id=payment_id)),
+        "capture": lambda stub: stub.CapturePayment(
+            api.CapturePaymentRequest(payment_id=payment_id)
+        ),
         "cancel": lambda stub: stub.CancelPayment(api.CancelPaymentRequest(payment_id=payment_id)),
         "refund": lambda stub: stub.Refund(api.RefundRequest(payment_id=payment_id)),
     }[name]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from typing import Any
+
+from sqlalchemy.engine import RowMapping
 
 from payment_grpc.domain.money import Money
 from payment_grpc.domain.payment import (
@@ -28,10 +29,12 @@ def _failure_columns(failure: Failure | None) -> dict[str, Any]:
     }
 
 
-def _failure(row: Mapping[str, Any]) -> Failure | None:
+def _failure(row: RowMapping) -> Failure | None:
     if row["failure_code"] is None:
         return None
-    return Failure(row["failure_code"], row["failure_message"] or "", row["failure_decline_code"] or "")
+    return Failure(
+        row["failure_code"], row["failure_message"] or "", row["failure_decline_code"] or ""
+    )
 
 
 def payment_to_row(p: Payment) -> dict[str, Any]:
@@ -65,7 +68,7 @@ def payment_to_row(p: Payment) -> dict[str, Any]:
     }
 
 
-def row_to_payment(row: Mapping[str, Any]) -> Payment:
+def row_to_payment(row: RowMapping) -> Payment:
     card = None
     if row["card_brand"] is not None:
         card = CardDetails(
@@ -115,7 +118,7 @@ def event_to_row(e: PaymentEvent) -> dict[str, Any]:
     }
 
 
-def row_to_event(row: Mapping[str, Any]) -> PaymentEvent:
+def row_to_event(row: RowMapping) -> PaymentEvent:
     currency = row["currency"]
     return PaymentEvent(
         payment_id=row["payment_id"],
@@ -147,7 +150,7 @@ def refund_to_row(r: Refund) -> dict[str, Any]:
     }
 
 
-def row_to_refund(row: Mapping[str, Any]) -> Refund:
+def row_to_refund(row: RowMapping) -> Refund:
     return Refund(
         refund_id=row["id"],
         payment_id=row["payment_id"],

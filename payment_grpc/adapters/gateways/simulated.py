@@ -48,7 +48,9 @@ DECLINES = {
     "tok_chargeDeclinedInsufficientFunds": Failure(
         "card_declined", "Your card has insufficient funds.", "insufficient_funds"
     ),
-    "tok_chargeDeclinedExpiredCard": Failure("expired_card", "Your card has expired.", "expired_card"),
+    "tok_chargeDeclinedExpiredCard": Failure(
+        "expired_card", "Your card has expired.", "expired_card"
+    ),
     "tok_chargeDeclinedProcessingError": Failure(
         "processing_error", "An error occurred while processing your card. Try again.", ""
     ),
@@ -98,7 +100,7 @@ CREATE TABLE IF NOT EXISTS ledger (
 class SimulatedGateway:
     def __init__(self, config: SimulatedGatewayConfig) -> None:
         self._config = config
-        self._rng = random.Random(config.seed)  # noqa: S311 - a simulation, not crypto
+        self._rng = random.Random(config.seed)
         self._db: aiosqlite.Connection | None = None
         self._handler: SettlementHandler | None = None
         self._timers: set[asyncio.Task[None]] = set()
@@ -160,22 +162,28 @@ class SimulatedGateway:
 
     # ---------------------------------------------------------------- decisions
 
-    def _decide(
-        self, request: AuthorizationRequest
-    ) -> tuple[Authorization, datetime | None, bool]:
+    def _decide(self, request: AuthorizationRequest) -> tuple[Authorization, datetime | None, bool]:
         reference = f"ch_sim_{uuid.uuid4().hex}"
         method = request.method
-        success = AuthorizationOutcome.CAPTURED if request.capture else AuthorizationOutcome.AUTHORIZED
+        success = (
+            AuthorizationOutcome.CAPTURED if request.capture else AuthorizationOutcome.AUTHORIZED
+        )
         if method.type is PaymentMethodType.COD:
             return Authorization(AuthorizationOutcome.AUTHORIZED, reference), None, False
         if method.type is PaymentMethodType.CARD and method.token in APPROVED_CARDS:
             return Authorization(success, reference, APPROVED_CARDS[method.token]), None, False
         if method.type is PaymentMethodType.CARD and method.token in DECLINES:
             failure = DECLINES[method.token]
-            return Authorization(AuthorizationOutcome.DECLINED, reference, failure=failure), None, False
-        outcome, failure, lost = self._roll()
+            return (
+                Authorization(AuthorizationOutcome.DECLINED, reference, failure=failure),
+                None,
+                False,
+            )
+        succeeded, rolled_failure, lost = self._roll()
         card = GENERIC_CARD if method.type is PaymentMethodType.CARD else None
-        final = Authorization(success if outcome else AuthorizationOutcome.DECLINED, reference, card, failure)
+        final = Authorization(
+            success if succeeded else AuthorizationOutcome.DECLINED, reference, card, rolled_failure
+        )
         if method.type in ASYNC_METHOD_TYPES:
             delay = timedelta(milliseconds=self._config.async_settle_ms)
             return final, datetime.now(UTC) + delay, False
@@ -192,7 +200,9 @@ class SimulatedGateway:
         )[0]
         if kind == "network":
             return True, None, True  # the gateway charged, but we never hear back
-        failure = {"declined": RANDOM_DECLINE, "insufficient": RANDOM_INSUFFICIENT}.get(kind, INVALID_METHOD)
+        failure = {"declined": RANDOM_DECLINE, "insufficient": RANDOM_INSUFFICIENT}.get(
+            kind, INVALID_METHOD
+        )
         return False, failure, False
 
     async def _latency(self) -> None:
@@ -234,7 +244,10 @@ class SimulatedGateway:
         return dict(row) if row else None
 
     async def _record(
-        self, request: AuthorizationRequest, authorization: Authorization, settle_at: datetime | None
+        self,
+        request: AuthorizationRequest,
+        authorization: Authorization,
+        settle_at: datetime | None,
     ) -> None:
         await self._insert(
             key=request.idempotency_key,
@@ -314,7 +327,7 @@ def _charge_status(rows: list[tuple[str, dict[str, Any]]]) -> str:
         return "CAPTURED"
     if auth["outcome"] == "AUTHORIZED":
         return "AUTHORIZED_CAPTURED" if "capture" in kinds else "AUTHORIZED"
-    return auth["outcome"]
+    return str(auth["outcome"])
 
 
 def _encode(authorization: Authorization) -> str:

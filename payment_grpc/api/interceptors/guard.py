@@ -7,30 +7,42 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc import aio
 
 from payment_grpc.api.errors import INTERNAL, invalid_argument, status_for
-from payment_grpc.api.interceptors.wrapping import Streaming, Unary, wrap_handler
+from payment_grpc.api.interceptors.wrapping import (
+    ServerInterceptor,
+    Streaming,
+    Unary,
+    wrap_handler,
+)
 from payment_grpc.api.validation import violations
 from payment_grpc.domain.errors import DomainError
 
 log = logging.getLogger(__name__)
 
 
+async def abort_with(context: aio.ServicerContext[Any, Any], status: grpc.Status) -> NoReturn:
+    # grpc-stubs 1.53 lacks aio's abort_with_status (present in grpcio since 1.38).
+    aborting: Any = context
+    await aborting.abort_with_status(status)
+    raise AssertionError("abort_with_status returned")
+
+
 async def _reject_invalid(request: Any, context: aio.ServicerContext[Any, Any]) -> None:
     found = violations(request)
     if found:
-        await context.abort_with_status(invalid_argument(found))
+        await abort_with(context, invalid_argument(found))
 
 
-async def _abort_for(exc: BaseException, context: aio.ServicerContext[Any, Any]) -> None:
+async def _abort_for(exc: BaseException, context: aio.ServicerContext[Any, Any]) -> NoReturn:
     if isinstance(exc, DomainError):
-        await context.abort_with_status(status_for(exc))
+        await abort_with(context, status_for(exc))
     log.error("unexpected error in handler", exc_info=exc)
-    await context.abort_with_status(INTERNAL)
+    await abort_with(context, INTERNAL)
 
 
 def _guard_unary(behavior: Unary) -> Unary:
@@ -60,12 +72,14 @@ def _guard_streaming(behavior: Streaming) -> Streaming:
     return guarded
 
 
-class GuardInterceptor(aio.ServerInterceptor):
+class GuardInterceptor(ServerInterceptor):
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith("/payments.v1."):
             return handler

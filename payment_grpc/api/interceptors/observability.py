@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -14,7 +14,12 @@ import grpc
 from grpc import aio
 
 from payment_grpc.api.context import current_request
-from payment_grpc.api.interceptors.wrapping import Streaming, Unary, wrap_handler
+from payment_grpc.api.interceptors.wrapping import (
+    ServerInterceptor,
+    Streaming,
+    Unary,
+    wrap_handler,
+)
 from payment_grpc.service.context import RequestContext
 
 log = logging.getLogger("payment_grpc.rpc")
@@ -25,7 +30,7 @@ class RpcMetrics:
 
     def __init__(self) -> None:
         self.calls: Counter[tuple[str, str]] = Counter()
-        self.latency_s: Counter[str] = Counter()
+        self.latency_s: defaultdict[str, float] = defaultdict(float)
 
     def observe(self, method: str, code: str, seconds: float) -> None:
         self.calls[(method, code)] += 1
@@ -46,15 +51,17 @@ def _code(context: aio.ServicerContext[Any, Any]) -> str:
     return "OK" if code in (None, 0) else str(code)
 
 
-class ObservabilityInterceptor(aio.ServerInterceptor):
+class ObservabilityInterceptor(ServerInterceptor):
     def __init__(self, metrics: RpcMetrics) -> None:
         self._metrics = metrics
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(details)
         if handler is None:
             return handler
@@ -91,7 +98,9 @@ class ObservabilityInterceptor(aio.ServerInterceptor):
             return observed
 
         def streaming(behavior: Streaming) -> Streaming:
-            async def observed(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            async def observed(
+                request: Any, context: aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
                 started = start(context)
                 try:
                     async for item in behavior(request, context):

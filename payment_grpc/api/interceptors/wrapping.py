@@ -5,25 +5,30 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 from grpc import aio
+
+if TYPE_CHECKING:
+    ServerInterceptor = aio.ServerInterceptor[Any, Any]
+else:  # not subscriptable at run time
+    ServerInterceptor = aio.ServerInterceptor
 
 Unary = Callable[[Any, aio.ServicerContext[Any, Any]], Awaitable[Any]]
 Streaming = Callable[[Any, aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
 
 
 def wrap_handler(
-    handler: grpc.RpcMethodHandler,
+    handler: grpc.RpcMethodHandler[Any, Any],
     unary: Callable[[Unary], Unary],
     streaming: Callable[[Streaming], Streaming],
-) -> grpc.RpcMethodHandler:
+) -> grpc.RpcMethodHandler[Any, Any]:
     """Return `handler` with its unary-unary or unary-stream behaviour wrapped."""
     if handler.request_streaming:
         return handler  # no client-streaming RPCs in this API
     if handler.response_streaming:
-        behavior = handler.unary_stream
+        behavior: Any = handler.unary_stream  # grpc-stubs types aio handlers as sync
         # A streaming handler is either an async generator or a coroutine that writes
         # with context.write() (grpc_health's Watch); the latter wraps like a unary one.
         wrapped = streaming(behavior) if inspect.isasyncgenfunction(behavior) else unary(behavior)
@@ -33,7 +38,7 @@ def wrap_handler(
             response_serializer=handler.response_serializer,
         )
     return grpc.unary_unary_rpc_method_handler(
-        unary(handler.unary_unary),
+        unary(cast(Unary, handler.unary_unary)),
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
