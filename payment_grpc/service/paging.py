@@ -5,13 +5,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 
 from payment_grpc.domain.errors import InvalidPageToken
 from payment_grpc.service.ports import PageCursor
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+MAX_ID_LENGTH = 64
 
 
 def page_size(requested: int) -> int:
@@ -35,10 +36,13 @@ def decode_token(token: str, filters: object) -> PageCursor | None:
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         body = json.loads(raw)
-        cursor = PageCursor(datetime.fromisoformat(body["t"]), str(body["i"]))
+        created_at = datetime.fromisoformat(body["t"])
+        if created_at.tzinfo is None:
+            raise ValueError("page token time without zone")
+        cursor = PageCursor(created_at.astimezone(UTC), str(body["i"]))
         bound = body["f"]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError) as exc:
         raise InvalidPageToken() from exc
-    if bound != _bind(filters):
+    if bound != _bind(filters) or len(cursor.last_id) > MAX_ID_LENGTH:
         raise InvalidPageToken()
     return cursor
