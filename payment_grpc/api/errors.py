@@ -68,8 +68,14 @@ def status_for(error: e.DomainError) -> grpc.Status:
     for kind in type(error).__mro__:
         if kind in ERROR_TABLE:
             code, retry = ERROR_TABLE[kind]
+            violations = [(error.field, error.message)] if error.field else []
             return build_status(
-                code, error.message, error.reason, error.metadata, retry_after_s=retry
+                code,
+                error.message,
+                error.reason,
+                error.metadata,
+                retry_after_s=retry,
+                violations=violations,
             )
     return build_status(grpc.StatusCode.INTERNAL, "internal error", "INTERNAL")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 class DomainError(Exception):
     reason: str = "PAYMENT_ERROR"
+    field: str | None = None  # the request field at fault, when there is one
 
     def __init__(self, message: str, **metadata: str) -> None:
         super().__init__(message)
@@ -21,6 +22,7 @@ class InvalidAmount(DomainError):
 
 class CurrencyMismatch(DomainError):
     reason = "CURRENCY_MISMATCH"
+    field = "amount.currency"
 
     def __init__(self, expected: str, actual: str) -> None:
         super().__init__(
@@ -92,6 +94,7 @@ class ActivePaymentExists(DomainError):
 
 class InvalidPageToken(DomainError):
     reason = "INVALID_PAGE_TOKEN"
+    field = "page_token"
 
     def __init__(self) -> None:
         super().__init__("page_token is invalid or does not match the request's filters")

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-import pytest
 from payments.v1 import payment_service_pb2 as api
 from payments.v1 import resources_pb2 as pb
 
@@ -76,12 +75,12 @@ async def test_page_size_zero_means_default(stub) -> None:
     assert page.next_page_token == ""
 
 
-@pytest.mark.parametrize("page_size", [1_000, 1_001, 2**31 - 1])
-async def test_large_page_size_is_accepted(stub, page_size: int) -> None:
+async def test_large_page_size_is_accepted(stub) -> None:
     created = await _charge(stub, 3)
-    page = await stub.ListPayments(api.ListPaymentsRequest(page_size=page_size))
-    assert _ids(page.payments) == _ids(created)[::-1]
-    assert page.next_page_token == ""
+    for page_size in (1_000, 1_001, 2**31 - 1):
+        page = await stub.ListPayments(api.ListPaymentsRequest(page_size=page_size))
+        assert _ids(page.payments) == _ids(created)[::-1], page_size
+        assert page.next_page_token == ""
 
 
 async def test_empty_database_lists_nothing(stub) -> None:

@@ -194,14 +194,15 @@ PAYMENT_ID_REQUESTS = {
     "ListRefunds": api.ListRefundsRequest,
     "WatchPaymentStatus": api.WatchPaymentStatusRequest,
 }
-BAD_IDS = {"empty": "", "bad-chars": "pay_1/../x", "too-long": "p" * 65}
+BAD_IDS = ["", "pay_1/../x", "pay-1", "p" * 65]
 
 
-@pytest.mark.parametrize("bad", sorted(BAD_IDS))
 @pytest.mark.parametrize("rpc", sorted(PAYMENT_ID_REQUESTS))
-async def test_payment_id_constraint_is_invalid_argument(stub, app, rpc: str, bad: str) -> None:
-    request = PAYMENT_ID_REQUESTS[rpc](payment_id=BAD_IDS[bad])
-    await _expect_invalid(app, lambda: _call(stub, rpc, request), "payment_id")
+async def test_payment_id_constraint_is_invalid_argument(stub, app, rpc: str) -> None:
+    """Empty, bad characters, too long: every RPC that takes a payment id checks it."""
+    for bad in BAD_IDS:
+        request = PAYMENT_ID_REQUESTS[rpc](payment_id=bad)
+        await _expect_invalid(app, lambda r=request: _call(stub, rpc, r), "payment_id")
 
 
 OTHER_CASES = [

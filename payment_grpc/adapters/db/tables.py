@@ -134,3 +134,26 @@ refunds = sa.Table(
         postgresql_where=sa.text("status = 'PENDING'"),
     ),
 )
+
+# Idempotency keys, scoped to (caller, RPC method, key). `recovery_point` advances in the
+# same transaction as each phase of the use case; `response_*` holds the stored answer.
+idempotency_keys = sa.Table(
+    "idempotency_keys",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("scope", sa.String(255), nullable=False),
+    sa.Column("method", sa.String(128), nullable=False),
+    sa.Column("key", sa.String(255), nullable=False),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("recovery_point", sa.String(32), nullable=False),
+    sa.Column("payment_id", sa.String(64)),
+    sa.Column("refund_id", sa.String(64)),
+    sa.Column("locked_by", sa.String(128)),
+    sa.Column("locked_at", UtcDateTime),
+    sa.Column("response_code", sa.Integer),
+    sa.Column("response_body", sa.LargeBinary),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("expires_at", UtcDateTime, nullable=False),
+    sa.UniqueConstraint("scope", "method", "key"),
+    sa.Index("ix_idempotency_keys_expires", "expires_at"),
+)
