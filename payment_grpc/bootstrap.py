@@ -14,12 +14,15 @@ from payment_grpc.adapters.bus.memory import InProcessStatusBus
 from payment_grpc.adapters.clock import SystemClock
 from payment_grpc.adapters.db.engine import SqlUnitOfWorkFactory, make_engine
 from payment_grpc.adapters.db.health import database_reachable
+from payment_grpc.adapters.faults import KillAtFaultPoint, NoFaults
 from payment_grpc.adapters.gateways.simulated import SimulatedGateway, SimulatedGatewayConfig
+from payment_grpc.api.interceptors.idempotency import IdempotencyInterceptor
 from payment_grpc.api.server import PaymentServer
 from payment_grpc.api.servicer import PaymentServicer
 from payment_grpc.config import Settings
 from payment_grpc.service.charging import Charging
 from payment_grpc.service.deps import Deps
+from payment_grpc.service.idempotency import IdempotencyKeys, IdempotencyPolicy
 from payment_grpc.service.operations import Operations
 from payment_grpc.service.queries import Queries
 from payment_grpc.service.recovery import Recovery
@@ -33,12 +36,16 @@ class Application:
     engine: AsyncEngine
     gateway: SimulatedGateway
     bus: InProcessStatusBus
+    keys: IdempotencyKeys
     server: PaymentServer
     recovery: Recovery
     port: int = 0
     _recovery_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        released = await self.keys.release_own_locks()
+        if released:
+            log.warning("released %d idempotency keys held by this replica before", released)
         await self.server.start()
         self._recovery_task = asyncio.create_task(
             self.recovery.run_forever(self.settings.recovery_interval_seconds)
@@ -71,15 +78,27 @@ def build_gateway(settings: Settings) -> SimulatedGateway:
     )
 
 
+def idempotency_policy(settings: Settings) -> IdempotencyPolicy:
+    return IdempotencyPolicy(
+        owner=settings.instance_id,
+        retention=timedelta(hours=settings.idempotency_retention_hours),
+        lock_timeout=timedelta(seconds=settings.idempotency_lock_timeout_seconds),
+    )
+
+
 def build_application(settings: Settings) -> Application:
     engine = make_engine(settings.database_url, settings.db_pool_size)
     gateway = build_gateway(settings)
     bus = InProcessStatusBus()
-    deps = Deps(uow=SqlUnitOfWorkFactory(engine), gateway=gateway, bus=bus, clock=SystemClock())
+    uow = SqlUnitOfWorkFactory(engine)
+    faults = KillAtFaultPoint(settings.fault_point) if settings.fault_point else NoFaults()
+    clock = SystemClock()
+    deps = Deps(uow=uow, gateway=gateway, bus=bus, clock=clock, faults=faults)
+    keys = IdempotencyKeys(uow, clock, idempotency_policy(settings))
     charging = Charging(deps)
     operations = Operations(deps)
     recovery = Recovery(
-        deps, charging, operations, timedelta(seconds=settings.recovery_stale_seconds)
+        deps, charging, operations, keys, timedelta(seconds=settings.recovery_stale_seconds)
     )
 
     async def healthy() -> bool:
@@ -90,7 +109,8 @@ def build_application(settings: Settings) -> Application:
         dependencies_healthy=healthy,
         health_interval_s=settings.health_check_interval_seconds,
         max_message_bytes=settings.max_message_bytes,
+        inner_interceptors=[IdempotencyInterceptor(keys)],
     )
-    app = Application(settings, engine, gateway, bus, server, recovery)
+    app = Application(settings, engine, gateway, bus, keys, server, recovery)
     app.port = server.bind(f"{settings.host}:{settings.port}")
     return app

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
+import socket
 from typing import Literal
 
 from pydantic import Field
@@ -27,6 +29,12 @@ class Settings(BaseSettings):
     recovery_interval_seconds: float = Field(5.0, gt=0)
     recovery_stale_seconds: float = Field(30.0, ge=0)
     max_message_bytes: int = Field(1024 * 1024, ge=1024)
+    # Identity of this replica for idempotency-key locks; must be unique per live process
+    # and stable across its restarts (the pod name in Kubernetes).
+    instance_id: str = Field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    idempotency_retention_hours: float = Field(72.0, gt=0)
+    idempotency_lock_timeout_seconds: float = Field(60.0, gt=0)
+    fault_point: str = ""  # crash tests only: SIGKILL at this phase boundary
 
     gateway: Literal["simulated"] = "simulated"
     gateway_ledger_path: pathlib.Path | None = None

@@ -19,9 +19,10 @@ from sqlalchemy.engine import make_url
 from payment_grpc.adapters.db.migrate import upgrade
 from payment_grpc.bootstrap import Application, build_application
 from payment_grpc.config import Settings
+from tests.helpers import FreshIdempotencyKey
 
 PG_ADMIN_URL = os.environ.get("PG_TEST_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-TABLES = ("payment_events", "refunds", "payments")
+TABLES = ("payment_events", "refunds", "payments", "idempotency_keys")
 
 
 def _libpq(url: str) -> str:
@@ -106,6 +107,15 @@ async def app(settings: Settings) -> AsyncIterator[Application]:
 
 @pytest.fixture
 async def channel(app: Application) -> AsyncIterator[aio.Channel]:
+    async with aio.insecure_channel(
+        f"127.0.0.1:{app.port}", interceptors=[FreshIdempotencyKey()]
+    ) as ch:
+        yield ch
+
+
+@pytest.fixture
+async def bare_channel(app: Application) -> AsyncIterator[aio.Channel]:
+    """A channel that adds nothing: the test sets every header itself."""
     async with aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
         yield ch
 

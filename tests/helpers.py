@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 import sqlalchemy as sa
 from google.rpc import error_details_pb2
+from grpc import aio
 from grpc_status import rpc_status
 from payments.v1 import payment_service_pb2 as api
 from payments.v1 import resources_pb2 as pb
@@ -99,3 +100,13 @@ async def events_of(app: Application, payment_id: str) -> list[tuple[int, str | 
             .order_by(payment_events.c.sequence)
         )
         return [tuple(r) for r in rows]  # type: ignore[misc]
+
+
+class FreshIdempotencyKey(aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Like a client library: every call without an idempotency-key gets a new one."""
+
+    async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        metadata = list(details.metadata or ())
+        if not any(key == "idempotency-key" for key, _ in metadata):
+            metadata.append(("idempotency-key", uuid.uuid4().hex))
+        return await continuation(details._replace(metadata=metadata), request)

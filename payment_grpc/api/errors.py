@@ -25,6 +25,9 @@ ERROR_TABLE: dict[type[e.DomainError], tuple[grpc.StatusCode, float | None]] = {
     e.CaptureExceedsAuthorized: (grpc.StatusCode.FAILED_PRECONDITION, None),
     e.GatewayRejected: (grpc.StatusCode.FAILED_PRECONDITION, None),
     e.ActivePaymentExists: (grpc.StatusCode.ALREADY_EXISTS, None),
+    e.InvalidIdempotencyKey: (grpc.StatusCode.INVALID_ARGUMENT, None),
+    e.IdempotencyKeyReused: (grpc.StatusCode.FAILED_PRECONDITION, None),
+    e.IdempotencyKeyInUse: (grpc.StatusCode.ABORTED, 0.5),
     e.OperationInProgress: (grpc.StatusCode.ABORTED, 1.0),
     e.ConcurrentModification: (grpc.StatusCode.ABORTED, 0.1),
     e.OutcomePending: (grpc.StatusCode.UNAVAILABLE, 5.0),
@@ -48,6 +51,22 @@ def build_status(
     retry_after_s: float | None = None,
     violations: Iterable[tuple[str, str]] = (),
 ) -> grpc.Status:
+    return rpc_status.to_status(
+        build_status_proto(
+            code, message, reason, metadata, retry_after_s=retry_after_s, violations=violations
+        )
+    )
+
+
+def build_status_proto(
+    code: grpc.StatusCode,
+    message: str,
+    reason: str,
+    metadata: dict[str, str] | None = None,
+    *,
+    retry_after_s: float | None = None,
+    violations: Iterable[tuple[str, str]] = (),
+) -> status_pb2.Status:
     details = [
         _pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata or {}))
     ]
@@ -60,24 +79,34 @@ def build_status(
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(int(retry_after_s * 1000))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
-    return rpc_status.to_status(status)
+    return status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
+
+
+def _entry(error: e.DomainError) -> tuple[grpc.StatusCode, float | None]:
+    return ERROR_TABLE.get(type(error), (grpc.StatusCode.INTERNAL, None))
+
+
+def code_for(error: e.DomainError) -> grpc.StatusCode:
+    return _entry(error)[0]
+
+
+def status_proto_for(error: e.DomainError) -> status_pb2.Status:
+    code, retry = _entry(error)
+    if code is grpc.StatusCode.INTERNAL:
+        return build_status_proto(code, "internal error", "INTERNAL")
+    violations = [(error.field, error.message)] if error.field else []
+    return build_status_proto(
+        code,
+        error.message,
+        error.reason,
+        error.metadata,
+        retry_after_s=retry,
+        violations=violations,
+    )
 
 
 def status_for(error: e.DomainError) -> grpc.Status:
-    for kind in type(error).__mro__:
-        if kind in ERROR_TABLE:
-            code, retry = ERROR_TABLE[kind]
-            violations = [(error.field, error.message)] if error.field else []
-            return build_status(
-                code,
-                error.message,
-                error.reason,
-                error.metadata,
-                retry_after_s=retry,
-                violations=violations,
-            )
-    return build_status(grpc.StatusCode.INTERNAL, "internal error", "INTERNAL")
+    return rpc_status.to_status(status_proto_for(error))
 
 
 def invalid_argument(

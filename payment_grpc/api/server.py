@@ -38,7 +38,10 @@ class PaymentServer:
         health_interval_s: float,
         max_message_bytes: int,
         extra_interceptors: Sequence[aio.ServerInterceptor[Any, Any]] = (),
+        inner_interceptors: Sequence[aio.ServerInterceptor[Any, Any]] = (),
     ) -> None:
+        """`extra_interceptors` run before validation (auth, rate limits);
+        `inner_interceptors` after it, next to the handler (idempotency)."""
         self.metrics = RpcMetrics()
         self.health = HealthServicer()
         self._dependencies_healthy = dependencies_healthy
@@ -55,6 +58,7 @@ class PaymentServer:
                 ObservabilityInterceptor(self.metrics),
                 *extra_interceptors,
                 GuardInterceptor(),
+                *inner_interceptors,
             ],
             options=options,
         )

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from google.protobuf.message import Message
 from grpc import aio
 from payments.v1 import payment_service_pb2 as api
 from payments.v1 import payment_service_pb2_grpc
 
 from payment_grpc.api import convert
 from payment_grpc.api.context import request_context
-from payment_grpc.domain.refund import RefundReason
+from payment_grpc.api.interceptors.idempotency import checkpoint_for
+from payment_grpc.domain.payment import Payment
+from payment_grpc.domain.refund import Refund, RefundReason
 from payment_grpc.service.charging import Charging
 from payment_grpc.service.operations import Operations
 from payment_grpc.service.queries import Queries
@@ -27,34 +30,40 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
 
     async def Charge(self, request: api.ChargeRequest, context: Context) -> api.ChargeResponse:
         payment = await self._charging.charge(
-            convert.charge_command(request), request_context(context)
+            convert.charge_command(request),
+            request_context(context),
+            checkpoint_for(_encoded(_charge_response)),
         )
-        return api.ChargeResponse(payment=convert.payment_to_pb(payment))
+        return _charge_response(payment)
 
     async def CapturePayment(
         self, request: api.CapturePaymentRequest, context: Context
     ) -> api.CapturePaymentResponse:
         payment = await self._operations.capture(
-            request.payment_id, convert.optional_amount(request), request_context(context)
+            request.payment_id,
+            convert.optional_amount(request),
+            request_context(context),
+            checkpoint_for(_encoded(_capture_response)),
         )
-        return api.CapturePaymentResponse(payment=convert.payment_to_pb(payment))
+        return _capture_response(payment)
 
     async def CancelPayment(
         self, request: api.CancelPaymentRequest, context: Context
     ) -> api.CancelPaymentResponse:
-        payment = await self._operations.cancel(request.payment_id, request_context(context))
-        return api.CancelPaymentResponse(payment=convert.payment_to_pb(payment))
+        payment = await self._operations.cancel(
+            request.payment_id, request_context(context), checkpoint_for(_encoded(_cancel_response))
+        )
+        return _cancel_response(payment)
 
     async def Refund(self, request: api.RefundRequest, context: Context) -> api.RefundResponse:
-        refund, payment = await self._operations.refund(
+        result = await self._operations.refund(
             request.payment_id,
             convert.optional_amount(request),
             convert.REASON_FROM_PB.get(request.reason, RefundReason.UNSPECIFIED),
             request_context(context),
+            checkpoint_for(_encoded(_refund_response)),
         )
-        return api.RefundResponse(
-            refund=convert.refund_to_pb(refund), payment=convert.payment_to_pb(payment)
-        )
+        return _refund_response(result)
 
     async def GetPayment(
         self, request: api.GetPaymentRequest, context: Context
@@ -104,3 +113,29 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
         )
         async for event in events:
             yield api.WatchPaymentStatusResponse(event=convert.event_to_pb(event))
+
+
+# Response builders: used for the answer and, serialized, for the stored idempotent answer.
+
+
+def _encoded(build: Callable[[Any], Message]) -> Callable[[Any], bytes]:
+    return lambda result: build(result).SerializeToString(deterministic=True)
+
+
+def _charge_response(payment: Payment) -> api.ChargeResponse:
+    return api.ChargeResponse(payment=convert.payment_to_pb(payment))
+
+
+def _capture_response(payment: Payment) -> api.CapturePaymentResponse:
+    return api.CapturePaymentResponse(payment=convert.payment_to_pb(payment))
+
+
+def _cancel_response(payment: Payment) -> api.CancelPaymentResponse:
+    return api.CancelPaymentResponse(payment=convert.payment_to_pb(payment))
+
+
+def _refund_response(result: tuple[Refund, Payment]) -> api.RefundResponse:
+    refund, payment = result
+    return api.RefundResponse(
+        refund=convert.refund_to_pb(refund), payment=convert.payment_to_pb(payment)
+    )

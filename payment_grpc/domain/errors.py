@@ -150,3 +150,29 @@ class OutcomePending(DomainError):
             f"the gateway has not confirmed the {operation} yet; it will be completed",
             paymentId=payment_id,
         )
+
+
+class IdempotencyKeyReused(DomainError):
+    """The key was used before with a different request."""
+
+    reason = "IDEMPOTENCY_KEY_REUSED"
+
+    def __init__(self) -> None:
+        super().__init__("this idempotency-key was already used with a different request")
+
+
+class IdempotencyKeyInUse(DomainError):
+    """The first request with this key is still running; retry after it finishes."""
+
+    reason = "IDEMPOTENCY_KEY_IN_USE"
+
+    def __init__(self) -> None:
+        super().__init__("a request with this idempotency-key is still in progress; retry")
+
+
+class InvalidIdempotencyKey(DomainError):
+    reason = "INVALID_IDEMPOTENCY_KEY"
+    field = "idempotency-key"
+
+    def __init__(self) -> None:
+        super().__init__("metadata idempotency-key is required: 1-255 printable ASCII characters")

@@ -24,12 +24,14 @@ from payment_grpc.domain.payment import (
 )
 from payment_grpc.service.context import GATEWAY_CALLBACK, RequestContext
 from payment_grpc.service.deps import Deps, authorize_key, new_id
+from payment_grpc.service.idempotency import Checkpoint, no_checkpoint
 from payment_grpc.service.ports import (
     Authorization,
     AuthorizationOutcome,
     AuthorizationRequest,
     GatewayDown,
     GatewayTimeout,
+    RecoveryPoint,
     Settlement,
 )
 
@@ -52,11 +54,30 @@ class Charging:
         self._deps = deps
         deps.gateway.on_settlement(self._on_settlement)
 
-    async def charge(self, command: ChargeCommand, ctx: RequestContext) -> Payment:
-        payment = await self.create(command, ctx)
-        return await self.authorize(payment, ctx)
+    async def charge(
+        self, command: ChargeCommand, ctx: RequestContext, checkpoint: Checkpoint | None = None
+    ) -> Payment:
+        checkpoint = checkpoint or no_checkpoint()
+        if checkpoint.payment_id:
+            return await self._resume(checkpoint.payment_id, ctx, checkpoint)
+        payment = await self.create(command, ctx, checkpoint)
+        self._deps.faults.hit("charge.before_gateway")
+        return await self.authorize(payment, ctx, checkpoint)
 
-    async def create(self, command: ChargeCommand, ctx: RequestContext) -> Payment:
+    async def _resume(
+        self, payment_id: str, ctx: RequestContext, checkpoint: Checkpoint
+    ) -> Payment:
+        """A retry after a crash: the payment exists; finish what is left."""
+        async with self._deps.uow(read_only=True) as tx:
+            payment = await tx.payments.get(payment_id)
+        if payment.status is PaymentStatus.PROCESSING:
+            return await self.authorize(payment, ctx, checkpoint)
+        await self._deps.finish(checkpoint, payment)
+        return payment
+
+    async def create(
+        self, command: ChargeCommand, ctx: RequestContext, checkpoint: Checkpoint
+    ) -> Payment:
         now = self._deps.clock.now()
         pending = Payment(
             payment_id=new_id("pay"),
@@ -80,11 +101,16 @@ class Charging:
         )
         async with self._deps.uow() as tx:
             await tx.payments.add(processing, [created, sent])
+            await checkpoint.reached(
+                tx, RecoveryPoint.PAYMENT_CREATED, payment_id=processing.payment_id
+            )
             await tx.commit()
         await self._deps.announce([created, sent])
         return processing
 
-    async def authorize(self, payment: Payment, ctx: RequestContext) -> Payment:
+    async def authorize(
+        self, payment: Payment, ctx: RequestContext, checkpoint: Checkpoint | None = None
+    ) -> Payment:
         """Phase 2+3; safe to repeat for the same payment (the gateway dedupes)."""
         request = AuthorizationRequest(
             idempotency_key=authorize_key(payment.payment_id),
@@ -97,20 +123,30 @@ class Charging:
             authorization = await self._deps.gateway.authorize(request)
         except (GatewayTimeout, GatewayDown) as exc:
             log.warning("gateway did not answer for %s: %s", payment.payment_id, type(exc).__name__)
-            return payment
-        return await self.record(payment.payment_id, authorization, ctx)
+            return payment  # stays PROCESSING; the key stays open for a retry to resume
+        self._deps.faults.hit("charge.after_gateway")
+        return await self.record(payment.payment_id, authorization, ctx, checkpoint)
 
     async def record(
-        self, payment_id: str, authorization: Authorization, ctx: RequestContext
+        self,
+        payment_id: str,
+        authorization: Authorization,
+        ctx: RequestContext,
+        checkpoint: Checkpoint | None = None,
     ) -> Payment:
         """Phase 3: apply the gateway's answer, once. A second answer changes nothing."""
+        checkpoint = checkpoint or no_checkpoint()
         async with self._deps.uow() as tx:
             current = await tx.payments.get(payment_id, for_update=True)
             if current.status is not PaymentStatus.PROCESSING:
+                await checkpoint.finish(tx, current)
+                await tx.commit()
                 return current
             after, events = _apply(current, authorization, ctx, self._deps.clock.now())
             await tx.payments.save(current, after, events)
+            await checkpoint.finish(tx, after)
             await tx.commit()
+        self._deps.faults.hit("charge.after_commit")
         await self._deps.announce(events)
         return after
 

@@ -7,7 +7,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from payment_grpc.domain.payment import PaymentEvent
-from payment_grpc.service.ports import Clock, PaymentGateway, StatusBus, UnitOfWorkFactory
+from payment_grpc.service.idempotency import Checkpoint
+from payment_grpc.service.ports import (
+    Clock,
+    Faults,
+    PaymentGateway,
+    StatusBus,
+    UnitOfWorkFactory,
+)
 
 
 def new_id(prefix: str) -> str:
@@ -20,11 +27,18 @@ class Deps:
     gateway: PaymentGateway
     bus: StatusBus
     clock: Clock
+    faults: Faults
 
     async def announce(self, events: Sequence[PaymentEvent]) -> None:
         """Tell watchers about committed events (call only after commit)."""
         for event in events:
             await self.bus.publish(event.payment_id, event.sequence)
+
+    async def finish(self, checkpoint: Checkpoint, result: object) -> None:
+        """Store the answer of an execution whose change was already committed."""
+        async with self.uow() as tx:
+            await checkpoint.finish(tx, result)
+            await tx.commit()
 
 
 def authorize_key(payment_id: str) -> str:

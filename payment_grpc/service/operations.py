@@ -3,7 +3,9 @@
 Each runs as claim (transaction 1, under the row lock) -> gateway call with a derived
 key -> record (transaction 2, under the row lock). The claim serializes racing
 operations without holding a lock across the gateway call; the recovery worker finishes
-claims left by a crash by repeating the gateway call with the same key.
+claims left by a crash by repeating the gateway call with the same key. With an
+idempotency key, each transaction also records the key's recovery point, and the final
+one stores the answer.
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ from payment_grpc.domain.payment import Payment, PaymentStatus
 from payment_grpc.domain.refund import Refund, RefundReason, RefundStatus
 from payment_grpc.service.context import RequestContext
 from payment_grpc.service.deps import Deps, capture_key, new_id, void_key
-from payment_grpc.service.ports import GatewayDown, GatewayResult, GatewayTimeout, UnitOfWork
+from payment_grpc.service.idempotency import Checkpoint, no_checkpoint
+from payment_grpc.service.ports import (
+    GatewayDown,
+    GatewayResult,
+    GatewayTimeout,
+    RecoveryPoint,
+    UnitOfWork,
+)
 
 CAPTURE = "capture"
 CANCEL = "cancel"
@@ -31,50 +40,70 @@ def claimed_capture_amount(claim: str) -> int:
     return int(claim.removeprefix(f"{CAPTURE}:"))
 
 
+def claimed_operation(claim: str) -> str:
+    return claim.split(":")[0]
+
+
 class Operations:
     def __init__(self, deps: Deps) -> None:
         self._deps = deps
 
     # ------------------------------------------------------------ capture
 
-    async def capture(self, payment_id: str, amount: Money | None, ctx: RequestContext) -> Payment:
+    async def capture(
+        self,
+        payment_id: str,
+        amount: Money | None,
+        ctx: RequestContext,
+        checkpoint: Checkpoint | None = None,
+    ) -> Payment:
+        checkpoint = checkpoint or no_checkpoint()
+        if checkpoint.resumes_at(RecoveryPoint.OPERATION_CLAIMED):
+            return await self._resume_claim(payment_id, ctx, checkpoint)
         async with self._deps.uow() as tx:
             payment = await tx.payments.get(payment_id, for_update=True)
             amount = amount or payment.amount
             payment.check_capture(amount)
             claimed = payment.claim(capture_claim(amount.amount_minor))
-            await tx.payments.save(payment, claimed, [])
-            await tx.commit()
-        return await self.finish_capture(claimed, ctx)
+            await self._save_claim(tx, payment, claimed, checkpoint)
+        return await self.finish_capture(claimed, ctx, checkpoint)
 
-    async def finish_capture(self, claimed: Payment, ctx: RequestContext) -> Payment:
+    async def finish_capture(
+        self, claimed: Payment, ctx: RequestContext, checkpoint: Checkpoint | None = None
+    ) -> Payment:
         amount = Money(claimed.amount.currency, claimed_capture_amount(claimed.in_flight))
-        result = await self._call(
-            CAPTURE,
-            claimed,
-            self._deps.gateway.capture(
-                claimed.gateway_reference, amount, capture_key(claimed.payment_id)
-            ),
+        call = self._deps.gateway.capture(
+            claimed.gateway_reference, amount, capture_key(claimed.payment_id)
         )
+        result = await self._call(CAPTURE, claimed, call)
         return await self._settle_claim(
-            claimed, result, PaymentStatus.CAPTURED, ctx, captured_minor=amount.amount_minor
+            claimed,
+            result,
+            PaymentStatus.CAPTURED,
+            ctx,
+            checkpoint or no_checkpoint(),
+            captured_minor=amount.amount_minor,
         )
 
     # ------------------------------------------------------------ cancel
 
-    async def cancel(self, payment_id: str, ctx: RequestContext) -> Payment:
+    async def cancel(
+        self, payment_id: str, ctx: RequestContext, checkpoint: Checkpoint | None = None
+    ) -> Payment:
+        checkpoint = checkpoint or no_checkpoint()
+        if checkpoint.resumes_at(RecoveryPoint.OPERATION_CLAIMED):
+            return await self._resume_claim(payment_id, ctx, checkpoint)
         async with self._deps.uow() as tx:
             payment = await tx.payments.get(payment_id, for_update=True)
             payment.require(CANCEL, PaymentStatus.PENDING, PaymentStatus.AUTHORIZED)
             if payment.status is PaymentStatus.PENDING:
-                return await self._cancel_unsent(tx, payment, ctx)
+                return await self._cancel_unsent(tx, payment, ctx, checkpoint)
             claimed = payment.claim(CANCEL)
-            await tx.payments.save(payment, claimed, [])
-            await tx.commit()
-        return await self.finish_cancel(claimed, ctx)
+            await self._save_claim(tx, payment, claimed, checkpoint)
+        return await self.finish_cancel(claimed, ctx, checkpoint)
 
     async def _cancel_unsent(
-        self, tx: UnitOfWork, payment: Payment, ctx: RequestContext
+        self, tx: UnitOfWork, payment: Payment, ctx: RequestContext, checkpoint: Checkpoint
     ) -> Payment:
         canceled, event = payment.transition(
             PaymentStatus.CANCELED,
@@ -84,19 +113,42 @@ class Operations:
             at=self._deps.clock.now(),
         )
         await tx.payments.save(payment, canceled, [event])
+        await checkpoint.finish(tx, canceled)
         await tx.commit()
         await self._deps.announce([event])
         return canceled
 
-    async def finish_cancel(self, claimed: Payment, ctx: RequestContext) -> Payment:
-        result = await self._call(
-            CANCEL,
-            claimed,
-            self._deps.gateway.void(claimed.gateway_reference, void_key(claimed.payment_id)),
+    async def finish_cancel(
+        self, claimed: Payment, ctx: RequestContext, checkpoint: Checkpoint | None = None
+    ) -> Payment:
+        call = self._deps.gateway.void(claimed.gateway_reference, void_key(claimed.payment_id))
+        result = await self._call(CANCEL, claimed, call)
+        return await self._settle_claim(
+            claimed, result, PaymentStatus.CANCELED, ctx, checkpoint or no_checkpoint()
         )
-        return await self._settle_claim(claimed, result, PaymentStatus.CANCELED, ctx)
 
     # ------------------------------------------------------------ shared
+
+    async def _save_claim(
+        self, tx: UnitOfWork, payment: Payment, claimed: Payment, checkpoint: Checkpoint
+    ) -> None:
+        await tx.payments.save(payment, claimed, [])
+        await checkpoint.reached(tx, RecoveryPoint.OPERATION_CLAIMED, payment_id=payment.payment_id)
+        await tx.commit()
+
+    async def _resume_claim(
+        self, payment_id: str, ctx: RequestContext, checkpoint: Checkpoint
+    ) -> Payment:
+        """A retry after a crash: finish our claimed operation, or report its outcome."""
+        async with self._deps.uow(read_only=True) as tx:
+            payment = await tx.payments.get(payment_id)
+        operation = claimed_operation(payment.in_flight)
+        if operation == CAPTURE:
+            return await self.finish_capture(payment, ctx, checkpoint)
+        if operation == CANCEL:
+            return await self.finish_cancel(payment, ctx, checkpoint)
+        await self._deps.finish(checkpoint, payment)
+        return payment
 
     async def _call(
         self, operation: str, payment: Payment, call: Awaitable[GatewayResult]
@@ -112,27 +164,31 @@ class Operations:
         result: GatewayResult,
         to: PaymentStatus,
         ctx: RequestContext,
+        checkpoint: Checkpoint,
         **changes: object,
     ) -> Payment:
+        operation = claimed_operation(claimed.in_flight)
         async with self._deps.uow() as tx:
             current = await tx.payments.get(claimed.payment_id, for_update=True)
             if current.in_flight != claimed.in_flight:
-                return current  # somebody (recovery, a retry) already recorded it
+                await checkpoint.finish(tx, current)  # recovery or a retry recorded it
+                await tx.commit()
+                return current
             released = replace(current, in_flight="")
             if not result.succeeded:
                 await tx.payments.save(current, released, [])
                 await tx.commit()
-                code = result.failure.code if result.failure else "unknown"
-                raise GatewayRejected(claimed.in_flight.split(":")[0], code)
+                raise GatewayRejected(operation, result.failure.code if result.failure else "")
             after, event = released.transition(
                 to,
-                action=claimed.in_flight.split(":")[0],
+                action=operation,
                 actor=ctx.subject,
                 trace_id=ctx.trace_id,
                 at=self._deps.clock.now(),
                 **changes,
             )
             await tx.payments.save(current, after, [event])
+            await checkpoint.finish(tx, after)
             await tx.commit()
         await self._deps.announce([event])
         return after
@@ -145,7 +201,11 @@ class Operations:
         amount: Money | None,
         reason: RefundReason,
         ctx: RequestContext,
+        checkpoint: Checkpoint | None = None,
     ) -> tuple[Refund, Payment]:
+        checkpoint = checkpoint or no_checkpoint()
+        if checkpoint.refund_id:
+            return await self._resume_refund(checkpoint.refund_id, ctx, checkpoint)
         now = self._deps.clock.now()
         async with self._deps.uow() as tx:
             payment = await tx.payments.get(payment_id, for_update=True)
@@ -163,10 +223,27 @@ class Operations:
                 updated_at=now,
             )
             await tx.refunds.add(refund)
+            await checkpoint.reached(
+                tx, RecoveryPoint.REFUND_CREATED, payment_id=payment_id, refund_id=refund.refund_id
+            )
             await tx.commit()
-        return await self.finish_refund(refund, ctx)
+        self._deps.faults.hit("refund.before_gateway")
+        return await self.finish_refund(refund, ctx, checkpoint)
 
-    async def finish_refund(self, refund: Refund, ctx: RequestContext) -> tuple[Refund, Payment]:
+    async def _resume_refund(
+        self, refund_id: str, ctx: RequestContext, checkpoint: Checkpoint
+    ) -> tuple[Refund, Payment]:
+        async with self._deps.uow(read_only=True) as tx:
+            refund = await tx.refunds.get(refund_id)
+            payment = await tx.payments.get(refund.payment_id)
+        if refund.status is RefundStatus.PENDING:
+            return await self.finish_refund(refund, ctx, checkpoint)
+        await self._deps.finish(checkpoint, (refund, payment))
+        return refund, payment
+
+    async def finish_refund(
+        self, refund: Refund, ctx: RequestContext, checkpoint: Checkpoint | None = None
+    ) -> tuple[Refund, Payment]:
         async with self._deps.uow(read_only=True) as tx:
             payment = await tx.payments.get(refund.payment_id)
         try:
@@ -174,21 +251,25 @@ class Operations:
                 payment.gateway_reference, refund.amount, refund.refund_id
             )
         except (GatewayTimeout, GatewayDown):
-            return refund, payment  # stays PENDING; the recovery worker finishes it
-        return await self._record_refund(refund, result, ctx)
+            return refund, payment  # stays PENDING; a retry or the recovery worker finishes it
+        self._deps.faults.hit("refund.after_gateway")
+        return await self._record_refund(refund, result, ctx, checkpoint or no_checkpoint())
 
     async def _record_refund(
-        self, refund: Refund, result: GatewayResult, ctx: RequestContext
+        self, refund: Refund, result: GatewayResult, ctx: RequestContext, checkpoint: Checkpoint
     ) -> tuple[Refund, Payment]:
         now = self._deps.clock.now()
         async with self._deps.uow() as tx:
             payment = await tx.payments.get(refund.payment_id, for_update=True)
             current = await tx.refunds.get(refund.refund_id)
             if current.status is not RefundStatus.PENDING:
+                await checkpoint.finish(tx, (current, payment))
+                await tx.commit()
                 return current, payment
             if not result.succeeded:
                 failed = current.failed(result.failure.code if result.failure else "unknown", now)
                 await tx.refunds.save(failed)
+                await checkpoint.finish(tx, (failed, payment))
                 await tx.commit()
                 return failed, payment
             done = current.succeeded(result.reference, now)
@@ -197,6 +278,8 @@ class Operations:
             )
             await tx.refunds.save(done)
             await tx.payments.save(payment, after, [event])
+            await checkpoint.finish(tx, (done, after))
             await tx.commit()
+        self._deps.faults.hit("refund.after_commit")
         await self._deps.announce([event])
         return done, after

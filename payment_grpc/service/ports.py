@@ -170,11 +170,67 @@ class UnitOfWork(Protocol):
     @property
     def refunds(self) -> RefundRepository: ...
 
+    @property
+    def idempotency(self) -> IdempotencyRepository: ...
+
     async def commit(self) -> None: ...
 
 
 class UnitOfWorkFactory(Protocol):
     def __call__(self, *, read_only: bool = False) -> AbstractAsyncContextManager[UnitOfWork]: ...
+
+
+# ---------------------------------------------------------------- idempotency
+
+
+class RecoveryPoint(enum.StrEnum):
+    STARTED = "STARTED"
+    PAYMENT_CREATED = "PAYMENT_CREATED"
+    OPERATION_CLAIMED = "OPERATION_CLAIMED"
+    REFUND_CREATED = "REFUND_CREATED"
+    FINISHED = "FINISHED"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    record_id: str
+    scope: str
+    method: str
+    key: str
+    fingerprint: str
+    recovery_point: RecoveryPoint
+    created_at: datetime
+    expires_at: datetime
+    payment_id: str | None = None
+    refund_id: str | None = None
+    locked_by: str | None = None
+    locked_at: datetime | None = None
+    response_code: int | None = None
+    response_body: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredAnswer:
+    """A finished execution: status code 0 with the response bytes, or an error status."""
+
+    code: int
+    body: bytes
+
+
+class IdempotencyRepository(Protocol):
+    async def insert_if_absent(self, record: KeyRecord) -> bool:
+        """Insert; False if (scope, method, key) exists already."""
+        ...
+
+    async def get_for_update(self, scope: str, method: str, key: str) -> KeyRecord | None: ...
+
+    async def save(self, record: KeyRecord) -> None: ...
+
+    async def delete(self, record_id: str) -> None: ...
+
+    async def delete_expired(self, now: datetime, limit: int) -> int: ...
+
+    async def release_locks_of(self, owner: str) -> int: ...
 
 
 # ---------------------------------------------------------------- status bus
@@ -194,6 +250,12 @@ class StatusBus(Protocol):
 
 class Clock(Protocol):
     def now(self) -> datetime: ...
+
+
+class Faults(Protocol):
+    """Crash-test hook: `hit` may end the process at a named phase boundary."""
+
+    def hit(self, point: str) -> None: ...
 
 
 EventStream = AsyncIterator[PaymentEvent]

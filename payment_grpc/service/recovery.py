@@ -18,6 +18,7 @@ from payment_grpc.domain.refund import Refund
 from payment_grpc.service.charging import Charging
 from payment_grpc.service.context import SYSTEM
 from payment_grpc.service.deps import Deps, authorize_key
+from payment_grpc.service.idempotency import IdempotencyKeys
 from payment_grpc.service.operations import CANCEL, Operations
 from payment_grpc.service.ports import AuthorizationOutcome, GatewayDown, GatewayTimeout
 
@@ -27,11 +28,17 @@ BATCH = 100
 
 class Recovery:
     def __init__(
-        self, deps: Deps, charging: Charging, operations: Operations, stale_after: timedelta
+        self,
+        deps: Deps,
+        charging: Charging,
+        operations: Operations,
+        keys: IdempotencyKeys,
+        stale_after: timedelta,
     ) -> None:
         self._deps = deps
         self._charging = charging
         self._operations = operations
+        self._keys = keys
         self._stale_after = stale_after
 
     async def run_forever(self, interval_s: float) -> None:
@@ -53,6 +60,7 @@ class Recovery:
             done += await self._guard(self._payment(payment))
         for refund in refunds:
             done += await self._guard(self._refund(refund))
+        await self._keys.reap()
         return done
 
     async def _guard(self, work: Awaitable[None]) -> int:

@@ -11,7 +11,7 @@ from grpc import aio
 from payments.v1 import payment_service_pb2_grpc
 
 from tests.e2e.server_process import ServerProcess
-from tests.helpers import S, charge_request, rpc_error
+from tests.helpers import FreshIdempotencyKey, S, charge_request, rpc_error
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -32,7 +32,9 @@ async def test_in_flight_charge_finishes_after_sigterm(tmp_path: pathlib.Path) -
     )
     await server.start()
     try:
-        async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        async with aio.insecure_channel(
+            f"127.0.0.1:{server.port}", interceptors=[FreshIdempotencyKey()]
+        ) as channel:
             stub = payment_service_pb2_grpc.PaymentServiceStub(channel)
             charge = asyncio.ensure_future(stub.Charge(charge_request()))
             await server.wait_for_line(re.compile(r"rpc started.*Charge"))

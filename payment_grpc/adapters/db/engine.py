@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from payment_grpc.adapters.db.idempotency import SqlIdempotencyRepository
 from payment_grpc.adapters.db.repositories import SqlPaymentRepository, SqlRefundRepository
 from payment_grpc.domain.errors import StorageUnavailable
 
@@ -58,6 +59,7 @@ class SqlUnitOfWork:
         self._conn = conn
         self.payments = SqlPaymentRepository(conn, row_locks)
         self.refunds = SqlRefundRepository(conn)
+        self.idempotency = SqlIdempotencyRepository(conn, row_locks)
 
     async def commit(self) -> None:
         await self._conn.commit()

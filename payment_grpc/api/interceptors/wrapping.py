@@ -23,8 +23,14 @@ def wrap_handler(
     handler: grpc.RpcMethodHandler[Any, Any],
     unary: Callable[[Unary], Unary],
     streaming: Callable[[Streaming], Streaming],
+    *,
+    passthrough_bytes: bool = False,
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """Return `handler` with its unary-unary or unary-stream behaviour wrapped."""
+    """Return `handler` with its unary-unary or unary-stream behaviour wrapped.
+
+    With `passthrough_bytes`, a behaviour may return already serialized bytes (a stored
+    response replayed exactly); they are sent as they are.
+    """
     if handler.request_streaming:
         return handler  # no client-streaming RPCs in this API
     if handler.response_streaming:
@@ -37,11 +43,21 @@ def wrap_handler(
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+    serializer = handler.response_serializer
+    if passthrough_bytes and serializer is not None:
+        serializer = _passthrough(serializer)
     return grpc.unary_unary_rpc_method_handler(
         unary(cast(Unary, handler.unary_unary)),
         request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
+        response_serializer=serializer,
     )
+
+
+def _passthrough(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    def serialized(response: Any) -> bytes:
+        return response if isinstance(response, bytes) else serialize(response)
+
+    return serialized
 
 
 def is_payment_service(method: str) -> bool:

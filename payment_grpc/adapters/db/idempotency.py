@@ -1,0 +1,97 @@
+"""Idempotency keys in SQL. insert_if_absent is INSERT ... ON CONFLICT DO NOTHING, so two
+racing first requests (in one process or in two replicas) produce exactly one row."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from payment_grpc.adapters.db.tables import idempotency_keys as keys
+from payment_grpc.service.ports import KeyRecord, RecoveryPoint
+
+
+def _to_row(record: KeyRecord) -> dict[str, Any]:
+    return {
+        "id": record.record_id,
+        "scope": record.scope,
+        "method": record.method,
+        "key": record.key,
+        "fingerprint": record.fingerprint,
+        "recovery_point": record.recovery_point.value,
+        "payment_id": record.payment_id,
+        "refund_id": record.refund_id,
+        "locked_by": record.locked_by,
+        "locked_at": record.locked_at,
+        "response_code": record.response_code,
+        "response_body": record.response_body,
+        "created_at": record.created_at,
+        "expires_at": record.expires_at,
+    }
+
+
+def _from_row(row: RowMapping) -> KeyRecord:
+    return KeyRecord(
+        record_id=row["id"],
+        scope=row["scope"],
+        method=row["method"],
+        key=row["key"],
+        fingerprint=row["fingerprint"],
+        recovery_point=RecoveryPoint(row["recovery_point"]),
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        payment_id=row["payment_id"],
+        refund_id=row["refund_id"],
+        locked_by=row["locked_by"],
+        locked_at=row["locked_at"],
+        response_code=row["response_code"],
+        response_body=row["response_body"],
+    )
+
+
+class SqlIdempotencyRepository:
+    def __init__(self, conn: AsyncConnection, row_locks: bool) -> None:
+        self._conn = conn
+        self._row_locks = row_locks
+
+    async def insert_if_absent(self, record: KeyRecord) -> bool:
+        dialect = postgresql if self._conn.dialect.name == "postgresql" else sqlite
+        statement = (
+            dialect.insert(keys)
+            .values(_to_row(record))
+            .on_conflict_do_nothing()
+            .returning(keys.c.id)
+        )
+        return (await self._conn.execute(statement)).first() is not None
+
+    async def get_for_update(self, scope: str, method: str, key: str) -> KeyRecord | None:
+        query = sa.select(keys).where(
+            keys.c.scope == scope, keys.c.method == method, keys.c.key == key
+        )
+        if self._row_locks:
+            query = query.with_for_update()
+        row = (await self._conn.execute(query)).mappings().first()
+        return _from_row(row) if row else None
+
+    async def save(self, record: KeyRecord) -> None:
+        await self._conn.execute(
+            keys.update().where(keys.c.id == record.record_id).values(_to_row(record))
+        )
+
+    async def delete(self, record_id: str) -> None:
+        await self._conn.execute(keys.delete().where(keys.c.id == record_id))
+
+    async def delete_expired(self, now: datetime, limit: int) -> int:
+        expired = sa.select(keys.c.id).where(keys.c.expires_at <= now).limit(limit)
+        result = await self._conn.execute(keys.delete().where(keys.c.id.in_(expired)))
+        return result.rowcount
+
+    async def release_locks_of(self, owner: str) -> int:
+        result = await self._conn.execute(
+            keys.update().where(keys.c.locked_by == owner).values(locked_by=None, locked_at=None)
+        )
+        return result.rowcount

@@ -1,0 +1,174 @@
+"""Idempotency keys on the mutating RPCs (DESIGN.md "Idempotency").
+
+Validates the `idempotency-key` metadata, fingerprints the request (SHA-256 of its
+deterministic serialization), then claims the key, replays the stored answer, or rejects.
+The use case records progress and stores the answer (see service/idempotency.py); this
+layer stores business errors and gives the key back after retryable failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import hashlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.rpc import status_pb2
+from grpc import aio
+
+from payment_grpc.api.context import current_request
+from payment_grpc.api.errors import code_for, status_proto_for
+from payment_grpc.api.interceptors.guard import abort_with
+from payment_grpc.api.interceptors.wrapping import (
+    ServerInterceptor,
+    Streaming,
+    Unary,
+    wrap_handler,
+)
+from payment_grpc.domain.errors import DomainError, InvalidIdempotencyKey
+from payment_grpc.service.idempotency import Checkpoint, IdempotencyKeys
+from payment_grpc.service.ports import KeyRecord, StoredAnswer
+
+HEADER = "idempotency-key"
+REPLAYED = (("idempotent-replayed", "true"),)
+KEYED_METHODS = frozenset(
+    f"/payments.v1.PaymentService/{name}"
+    for name in ("Charge", "CapturePayment", "CancelPayment", "Refund")
+)
+# Retryable or caller-side failures are not the key's answer: a retry runs again.
+NOT_STORED = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.INTERNAL,
+    }
+)
+
+
+@dataclass
+class KeyedCall:
+    """The claimed key of the current call; the servicer attaches its checkpoint."""
+
+    record: KeyRecord
+    checkpoint: Checkpoint | None = None
+
+
+_current_call: contextvars.ContextVar[KeyedCall | None] = contextvars.ContextVar(
+    "keyed_call", default=None
+)
+
+
+def checkpoint_for(encode: Callable[[Any], bytes]) -> Checkpoint | None:
+    """The servicer's view: a checkpoint for the claimed key, None for an unkeyed call."""
+    call = _current_call.get()
+    if call is None:
+        return None
+    call.checkpoint = Checkpoint(call.record, encode)
+    return call.checkpoint
+
+
+def valid_key(value: object) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= 255:
+        raise InvalidIdempotencyKey()
+    if not all(" " <= ch <= "~" for ch in value):
+        raise InvalidIdempotencyKey()
+    return value
+
+
+def fingerprint(method: str, request: Any) -> str:
+    digest = hashlib.sha256(method.encode())
+    digest.update(request.SerializeToString(deterministic=True))
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class _ReplayedStatus:
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
+async def _replay(answer: StoredAnswer, context: aio.ServicerContext[Any, Any]) -> bytes:
+    if answer.code == 0:
+        await context.send_initial_metadata(REPLAYED)
+        return answer.body  # the exact bytes first sent; serialized as they are
+    status = status_pb2.Status.FromString(answer.body)
+    code = next(c for c in grpc.StatusCode if c.value[0] == status.code)
+    await abort_with(
+        context,
+        _ReplayedStatus(  # type: ignore[arg-type]
+            code, status.message, (("grpc-status-details-bin", answer.body), *REPLAYED)
+        ),
+    )
+    raise AssertionError("unreachable")
+
+
+class IdempotencyInterceptor(ServerInterceptor):
+    def __init__(self, keys: IdempotencyKeys) -> None:
+        self._keys = keys
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(details)
+        if handler is None or details.method not in KEYED_METHODS:
+            return handler
+        method = details.method
+        raw_key = dict(details.invocation_metadata or ()).get(HEADER)
+
+        def unary(behavior: Unary) -> Unary:
+            async def keyed(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+                key = valid_key(raw_key)
+                scope = current_request.get().subject
+                claimed = await self._keys.begin(scope, method, key, fingerprint(method, request))
+                if isinstance(claimed, StoredAnswer):
+                    return await _replay(claimed, context)
+                return await self._execute(KeyedCall(claimed), behavior, request, context)
+
+            return keyed
+
+        def streaming(behavior: Streaming) -> Streaming:
+            return behavior
+
+        return wrap_handler(handler, unary, streaming, passthrough_bytes=True)
+
+    async def _execute(
+        self,
+        call: KeyedCall,
+        behavior: Unary,
+        request: Any,
+        context: aio.ServicerContext[Any, Any],
+    ) -> Any:
+        token = _current_call.set(call)
+        try:
+            response = await behavior(request, context)
+        except DomainError as error:
+            await asyncio.shield(self._after_error(call, error))
+            raise
+        except BaseException:
+            await asyncio.shield(self._keys.release(call.record))
+            raise
+        finally:
+            _current_call.reset(token)
+        if call.checkpoint is None or not call.checkpoint.finished:
+            await asyncio.shield(self._keys.release(call.record))  # outcome still pending
+        return response
+
+    async def _after_error(self, call: KeyedCall, error: DomainError) -> None:
+        if code_for(error) in NOT_STORED:
+            await self._keys.release(call.record)
+            return
+        body = status_proto_for(error).SerializeToString()
+        await self._keys.store_answer(call.record, StoredAnswer(code_for(error).value[0], body))

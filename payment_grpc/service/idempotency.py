@@ -1,0 +1,186 @@
+"""Idempotency keys: exactly-once execution of mutating calls (Stripe-style atomic phases).
+
+`IdempotencyKeys.begin` claims a key for one execution or returns the stored answer.
+The use case then advances the key's recovery point inside its own transactions through a
+`Checkpoint`, and stores the final answer in the same transaction as the final change. A
+retry after a crash resumes from the recorded point; nothing is executed twice because
+every gateway call uses a key derived from ids recorded before it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from payment_grpc.domain.errors import IdempotencyKeyInUse, IdempotencyKeyReused
+from payment_grpc.service.ports import (
+    Clock,
+    KeyRecord,
+    RecoveryPoint,
+    StoredAnswer,
+    UnitOfWork,
+    UnitOfWorkFactory,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyPolicy:
+    owner: str  # this process's identity; stable across restarts of the same replica
+    retention: timedelta = timedelta(hours=72)
+    lock_timeout: timedelta = timedelta(seconds=60)
+
+
+class IdempotencyKeys:
+    def __init__(self, uow: UnitOfWorkFactory, clock: Clock, policy: IdempotencyPolicy) -> None:
+        self._uow = uow
+        self._clock = clock
+        self._policy = policy
+
+    async def begin(
+        self, scope: str, method: str, key: str, fingerprint: str
+    ) -> KeyRecord | StoredAnswer:
+        """Claim the key for this execution, or return the stored answer.
+
+        Raises IdempotencyKeyReused for another request under the same key, and
+        IdempotencyKeyInUse while another execution holds it.
+        """
+        now = self._clock.now()
+        fresh = self._new_record(scope, method, key, fingerprint, now)
+        async with self._uow() as tx:
+            if await tx.idempotency.insert_if_absent(fresh):
+                await tx.commit()
+                return fresh
+            existing = await tx.idempotency.get_for_update(scope, method, key)
+            outcome = await self._existing(tx, existing, fresh, now)
+            await tx.commit()
+        return outcome
+
+    async def _existing(
+        self, tx: UnitOfWork, existing: KeyRecord | None, fresh: KeyRecord, now: datetime
+    ) -> KeyRecord | StoredAnswer:
+        if existing is None or existing.expires_at <= now:
+            if existing is not None:  # an expired key starts a new request
+                await tx.idempotency.delete(existing.record_id)
+            await tx.idempotency.insert_if_absent(fresh)
+            return fresh
+        if existing.fingerprint != fresh.fingerprint:
+            raise IdempotencyKeyReused()
+        if existing.recovery_point is RecoveryPoint.FINISHED:
+            assert existing.response_code is not None
+            return StoredAnswer(existing.response_code, existing.response_body or b"")
+        if existing.locked_at is not None and existing.locked_at > now - self._policy.lock_timeout:
+            raise IdempotencyKeyInUse()
+        resumed = replace(existing, locked_by=self._policy.owner, locked_at=now)
+        await tx.idempotency.save(resumed)
+        return resumed
+
+    def _new_record(
+        self, scope: str, method: str, key: str, fingerprint: str, now: datetime
+    ) -> KeyRecord:
+        return KeyRecord(
+            record_id=f"idk_{uuid.uuid4().hex}",
+            scope=scope,
+            method=method,
+            key=key,
+            fingerprint=fingerprint,
+            recovery_point=RecoveryPoint.STARTED,
+            created_at=now,
+            expires_at=now + self._policy.retention,
+            locked_by=self._policy.owner,
+            locked_at=now,
+        )
+
+    async def store_answer(self, record: KeyRecord, answer: StoredAnswer) -> None:
+        """Keep a business error as the key's final answer (nothing changed for it)."""
+        async with self._uow() as tx:
+            await tx.idempotency.save(_finished(record, answer))
+            await tx.commit()
+
+    async def release(self, record: KeyRecord) -> None:
+        """Give the key back after a retryable failure: a retry runs (or resumes) again."""
+        async with self._uow() as tx:
+            current = await tx.idempotency.get_for_update(record.scope, record.method, record.key)
+            if current is None or current.recovery_point is RecoveryPoint.FINISHED:
+                return
+            if current.recovery_point is RecoveryPoint.STARTED:
+                await tx.idempotency.delete(current.record_id)
+            else:
+                await tx.idempotency.save(replace(current, locked_by=None, locked_at=None))
+            await tx.commit()
+
+    async def reap(self, limit: int = 1000) -> int:
+        async with self._uow() as tx:
+            removed = await tx.idempotency.delete_expired(self._clock.now(), limit)
+            await tx.commit()
+        return removed
+
+    async def release_own_locks(self) -> int:
+        """At start-up: keys this replica held when it last died can be resumed at once."""
+        async with self._uow() as tx:
+            released = await tx.idempotency.release_locks_of(self._policy.owner)
+            await tx.commit()
+        return released
+
+
+def _finished(record: KeyRecord, answer: StoredAnswer) -> KeyRecord:
+    return replace(
+        record,
+        recovery_point=RecoveryPoint.FINISHED,
+        response_code=answer.code,
+        response_body=answer.body,
+        locked_by=None,
+        locked_at=None,
+    )
+
+
+class Checkpoint:
+    """One keyed execution as the use case sees it: where to resume, and how to record
+    progress inside the use case's own transactions."""
+
+    def __init__(self, record: KeyRecord | None, encode: Callable[[Any], bytes]) -> None:
+        self._record = record
+        self._encode = encode
+        self.finished = False
+
+    @property
+    def payment_id(self) -> str | None:
+        return self._record.payment_id if self._record else None
+
+    @property
+    def refund_id(self) -> str | None:
+        return self._record.refund_id if self._record else None
+
+    def resumes_at(self, point: RecoveryPoint) -> bool:
+        return self._record is not None and self._record.recovery_point is point
+
+    async def reached(
+        self,
+        tx: UnitOfWork,
+        point: RecoveryPoint,
+        *,
+        payment_id: str | None = None,
+        refund_id: str | None = None,
+    ) -> None:
+        if self._record is None:
+            return
+        self._record = replace(
+            self._record,
+            recovery_point=point,
+            payment_id=payment_id or self._record.payment_id,
+            refund_id=refund_id or self._record.refund_id,
+        )
+        await tx.idempotency.save(self._record)
+
+    async def finish(self, tx: UnitOfWork, result: object) -> None:
+        """Store the answer in the same transaction as the final change."""
+        self.finished = True
+        if self._record is not None:
+            self._record = _finished(self._record, StoredAnswer(0, self._encode(result)))
+            await tx.idempotency.save(self._record)
+
+
+def no_checkpoint() -> Checkpoint:
+    return Checkpoint(None, lambda _result: b"")
