@@ -11,8 +11,9 @@ from datetime import timedelta
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from payment_grpc.adapters.bus.memory import InProcessStatusBus
+from payment_grpc.adapters.bus.postgres import PostgresStatusBus
 from payment_grpc.adapters.clock import SystemClock
-from payment_grpc.adapters.db.engine import SqlUnitOfWorkFactory, make_engine
+from payment_grpc.adapters.db.engine import SqlUnitOfWorkFactory, is_sqlite, make_engine
 from payment_grpc.adapters.db.health import database_reachable
 from payment_grpc.adapters.faults import KillAtFaultPoint, NoFaults
 from payment_grpc.adapters.gateways.simulated import SimulatedGateway, SimulatedGatewayConfig
@@ -35,7 +36,7 @@ class Application:
     settings: Settings
     engine: AsyncEngine
     gateway: SimulatedGateway
-    bus: InProcessStatusBus
+    bus: InProcessStatusBus | PostgresStatusBus
     keys: IdempotencyKeys
     server: PaymentServer
     recovery: Recovery
@@ -46,6 +47,8 @@ class Application:
         released = await self.keys.release_own_locks()
         if released:
             log.warning("released %d idempotency keys held by this replica before", released)
+        if isinstance(self.bus, PostgresStatusBus):
+            await self.bus.start()
         await self.server.start()
         self._recovery_task = asyncio.create_task(
             self.recovery.run_forever(self.settings.recovery_interval_seconds)
@@ -59,6 +62,8 @@ class Application:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._recovery_task
         await self.gateway.close()
+        if isinstance(self.bus, PostgresStatusBus):
+            await self.bus.close()
         await self.engine.dispose()
 
 
@@ -78,6 +83,13 @@ def build_gateway(settings: Settings) -> SimulatedGateway:
     )
 
 
+def build_bus(settings: Settings) -> InProcessStatusBus | PostgresStatusBus:
+    """LISTEN/NOTIFY reaches watchers on every replica; SQLite has only this process."""
+    if is_sqlite(settings.database_url):
+        return InProcessStatusBus()
+    return PostgresStatusBus(settings.database_url)
+
+
 def idempotency_policy(settings: Settings) -> IdempotencyPolicy:
     return IdempotencyPolicy(
         owner=settings.instance_id,
@@ -89,7 +101,7 @@ def idempotency_policy(settings: Settings) -> IdempotencyPolicy:
 def build_application(settings: Settings) -> Application:
     engine = make_engine(settings.database_url, settings.db_pool_size)
     gateway = build_gateway(settings)
-    bus = InProcessStatusBus()
+    bus = build_bus(settings)
     uow = SqlUnitOfWorkFactory(engine)
     faults = KillAtFaultPoint(settings.fault_point) if settings.fault_point else NoFaults()
     clock = SystemClock()

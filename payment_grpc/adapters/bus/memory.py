@@ -38,6 +38,11 @@ class InProcessStatusBus:
         for subscription in self._subscribers.get(payment_id, ()):
             subscription.notify()
 
+    def wake_all(self) -> None:
+        for watchers in self._subscribers.values():
+            for subscription in watchers:
+                subscription.notify()
+
     @asynccontextmanager
     async def subscribe(self, payment_id: str) -> AsyncIterator[_Subscription]:
         subscription = _Subscription()
