@@ -10,13 +10,17 @@ from datetime import timedelta
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from payment_grpc.adapters.auth.jwt_verifier import JwtVerifier
+from payment_grpc.adapters.auth.secrets import load_or_create_secret
 from payment_grpc.adapters.bus.memory import InProcessStatusBus
 from payment_grpc.adapters.bus.postgres import PostgresStatusBus
+from payment_grpc.adapters.clients.auth_client import AuthServiceVerifier
 from payment_grpc.adapters.clock import SystemClock
 from payment_grpc.adapters.db.engine import SqlUnitOfWorkFactory, is_sqlite, make_engine
 from payment_grpc.adapters.db.health import database_reachable
 from payment_grpc.adapters.faults import KillAtFaultPoint, NoFaults
 from payment_grpc.adapters.gateways.simulated import SimulatedGateway, SimulatedGatewayConfig
+from payment_grpc.api.interceptors.auth import AuthInterceptor
 from payment_grpc.api.interceptors.idempotency import IdempotencyInterceptor
 from payment_grpc.api.server import PaymentServer
 from payment_grpc.api.servicer import PaymentServicer
@@ -25,6 +29,7 @@ from payment_grpc.service.charging import Charging
 from payment_grpc.service.deps import Deps
 from payment_grpc.service.idempotency import IdempotencyKeys, IdempotencyPolicy
 from payment_grpc.service.operations import Operations
+from payment_grpc.service.ports import TokenVerifier
 from payment_grpc.service.queries import Queries
 from payment_grpc.service.recovery import Recovery
 
@@ -83,6 +88,35 @@ def build_gateway(settings: Settings) -> SimulatedGateway:
     )
 
 
+def jwt_secret(settings: Settings) -> str | None:
+    """The HS256 secret: configured, or generated once into DATA_DIR (embedded default)."""
+    if settings.jwt_secret_key is not None:
+        return settings.jwt_secret_key.get_secret_value()
+    if settings.jwt_jwks_file is not None:
+        return None  # public keys only
+    return load_or_create_secret(settings.data_dir / "jwt_secret")
+
+
+def build_verifier(settings: Settings) -> TokenVerifier:
+    local = JwtVerifier(
+        algorithms=settings.algorithms(),
+        audience=settings.jwt_audience,
+        issuer=settings.jwt_issuer,
+        secret=jwt_secret(settings),
+        jwks_path=settings.jwt_jwks_file,
+        leeway_s=settings.jwt_leeway_seconds,
+    )
+    if not settings.auth_service_addr:
+        return local
+    return AuthServiceVerifier(
+        settings.auth_service_addr,
+        audience=settings.jwt_audience,
+        local=local,
+        cache_ttl=timedelta(seconds=settings.auth_cache_ttl_seconds),
+        timeout_s=settings.auth_timeout_seconds,
+    )
+
+
 def build_bus(settings: Settings) -> InProcessStatusBus | PostgresStatusBus:
     """LISTEN/NOTIFY reaches watchers on every replica; SQLite has only this process."""
     if is_sqlite(settings.database_url):
@@ -121,6 +155,7 @@ def build_application(settings: Settings) -> Application:
         dependencies_healthy=healthy,
         health_interval_s=settings.health_check_interval_seconds,
         max_message_bytes=settings.max_message_bytes,
+        extra_interceptors=[AuthInterceptor(build_verifier(settings))],
         inner_interceptors=[IdempotencyInterceptor(keys)],
     )
     app = Application(settings, engine, gateway, bus, keys, server, recovery)

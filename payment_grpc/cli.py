@@ -67,15 +67,51 @@ def probe(settings: Settings) -> int:
     return 0 if serving else 1
 
 
+def token(settings: Settings, args: argparse.Namespace) -> int:
+    """Print a token signed with this server's HS256 secret (embedded default)."""
+    from payment_grpc.adapters.auth.tokens import mint_token
+    from payment_grpc.bootstrap import jwt_secret
+
+    secret = jwt_secret(settings)
+    if secret is None:
+        print("no HS256 secret configured (JWT_JWKS_FILE only)", file=sys.stderr)
+        return 2
+    print(
+        mint_token(
+            secret,
+            subject=args.subject,
+            scopes=args.scope or ["payments.read"],
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+            ttl_s=args.ttl,
+            customer_id=args.customer,
+        )
+    )
+    return 0
+
+
 COMMANDS = {"serve": serve, "migrate": migrate, "probe": probe}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="payment-grpc", description=__doc__)
-    parser.add_argument("command", choices=sorted(COMMANDS))
-    args = parser.parse_args(argv)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        commands.add_parser(name)
+    minting = commands.add_parser("token", help="mint a token with the local HS256 secret")
+    minting.add_argument("--scope", action="append", help="repeatable, e.g. payments.charge")
+    minting.add_argument("--customer", help="make a customer token (read-only, own payments)")
+    minting.add_argument("--subject", default="cli")
+    minting.add_argument("--ttl", type=int, default=3600, help="seconds")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format)
+    if args.command == "token":
+        return token(settings, args)
     return COMMANDS[args.command](settings)
 
 

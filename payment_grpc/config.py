@@ -7,7 +7,7 @@ import pathlib
 import socket
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from payment_grpc.adapters.gateways.simulated import FailureMix
@@ -36,6 +36,16 @@ class Settings(BaseSettings):
     idempotency_lock_timeout_seconds: float = Field(60.0, gt=0)
     fault_point: str = ""  # crash tests only: SIGKILL at this phase boundary
 
+    jwt_secret_key: SecretStr | None = None  # HS256; unset: generated into DATA_DIR
+    jwt_algorithms: str = "HS256"  # comma-separated allow-list, e.g. "RS256,ES256"
+    jwt_jwks_file: pathlib.Path | None = None  # public keys for RS256/ES256, by kid
+    jwt_audience: str = "payment-service"
+    jwt_issuer: str = "payment-grpc"
+    jwt_leeway_seconds: float = Field(30.0, ge=0, le=300)
+    auth_service_addr: str | None = None  # host:port of auth.v1.AuthService
+    auth_cache_ttl_seconds: float = Field(60.0, ge=0)
+    auth_timeout_seconds: float = Field(1.0, gt=0)
+
     gateway: Literal["simulated"] = "simulated"
     gateway_ledger_path: pathlib.Path | None = None
     gateway_success_rate: float = Field(0.95, ge=0, le=1)
@@ -46,6 +56,9 @@ class Settings(BaseSettings):
     gateway_latency_ms_max: int = Field(120, ge=0)
     gateway_async_settle_ms: int = Field(2000, ge=0)
     gateway_seed: int | None = None
+
+    def algorithms(self) -> list[str]:
+        return [name.strip() for name in self.jwt_algorithms.split(",") if name.strip()]
 
     def ledger_path(self) -> pathlib.Path:
         return self.gateway_ledger_path or self.data_dir / "simulated_gateway.db"

@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 from payment_grpc.adapters.db.migrate import upgrade
 from payment_grpc.bootstrap import Application, build_application
 from payment_grpc.config import Settings
-from tests.helpers import FreshIdempotencyKey
+from tests.helpers import TEST_JWT_SECRET, client_metadata
 
 PG_ADMIN_URL = os.environ.get("PG_TEST_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 TABLES = ("payment_events", "refunds", "payments", "idempotency_keys")
@@ -85,6 +85,7 @@ def make_settings(database_url: str, tmp_path: pathlib.Path, **overrides: object
         "recovery_stale_seconds": 0,
         "health_check_interval_seconds": 0.05,
         "shutdown_grace_seconds": 5,
+        "jwt_secret_key": TEST_JWT_SECRET,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
@@ -107,16 +108,16 @@ async def app(settings: Settings) -> AsyncIterator[Application]:
 
 @pytest.fixture
 async def channel(app: Application) -> AsyncIterator[aio.Channel]:
-    async with aio.insecure_channel(
-        f"127.0.0.1:{app.port}", interceptors=[FreshIdempotencyKey()]
-    ) as ch:
+    async with aio.insecure_channel(f"127.0.0.1:{app.port}", interceptors=client_metadata()) as ch:
         yield ch
 
 
 @pytest.fixture
 async def bare_channel(app: Application) -> AsyncIterator[aio.Channel]:
-    """A channel that adds nothing: the test sets every header itself."""
-    async with aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+    """A channel that adds only the admin token: the test sets idempotency keys itself."""
+    async with aio.insecure_channel(
+        f"127.0.0.1:{app.port}", interceptors=client_metadata(keys=False)
+    ) as ch:
         yield ch
 
 

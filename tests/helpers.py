@@ -13,6 +13,7 @@ from grpc_status import rpc_status
 from payments.v1 import payment_service_pb2 as api
 from payments.v1 import resources_pb2 as pb
 
+from payment_grpc.adapters.auth.tokens import mint_token
 from payment_grpc.adapters.db.tables import payment_events, payments, refunds
 from payment_grpc.bootstrap import Application
 
@@ -102,11 +103,63 @@ async def events_of(app: Application, payment_id: str) -> list[tuple[int, str | 
         return [tuple(r) for r in rows]  # type: ignore[misc]
 
 
-class FreshIdempotencyKey(aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    """Like a client library: every call without an idempotency-key gets a new one."""
+TEST_JWT_SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
+ADMIN_SCOPES = ("payments.admin",)
 
-    async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+
+def token(
+    scopes: tuple[str, ...] = ADMIN_SCOPES,
+    *,
+    subject: str = "svc-tests",
+    customer_id: str | None = None,
+    secret: str = TEST_JWT_SECRET,
+) -> str:
+    return mint_token(
+        secret,
+        subject=subject,
+        scopes=scopes,
+        audience="payment-service",
+        issuer="payment-grpc",
+        customer_id=customer_id,
+    )
+
+
+def bearer(jwt: str | None = None) -> tuple[str, str]:
+    return ("authorization", f"Bearer {jwt or token()}")
+
+
+class _Metadata:
+    def __init__(self, jwt: str | None, keys: bool) -> None:
+        self._authorization = bearer(jwt)
+        self._keys = keys
+
+    def _with(self, details, unary: bool):  # type: ignore[no-untyped-def]
         metadata = list(details.metadata or ())
-        if not any(key == "idempotency-key" for key, _ in metadata):
+        if not any(key == "authorization" for key, _ in metadata):
+            metadata.append(self._authorization)
+        if unary and self._keys and not any(key == "idempotency-key" for key, _ in metadata):
             metadata.append(("idempotency-key", uuid.uuid4().hex))
-        return await continuation(details._replace(metadata=metadata), request)
+        return details._replace(metadata=metadata)
+
+
+class _UnaryMetadata(_Metadata, aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return await continuation(self._with(details, unary=True), request)
+
+
+class _StreamMetadata(_Metadata, aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    async def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return await continuation(self._with(details, unary=False), request)
+
+
+def client_metadata(jwt: str | None = None, *, keys: bool = True) -> list[Any]:
+    """Like a client library: a bearer token on every call, and a fresh idempotency-key on
+    every unary call that does not carry one. Pass as a channel's interceptors."""
+    return [_UnaryMetadata(jwt, keys), _StreamMetadata(jwt, keys)]
+
+
+def ClientMetadata(jwt: str | None = None, *, keys: bool = True) -> Any:  # noqa: N802
+    raise TypeError("use client_metadata()")  # pragma: no cover
+
+
+FreshIdempotencyKey = ClientMetadata

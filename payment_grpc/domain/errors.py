@@ -176,3 +176,30 @@ class InvalidIdempotencyKey(DomainError):
 
     def __init__(self) -> None:
         super().__init__("metadata idempotency-key is required: 1-255 printable ASCII characters")
+
+
+class Unauthenticated(DomainError):
+    """Deliberately vague: nothing here helps an attacker tell why a token failed."""
+
+    reason = "UNAUTHENTICATED"
+
+    def __init__(self) -> None:
+        super().__init__("missing or invalid credentials")
+
+
+class PermissionDenied(DomainError):
+    reason = "PERMISSION_DENIED"
+
+    def __init__(self, required_scope: str) -> None:
+        super().__init__(
+            f"the token lacks the scope {required_scope}", requiredScope=required_scope
+        )
+
+
+class AuthUnavailable(DomainError):
+    """The auth service cannot be reached and no cached answer exists: fail closed."""
+
+    reason = "AUTH_UNAVAILABLE"
+
+    def __init__(self) -> None:
+        super().__init__("token verification is unavailable; retry")

@@ -252,6 +252,22 @@ class Clock(Protocol):
     def now(self) -> datetime: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """A verified caller."""
+
+    subject: str
+    scopes: frozenset[str]
+    expires_at: datetime
+    customer_id: str | None = None
+
+
+class TokenVerifier(Protocol):
+    async def verify(self, token: str) -> Principal:
+        """Raises Unauthenticated for any bad token, AuthUnavailable when it cannot tell."""
+        ...
+
+
 class Faults(Protocol):
     """Crash-test hook: `hit` may end the process at a named phase boundary."""
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
+from payment_grpc.domain.errors import PaymentNotFound, RefundNotFound
 from payment_grpc.domain.payment import (
     FINAL_STATUSES,
     SETTLED_STATUSES,
@@ -35,11 +36,15 @@ class Queries:
 
     async def get_payment(self, payment_id: str, ctx: RequestContext) -> Payment:
         async with self._deps.uow(read_only=True) as tx:
-            return await tx.payments.get(payment_id)
+            return _visible(await tx.payments.get(payment_id), ctx)
 
     async def list_payments(
         self, where: PaymentFilter, requested_size: int, token: str, ctx: RequestContext
     ) -> Page[Payment]:
+        if ctx.customer_id is not None:
+            if where.customer_id not in ("", ctx.customer_id):
+                return Page([], "")  # a customer's filter can only narrow, never widen
+            where = replace(where, customer_id=ctx.customer_id)
         size = page_size(requested_size)
         cursor = decode_token(token, where)
         async with self._deps.uow(read_only=True) as tx:
@@ -48,7 +53,12 @@ class Queries:
 
     async def get_refund(self, refund_id: str, ctx: RequestContext) -> Refund:
         async with self._deps.uow(read_only=True) as tx:
-            return await tx.refunds.get(refund_id)
+            refund = await tx.refunds.get(refund_id)
+            try:
+                _visible(await tx.payments.get(refund.payment_id), ctx)
+            except PaymentNotFound as hidden:
+                raise RefundNotFound(refund_id) from hidden
+            return refund
 
     async def list_refunds(
         self, payment_id: str, requested_size: int, token: str, ctx: RequestContext
@@ -56,7 +66,7 @@ class Queries:
         size = page_size(requested_size)
         cursor = decode_token(token, payment_id)
         async with self._deps.uow(read_only=True) as tx:
-            await tx.payments.get(payment_id)
+            _visible(await tx.payments.get(payment_id), ctx)
             rows = await tx.refunds.page_for_payment(payment_id, cursor, size + 1)
         return _page(rows, size, payment_id, lambda r: PageCursor(r.created_at, r.refund_id))
 
@@ -70,7 +80,7 @@ class Queries:
         """
         async with self._deps.bus.subscribe(payment_id) as subscription:
             async with self._deps.uow(read_only=True) as tx:
-                payment = await tx.payments.get(payment_id)
+                payment = _visible(await tx.payments.get(payment_id), ctx)
                 start = from_sequence or payment.sequence - 1
                 pending = await tx.payments.events_after(payment_id, start, EVENT_BATCH)
             status = payment.status
@@ -85,6 +95,13 @@ class Queries:
                     await subscription.wait()
                 async with self._deps.uow(read_only=True) as tx:
                     pending = await tx.payments.events_after(payment_id, last, EVENT_BATCH)
+
+
+def _visible(payment: Payment, ctx: RequestContext) -> Payment:
+    """A customer sees only their own payments; anything else does not exist for them."""
+    if ctx.customer_id is not None and payment.customer_id != ctx.customer_id:
+        raise PaymentNotFound(payment.payment_id)
+    return payment
 
 
 def _stream_ends(status: PaymentStatus, follow_refunds: bool) -> bool:

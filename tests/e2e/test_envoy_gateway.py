@@ -13,7 +13,7 @@ import pytest
 
 from payment_grpc.bootstrap import Application
 from tests.e2e.envoy import Gateway, Response, envoy_gateway
-from tests.helpers import order_id
+from tests.helpers import order_id, token
 
 ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
 BAD_REQUEST = "type.googleapis.com/google.rpc.BadRequest"
@@ -28,7 +28,7 @@ async def gateway(app: Application, tmp_path: pathlib.Path) -> AsyncIterator[Gat
 def browser_headers(trace_id: str | None = None) -> dict[str, str]:
     """What a browser app sends through the gateway; Envoy forwards them as metadata."""
     return {
-        "authorization": "Bearer test-token",
+        "authorization": f"Bearer {token()}",
         "idempotency-key": f"idem-{uuid.uuid4().hex}",
         "traceparent": f"00-{trace_id or uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01",
     }
@@ -125,7 +125,7 @@ async def test_zero_amount_is_400_with_field_violation(gateway: Gateway) -> None
     assert [v["field"] for v in violations] == ["amount"]
     assert violations[0]["description"]
     # Nothing was charged for the order.
-    listed = ok_json(await gateway.get(f"/v1/payments?order_id={order}"))
+    listed = ok_json(await gateway.get(f"/v1/payments?order_id={order}", browser_headers()))
     assert listed.get("payments", []) == []
 
 
@@ -141,3 +141,10 @@ async def test_headers_reach_the_server_as_metadata(
     ok_json(await gateway.get(f"/v1/payments/{charged['payment']['payment_id']}", headers))
     # The server saw the traceparent header as gRPC metadata on both calls.
     assert traced_methods(caplog, trace_id) == ["Charge", "GetPayment"]
+
+
+async def test_missing_token_is_401_with_error_info(gateway: Gateway) -> None:
+    headers = {k: v for k, v in browser_headers().items() if k != "authorization"}
+    response = await gateway.post("/v1/payments:charge", charge_body(order_id()), headers)
+    body = error_json(response, 401, 16)
+    assert body["by_type"][ERROR_INFO]["reason"] == "UNAUTHENTICATED"

@@ -11,7 +11,7 @@ from grpc import aio
 from payments.v1 import payment_service_pb2_grpc
 
 from tests.e2e.server_process import ServerProcess
-from tests.helpers import FreshIdempotencyKey, S, charge_request, rpc_error
+from tests.helpers import TEST_JWT_SECRET, S, charge_request, client_metadata, rpc_error
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -27,13 +27,14 @@ async def test_in_flight_charge_finishes_after_sigterm(tmp_path: pathlib.Path) -
             "GATEWAY_LATENCY_MS_MAX": "1500",
             "SHUTDOWN_GRACE_SECONDS": "10",
             "LOG_LEVEL": "DEBUG",
+            "JWT_SECRET_KEY": TEST_JWT_SECRET,
         },
         cwd=tmp_path,
     )
     await server.start()
     try:
         async with aio.insecure_channel(
-            f"127.0.0.1:{server.port}", interceptors=[FreshIdempotencyKey()]
+            f"127.0.0.1:{server.port}", interceptors=client_metadata()
         ) as channel:
             stub = payment_service_pb2_grpc.PaymentServiceStub(channel)
             charge = asyncio.ensure_future(stub.Charge(charge_request()))

@@ -16,7 +16,7 @@ from payments.v1 import payment_service_pb2_grpc
 from payment_grpc.adapters.db.tables import idempotency_keys
 from payment_grpc.bootstrap import build_application
 from tests.conftest import make_settings
-from tests.helpers import S, card, charge_request, row_counts, rpc_error, usd
+from tests.helpers import S, card, charge_request, client_metadata, row_counts, rpc_error, usd
 
 
 @pytest.fixture
@@ -180,7 +180,9 @@ async def test_expired_key_is_a_new_request_and_is_reaped(
     app = build_application(make_settings(database_url, tmp_path, idempotency_retention_hours=1e-9))
     await app.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{app.port}", interceptors=client_metadata(keys=False)
+        ) as channel:
             stub = payment_service_pb2_grpc.PaymentServiceStub(channel)
             first = await stub.Charge(charge_request(1_000), metadata=keyed("k-exp"))
             second = await stub.Charge(charge_request(2_000), metadata=keyed("k-exp"))

@@ -10,7 +10,7 @@ from payments.v1 import payment_service_pb2_grpc
 
 from payment_grpc.bootstrap import build_application
 from tests.conftest import make_settings
-from tests.helpers import S, FreshIdempotencyKey, charge_request
+from tests.helpers import S, charge_request, client_metadata
 
 
 async def test_watch_on_one_replica_follows_changes_made_on_another(
@@ -24,7 +24,7 @@ async def test_watch_on_one_replica_follows_changes_made_on_another(
         await replica.start()
     try:
         a, b = (
-            grpc.aio.insecure_channel(f"127.0.0.1:{r.port}", interceptors=[FreshIdempotencyKey()])
+            grpc.aio.insecure_channel(f"127.0.0.1:{r.port}", interceptors=client_metadata())
             for r in replicas
         )
         watcher = payment_service_pb2_grpc.PaymentServiceStub(a)

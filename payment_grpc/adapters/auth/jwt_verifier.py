@@ -1,0 +1,93 @@
+"""Local JWT verification with PyJWT: pinned algorithms, exp/nbf/iat/aud/iss checked.
+
+Keys: an HMAC secret for HS256, and/or public keys (RS256/ES256) from a JWKS file chosen by
+`kid`. Each algorithm family only ever sees its own kind of key, so an HS256 token signed
+with an RSA public key as the "secret" (algorithm confusion) fails, as does `alg: none`.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from datetime import UTC, datetime
+from typing import Any
+
+import jwt
+
+from payment_grpc.domain.errors import Unauthenticated
+from payment_grpc.service.ports import Principal
+
+MAX_TOKEN_BYTES = 8 * 1024
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+
+
+class JwtVerifier:
+    def __init__(
+        self,
+        *,
+        algorithms: list[str],
+        audience: str,
+        issuer: str | None,
+        secret: str | None = None,
+        jwks_path: pathlib.Path | None = None,
+        leeway_s: float = 30.0,
+    ) -> None:
+        self._algorithms = algorithms
+        self._audience = audience
+        self._issuer = issuer
+        self._secret = secret
+        self._public_keys = _load_jwks(jwks_path) if jwks_path else {}
+        self._leeway_s = leeway_s
+
+    async def verify(self, token: str) -> Principal:
+        if not token or len(token) > MAX_TOKEN_BYTES:
+            raise Unauthenticated()
+        try:
+            header = jwt.get_unverified_header(token)
+            algorithm = header.get("alg")
+            if algorithm not in self._algorithms:
+                raise Unauthenticated()
+            claims = jwt.decode(
+                token,
+                key=self._key_for(algorithm, header.get("kid")),
+                algorithms=[algorithm],
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=self._leeway_s,
+                options={"require": ["exp", "iat", "sub", "aud"]},
+            )
+        except (jwt.PyJWTError, ValueError, TypeError) as exc:
+            raise Unauthenticated() from exc
+        return principal_from_claims(claims)
+
+    def _key_for(self, algorithm: str, kid: object) -> Any:
+        if algorithm in HMAC_ALGORITHMS:
+            if not self._secret:
+                raise Unauthenticated()
+            return self._secret
+        key = self._public_keys.get(kid if isinstance(kid, str) else "")
+        if key is None or key.algorithm_name != algorithm:
+            raise Unauthenticated()
+        return key.key
+
+
+def _load_jwks(path: pathlib.Path) -> dict[str, jwt.PyJWK]:
+    keys = jwt.PyJWKSet.from_dict(json.loads(path.read_text())).keys
+    return {key.key_id or "": key for key in keys}
+
+
+def principal_from_claims(claims: dict[str, Any]) -> Principal:
+    scopes = claims.get("scope", "")
+    granted = frozenset(scopes.split() if isinstance(scopes, str) else scopes or ())
+    subject = str(claims["sub"])
+    customer = claims.get("customer_id")
+    if customer is None and "customer" in (claims.get("roles") or ()):
+        customer = subject
+    if customer is not None:
+        granted &= {"payments.read"}  # a customer token reads, never moves money
+    return Principal(
+        subject=subject,
+        scopes=granted,
+        expires_at=datetime.fromtimestamp(int(claims["exp"]), UTC),
+        customer_id=str(customer) if customer is not None else None,
+    )
