@@ -155,6 +155,7 @@ def build_application(settings: Settings) -> Application:
         dependencies_healthy=healthy,
         health_interval_s=settings.health_check_interval_seconds,
         max_message_bytes=settings.max_message_bytes,
+        max_metadata_bytes=settings.max_metadata_bytes,
         extra_interceptors=[AuthInterceptor(build_verifier(settings))],
         inner_interceptors=[IdempotencyInterceptor(keys)],
     )

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     recovery_interval_seconds: float = Field(5.0, gt=0)
     recovery_stale_seconds: float = Field(30.0, ge=0)
     max_message_bytes: int = Field(1024 * 1024, ge=1024)
+    # Large enough that a hostile 100 KB token reaches auth and gets UNAUTHENTICATED;
+    # anything larger is refused by gRPC with RESOURCE_EXHAUSTED before any handler runs.
+    max_metadata_bytes: int = Field(128 * 1024, ge=8 * 1024)
     # Identity of this replica for idempotency-key locks; must be unique per live process
     # and stable across its restarts (the pod name in Kubernetes).
     instance_id: str = Field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")

@@ -37,6 +37,7 @@ class PaymentServer:
         dependencies_healthy: Callable[[], Awaitable[bool]],
         health_interval_s: float,
         max_message_bytes: int,
+        max_metadata_bytes: int,
         extra_interceptors: Sequence[aio.ServerInterceptor[Any, Any]] = (),
         inner_interceptors: Sequence[aio.ServerInterceptor[Any, Any]] = (),
     ) -> None:
@@ -50,7 +51,8 @@ class PaymentServer:
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_metadata_size", 16 * 1024),
+            ("grpc.max_metadata_size", max_metadata_bytes),
+            ("grpc.absolute_max_metadata_size", max_metadata_bytes),
             ("grpc.so_reuseport", 0),
         ]
         self.server = aio.server(
