@@ -22,6 +22,7 @@ from payment_grpc.adapters.faults import KillAtFaultPoint, NoFaults
 from payment_grpc.adapters.gateways.simulated import SimulatedGateway, SimulatedGatewayConfig
 from payment_grpc.api.interceptors.auth import AuthInterceptor
 from payment_grpc.api.interceptors.idempotency import IdempotencyInterceptor
+from payment_grpc.api.interceptors.rate_limit import RateLimitInterceptor, TokenBuckets
 from payment_grpc.api.server import PaymentServer
 from payment_grpc.api.servicer import PaymentServicer
 from payment_grpc.config import Settings
@@ -117,6 +118,13 @@ def build_verifier(settings: Settings) -> TokenVerifier:
     )
 
 
+def rate_limit(settings: Settings) -> list[RateLimitInterceptor]:
+    if not settings.rate_limit_per_second:
+        return []
+    buckets = TokenBuckets(settings.rate_limit_per_second, settings.rate_limit_burst)
+    return [RateLimitInterceptor(buckets)]
+
+
 def build_bus(settings: Settings) -> InProcessStatusBus | PostgresStatusBus:
     """LISTEN/NOTIFY reaches watchers on every replica; SQLite has only this process."""
     if is_sqlite(settings.database_url):
@@ -156,7 +164,7 @@ def build_application(settings: Settings) -> Application:
         health_interval_s=settings.health_check_interval_seconds,
         max_message_bytes=settings.max_message_bytes,
         max_metadata_bytes=settings.max_metadata_bytes,
-        extra_interceptors=[AuthInterceptor(build_verifier(settings))],
+        extra_interceptors=[AuthInterceptor(build_verifier(settings)), *rate_limit(settings)],
         inner_interceptors=[IdempotencyInterceptor(keys)],
     )
     app = Application(settings, engine, gateway, bus, keys, server, recovery)

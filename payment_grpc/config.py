@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     idempotency_lock_timeout_seconds: float = Field(60.0, gt=0)
     fault_point: str = ""  # crash tests only: SIGKILL at this phase boundary
 
+    rate_limit_per_second: float = Field(200.0, ge=0)  # per caller (JWT subject); 0: off
+    rate_limit_burst: int = Field(400, ge=1)
+
     jwt_secret_key: SecretStr | None = None  # HS256; unset: generated into DATA_DIR
     jwt_algorithms: str = "HS256"  # comma-separated allow-list, e.g. "RS256,ES256"
     jwt_jwks_file: pathlib.Path | None = None  # public keys for RS256/ES256, by kid

@@ -86,6 +86,7 @@ def make_settings(database_url: str, tmp_path: pathlib.Path, **overrides: object
         "health_check_interval_seconds": 0.05,
         "shutdown_grace_seconds": 5,
         "jwt_secret_key": TEST_JWT_SECRET,
+        "rate_limit_per_second": 0,  # on in test_rate_limit.py; off so bursts of calls stay simple
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
