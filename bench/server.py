@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import pathlib
+import secrets
 import signal
 import socket
 import subprocess
@@ -12,7 +14,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import psycopg
@@ -38,7 +40,27 @@ SERVER_ENV = {
     "LOG_LEVEL": "WARNING",
     "LOG_FORMAT": "text",
     "MIGRATE_ON_START": "true",
+    "RATE_LIMIT_PER_SECOND": "0",  # measure the server, not the per-caller limiter
 }
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSecrets:
+    """Throw-away secrets for one run: the HS256 JWT key and the column encryption key."""
+
+    jwt_secret: str = field(repr=False)
+    encryption_key: str = field(repr=False)
+
+    @classmethod
+    def generate(cls) -> ServerSecrets:
+        key = base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+        return cls(jwt_secret=secrets.token_urlsafe(32), encryption_key=key)
+
+    def env(self) -> dict[str, str]:
+        return {
+            "JWT_SECRET_KEY": self.jwt_secret,
+            "ENCRYPTION_KEYS": f"bench:{self.encryption_key}",
+        }
 
 
 @dataclass(slots=True)
@@ -47,6 +69,7 @@ class RunningServer:
     port: int
     log_path: pathlib.Path
     exit_code: int | None = None
+    killed: bool = False  # still running STOP_TIMEOUT_S after SIGTERM
 
     @property
     def target(self) -> str:
@@ -68,6 +91,16 @@ class RunningServer:
             if len(words) > 3 and words[2] in LOG_LEVELS:
                 counts[f"{words[2]} {words[3][:MESSAGE_CHARS]}"] += 1
         return dict(counts.most_common(limit))
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes on this machine have used since boot (Linux /proc/stat)."""
+    stat = pathlib.Path("/proc/stat")
+    if not stat.exists():
+        return 0.0
+    ticks = [int(x) for x in stat.read_text().splitlines()[0].split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -131,22 +164,26 @@ def _tail(server: RunningServer, lines: int = 20) -> str:
     return "\n".join(server.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _stop(server: RunningServer) -> int:
+def _stop(server: RunningServer) -> None:
+    """SIGTERM, then wait; a server still running after STOP_TIMEOUT_S is killed."""
     if server.process.poll() is None:
         server.process.send_signal(signal.SIGTERM)
     try:
-        return server.process.wait(timeout=STOP_TIMEOUT_S)
+        server.exit_code = server.process.wait(timeout=STOP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
+        server.killed = True
         server.process.kill()
-        server.process.wait(timeout=STOP_TIMEOUT_S)
-        raise RuntimeError(f"server ignored SIGTERM for {STOP_TIMEOUT_S}s; killed") from None
+        server.exit_code = server.process.wait(timeout=STOP_TIMEOUT_S)
 
 
 @contextlib.contextmanager
-def running_server(database_url: str, workdir: pathlib.Path) -> Iterator[RunningServer]:
+def running_server(
+    database_url: str, workdir: pathlib.Path, run_secrets: ServerSecrets
+) -> Iterator[RunningServer]:
     """Starts the server, waits for SERVING, and SIGTERMs it on exit."""
     port = free_port()
-    env = {**os.environ, **SERVER_ENV, "PORT": str(port), "DATABASE_URL": database_url}
+    env = {**os.environ, **SERVER_ENV, **run_secrets.env()}
+    env |= {"PORT": str(port), "DATABASE_URL": database_url}
     env["DATA_DIR"] = str(workdir / "data")
     log_path = workdir / "server.log"
     with log_path.open("wb") as log:
@@ -157,4 +194,4 @@ def running_server(database_url: str, workdir: pathlib.Path) -> Iterator[Running
         _wait_serving(server)
         yield server
     finally:
-        server.exit_code = _stop(server)
+        _stop(server)

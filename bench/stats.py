@@ -40,12 +40,17 @@ class Summary:
     errors: dict[str, int]
     statuses: dict[str, int]
     distinct_payment_ids: int
-    warmup_calls: int
+    replayed: int
+    warmup_codes: dict[str, int]
+    error_messages: dict[str, int]
     server_cpu_s: float
     loadgen_cpu_s: float
     load_wall_s: float
+    machine_busy_cpu_s: float = 0.0
     server_exit_code: int | None = None
+    server_killed: bool = False
     server_log: dict[str, int] = field(default_factory=dict)
+    server_log_file: str = ""
     worker_failures: list[str] = field(default_factory=list)
 
 
@@ -75,7 +80,9 @@ def summarize(
         errors={code: n for code, n in sorted(codes.items()) if code != "OK"},
         statuses=dict(sum((r.statuses for r in results), Counter())),
         distinct_payment_ids=len(set().union(*(r.payment_ids for r in results))),
-        warmup_calls=sum(r.warmup_calls for r in results),
+        replayed=sum(r.replayed for r in results),
+        warmup_codes=dict(sum((r.warmup_codes for r in results), Counter())),
+        error_messages=dict(sum((r.messages for r in results), Counter()).most_common(10)),
         server_cpu_s=server_cpu_s,
         loadgen_cpu_s=sum(r.cpu_s for r in results),
         load_wall_s=load_wall_s,
@@ -104,6 +111,17 @@ def markdown_row(s: Summary) -> str:
         f"{cpu:.0%}",
     ]
     return "| " + " | ".join(cells) + " |"
+
+
+def cpu_split(s: Summary) -> str:
+    """Where the machine's CPU went during the load phase, in cores busy on average."""
+    wall = s.load_wall_s or math.nan
+    rest = max(0.0, s.machine_busy_cpu_s - s.server_cpu_s - s.loadgen_cpu_s)
+    return (
+        f"machine {s.machine_busy_cpu_s / wall:.2f} = server {s.server_cpu_s / wall:.2f}"
+        f" + load generator {s.loadgen_cpu_s / wall:.2f}"
+        f" + everything else {rest / wall:.2f} (PostgreSQL, other processes)"
+    )
 
 
 def to_json(s: Summary) -> dict[str, Any]:

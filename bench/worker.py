@@ -22,10 +22,19 @@ from payments.v1 import payment_service_pb2_grpc
 from payments.v1 import resources_pb2 as pb
 
 from bench.scenarios import SCENARIOS, Builder, WorkerIdentity
+from payment_grpc.adapters.auth.tokens import mint_token
 
 CALL_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 15.0
 BARRIER_TIMEOUT_S = 60.0
+MESSAGE_CHARS = 160
+REPLAYED = "idempotent-replayed"
+CHARGE_SCOPE = "payments.charge"
+JWT_AUDIENCE = "payment-service"  # the server's defaults (JWT_AUDIENCE, JWT_ISSUER)
+JWT_ISSUER = "payment-grpc"
+JWT_SUBJECT = "bench"
+
+CallMetadata = tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,17 +45,20 @@ class WorkerConfig:
     warmup_s: float
     duration_s: float
     run_tag: str
+    jwt_secret: str = field(repr=False)
 
 
 @dataclass(slots=True)
 class WorkerResult:
-    """What one worker saw inside the measured window (calls started after warm-up)."""
+    """What one worker saw: calls started after warm-up, plus warm-up status codes."""
 
     latencies_ms: list[float] = field(default_factory=list)
     codes: Counter[str] = field(default_factory=Counter)
     statuses: Counter[str] = field(default_factory=Counter)
     payment_ids: set[str] = field(default_factory=set)
-    warmup_calls: int = 0
+    warmup_codes: Counter[str] = field(default_factory=Counter)
+    messages: Counter[str] = field(default_factory=Counter)  # error details, warm-up too
+    replayed: int = 0
     cpu_s: float = 0.0
     error: str = ""
 
@@ -64,7 +76,7 @@ class Recorder:
 
     def add(self, started: float, code: grpc.StatusCode, reply: api.ChargeResponse | None) -> None:
         if started < self.window.measure_from:
-            self.result.warmup_calls += 1
+            self.result.warmup_codes[code.name] += 1
             return
         self.result.latencies_ms.append((time.perf_counter() - started) * 1000)
         self.result.codes[code.name] += 1
@@ -73,6 +85,11 @@ class Recorder:
         self.result.statuses[pb.PaymentStatus.Name(reply.payment.status)] += 1
         self.result.payment_ids.add(reply.payment.payment_id)
 
+    def count_replay(self, started: float, initial_metadata: aio.Metadata) -> None:
+        """Counts OK answers the server marked as replays of a stored answer."""
+        if started >= self.window.measure_from and initial_metadata.get(REPLAYED) == "true":
+            self.result.replayed += 1
+
 
 async def _client(
     stub: payment_service_pb2_grpc.PaymentServiceAsyncStub,
@@ -80,32 +97,54 @@ async def _client(
     who: WorkerIdentity,
     counter: itertools.count[int],
     recorder: Recorder,
+    credentials: CallMetadata,
 ) -> None:
     while time.perf_counter() < recorder.window.end:
         call = build(who, next(counter))
-        metadata = (("idempotency-key", call.idempotency_key),)
+        metadata = (*credentials, ("idempotency-key", call.idempotency_key))
         started = time.perf_counter()
+        rpc = stub.Charge(call.request, metadata=metadata, timeout=CALL_TIMEOUT_S)
         try:
-            reply = await stub.Charge(call.request, metadata=metadata, timeout=CALL_TIMEOUT_S)
+            reply = await rpc
         except aio.AioRpcError as exc:
             recorder.add(started, exc.code(), None)
+            recorder.result.messages[f"{exc.code().name}: {exc.details()}"[:MESSAGE_CHARS]] += 1
         else:
             recorder.add(started, grpc.StatusCode.OK, reply)
+            recorder.count_replay(started, await rpc.initial_metadata())
 
 
 async def _load(config: WorkerConfig, barrier: Any) -> WorkerResult:
     async with aio.insecure_channel(config.target) as channel:
         await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)
         await asyncio.to_thread(barrier.wait, BARRIER_TIMEOUT_S)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), _cpu_seconds()
         window = Window(start + config.warmup_s, start + config.warmup_s + config.duration_s)
         recorder = Recorder(window)
         stub = payment_service_pb2_grpc.PaymentServiceStub(channel)
         who = WorkerIdentity(os.getpid(), config.run_tag)
         build, counter = SCENARIOS[config.scenario].build, itertools.count()
-        clients = [_client(stub, build, who, counter, recorder) for _ in range(config.concurrency)]
+        credentials = _credentials(config.jwt_secret)
+        clients = [
+            _client(stub, build, who, counter, recorder, credentials)
+            for _ in range(config.concurrency)
+        ]
         await asyncio.gather(*clients)
+        recorder.result.cpu_s = _cpu_seconds() - cpu_start
         return recorder.result
+
+
+def _credentials(jwt_secret: str) -> CallMetadata:
+    """A bearer token with the Charge scope. All workers are one caller (one subject):
+    idempotency keys are scoped per caller, and `storm` is one caller's duplicates."""
+    token = mint_token(
+        jwt_secret,
+        subject=JWT_SUBJECT,
+        scopes=[CHARGE_SCOPE],
+        audience=JWT_AUDIENCE,
+        issuer=JWT_ISSUER,
+    )
+    return (("authorization", f"Bearer {token}"),)
 
 
 def _cpu_seconds() -> float:
@@ -120,5 +159,4 @@ def run_worker(config: WorkerConfig, barrier: Any, results: Any) -> None:
     except Exception as exc:
         barrier.abort()  # release the others now instead of at BARRIER_TIMEOUT_S
         result = WorkerResult(error=f"{type(exc).__name__}: {exc!r}")
-    result.cpu_s = _cpu_seconds()
     results.put(result)

@@ -16,6 +16,7 @@ from payment_grpc.adapters.bus.memory import InProcessStatusBus
 from payment_grpc.adapters.bus.postgres import PostgresStatusBus
 from payment_grpc.adapters.clients.auth_client import AuthServiceVerifier
 from payment_grpc.adapters.clock import SystemClock
+from payment_grpc.adapters.db.crypto import FieldCipher, generated_key
 from payment_grpc.adapters.db.engine import SqlUnitOfWorkFactory, is_sqlite, make_engine
 from payment_grpc.adapters.db.health import database_reachable
 from payment_grpc.adapters.faults import KillAtFaultPoint, NoFaults
@@ -33,6 +34,7 @@ from payment_grpc.service.operations import Operations
 from payment_grpc.service.ports import TokenVerifier
 from payment_grpc.service.queries import Queries
 from payment_grpc.service.recovery import Recovery
+from payment_grpc.tls import server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +127,17 @@ def rate_limit(settings: Settings) -> list[RateLimitInterceptor]:
     return [RateLimitInterceptor(buckets)]
 
 
+def build_cipher(settings: Settings) -> FieldCipher:
+    """Column encryption at rest: ENCRYPTION_KEYS (newest first), or one key generated once
+    into DATA_DIR (embedded default, kid `local`). Raises KeyConfigError when malformed."""
+    if settings.encryption_keys is not None:
+        return FieldCipher.from_spec(settings.encryption_keys.get_secret_value())
+    path = settings.data_dir / "encryption_key"
+    if not is_sqlite(settings.database_url):
+        log.warning("ENCRYPTION_KEYS unset: every replica must share %s", path)
+    return FieldCipher([generated_key(load_or_create_secret(path), source=str(path))])
+
+
 def build_bus(settings: Settings) -> InProcessStatusBus | PostgresStatusBus:
     """LISTEN/NOTIFY reaches watchers on every replica; SQLite has only this process."""
     if is_sqlite(settings.database_url):
@@ -144,7 +157,7 @@ def build_application(settings: Settings) -> Application:
     engine = make_engine(settings.database_url, settings.db_pool_size)
     gateway = build_gateway(settings)
     bus = build_bus(settings)
-    uow = SqlUnitOfWorkFactory(engine)
+    uow = SqlUnitOfWorkFactory(engine, build_cipher(settings))
     faults = KillAtFaultPoint(settings.fault_point) if settings.fault_point else NoFaults()
     clock = SystemClock()
     deps = Deps(uow=uow, gateway=gateway, bus=bus, clock=clock, faults=faults)
@@ -168,5 +181,5 @@ def build_application(settings: Settings) -> Application:
         inner_interceptors=[IdempotencyInterceptor(keys)],
     )
     app = Application(settings, engine, gateway, bus, keys, server, recovery)
-    app.port = server.bind(f"{settings.host}:{settings.port}")
+    app.port = server.bind(f"{settings.host}:{settings.port}", server_credentials(settings))
     return app

@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 
+from payment_grpc.adapters.db.crypto import KeyConfigError
 from payment_grpc.config import Settings
 from payment_grpc.logging_setup import configure_logging
 
@@ -55,7 +56,9 @@ def probe(settings: Settings) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(f"127.0.0.1:{settings.port}") as channel:
+    from payment_grpc.tls import probe_channel
+
+    with probe_channel(settings) as channel:  # plaintext, or TLS like the server
         stub = health_pb2_grpc.HealthStub(channel)  # type: ignore[no-untyped-call]
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=3)
@@ -90,6 +93,25 @@ def token(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def rotate_keys(settings: Settings, args: argparse.Namespace) -> int:
+    """Re-encrypt every value not under the newest key (first of ENCRYPTION_KEYS), in
+    batches of --batch-size, each its own short transaction; safe while serving."""
+    from payment_grpc.adapters.db.rotation import rotate_database
+    from payment_grpc.bootstrap import build_cipher
+
+    if args.batch_size < 1:
+        print("--batch-size must be at least 1", file=sys.stderr)
+        return 2
+    cipher = build_cipher(settings)
+    reports = asyncio.run(rotate_database(settings.database_url, cipher, args.batch_size))
+    for report in reports:
+        print(report.summary(cipher.current_kid))
+        if report.unreadable:
+            ids = ", ".join(sorted(report.unreadable)[:10])
+            print(f"{report.table}: cannot decrypt (unknown key id?): {ids}", file=sys.stderr)
+    return 0 if all(r.left == 0 and not r.unreadable for r in reports) else 1
+
+
 COMMANDS = {"serve": serve, "migrate": migrate, "probe": probe}
 
 
@@ -103,6 +125,10 @@ def _parser() -> argparse.ArgumentParser:
     minting.add_argument("--customer", help="make a customer token (read-only, own payments)")
     minting.add_argument("--subject", default="cli")
     minting.add_argument("--ttl", type=int, default=3600, help="seconds")
+    rotating = commands.add_parser(
+        "rotate-keys", help="re-encrypt values written under an older ENCRYPTION_KEYS key"
+    )
+    rotating.add_argument("--batch-size", type=int, default=500, help="rows per transaction")
     return parser
 
 
@@ -112,7 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "token":
         return token(settings, args)
-    return COMMANDS[args.command](settings)
+    try:
+        if args.command == "rotate-keys":
+            return rotate_keys(settings, args)
+        return COMMANDS[args.command](settings)
+    except KeyConfigError as exc:  # malformed ENCRYPTION_KEYS: refuse to start
+        print(f"payment-grpc: invalid encryption keys: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

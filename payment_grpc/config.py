@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     idempotency_retention_hours: float = Field(72.0, gt=0)
     idempotency_lock_timeout_seconds: float = Field(60.0, gt=0)
     fault_point: str = ""  # crash tests only: SIGKILL at this phase boundary
+    # Column encryption at rest: "kid:base64key,kid:base64key" (32-byte AES-256 keys),
+    # newest first: the first encrypts, all decrypt. Unset: one key generated into DATA_DIR.
+    encryption_keys: SecretStr | None = None
 
     rate_limit_per_second: float = Field(200.0, ge=0)  # per caller (JWT subject); 0: off
     rate_limit_burst: int = Field(400, ge=1)
@@ -51,6 +54,13 @@ class Settings(BaseSettings):
     auth_service_addr: str | None = None  # host:port of auth.v1.AuthService
     auth_cache_ttl_seconds: float = Field(60.0, ge=0)
     auth_timeout_seconds: float = Field(1.0, gt=0)
+
+    # TLS (payment_grpc/tls.py): cert + key make the port TLS-only; a client CA makes it mTLS.
+    tls_cert_file: pathlib.Path | None = None  # PEM chain, server certificate first
+    tls_key_file: pathlib.Path | None = None  # PEM private key
+    tls_client_ca_file: pathlib.Path | None = None  # set: clients need a cert from this CA
+    tls_ca_file: pathlib.Path | None = None  # `probe`: CA of the server cert (unset: pin cert)
+    tls_server_name: str = "localhost"  # `probe`: name checked in the server certificate
 
     gateway: Literal["simulated"] = "simulated"
     gateway_ledger_path: pathlib.Path | None = None

@@ -6,7 +6,16 @@ import json
 import logging
 import sys
 
+from payment_grpc.pan_masking import PanMaskingFilter
+
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+def _exception_text(formatter: logging.Formatter, record: logging.LogRecord) -> str:
+    """The traceback; `exc_text` first: PanMaskingFilter leaves the masked one there."""
+    if record.exc_text:
+        return record.exc_text
+    return formatter.formatException(record.exc_info) if record.exc_info else ""
 
 
 class JsonFormatter(logging.Formatter):
@@ -18,8 +27,9 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             **{k: v for k, v in record.__dict__.items() if k not in _STANDARD},
         }
-        if record.exc_info:
-            body["exception"] = self.formatException(record.exc_info)
+        exception = _exception_text(self, record)
+        if exception:
+            body["exception"] = exception
         return json.dumps(body, default=str)
 
 
@@ -28,14 +38,16 @@ class TextFormatter(logging.Formatter):
         extras = " ".join(f"{k}={v}" for k, v in record.__dict__.items() if k not in _STANDARD)
         line = f"{self.formatTime(record)} {record.levelname} {record.name}: {record.getMessage()}"
         line = f"{line} {extras}" if extras else line
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+        exception = _exception_text(self, record)
+        if exception:
+            line += "\n" + exception
         return line
 
 
 def configure_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(PanMaskingFilter())  # every logger's records pass the root handler
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

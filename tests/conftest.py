@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 from payment_grpc.adapters.db.migrate import upgrade
 from payment_grpc.bootstrap import Application, build_application
 from payment_grpc.config import Settings
-from tests.helpers import TEST_JWT_SECRET, client_metadata
+from tests.helpers import TEST_ENCRYPTION_KEYS, TEST_JWT_SECRET, client_metadata
 
 PG_ADMIN_URL = os.environ.get("PG_TEST_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 TABLES = ("payment_events", "refunds", "payments", "idempotency_keys")
@@ -86,6 +86,7 @@ def make_settings(database_url: str, tmp_path: pathlib.Path, **overrides: object
         "health_check_interval_seconds": 0.05,
         "shutdown_grace_seconds": 5,
         "jwt_secret_key": TEST_JWT_SECRET,
+        "encryption_keys": TEST_ENCRYPTION_KEYS,
         "rate_limit_per_second": 0,  # on in test_rate_limit.py; off so bursts of calls stay simple
     }
     values.update(overrides)

@@ -104,6 +104,9 @@ async def events_of(app: Application, payment_id: str) -> list[tuple[int, str | 
 
 
 TEST_JWT_SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
+# Shared by every test server (like the JWT secret), so replicas with their own DATA_DIR
+# read each other's rows; "test" is a kid, the rest base64 of a 32-byte AES key.
+TEST_ENCRYPTION_KEYS = "test:cGF5bWVudC1ncnBjLXRlc3QtZW5jcnlwdGlvbi1rZXk="
 ADMIN_SCOPES = ("payments.admin",)
 
 

@@ -75,7 +75,11 @@ class PaymentServer:
             self.server,
         )
 
-    def bind(self, address: str) -> int:
+    def bind(self, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
+        """Plaintext, or TLS-only with `credentials` (mutual TLS if they require a client
+        certificate)."""
+        if credentials is not None:
+            return self.server.add_secure_port(address, credentials)
         return self.server.add_insecure_port(address)
 
     async def start(self) -> None:

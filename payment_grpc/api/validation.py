@@ -5,6 +5,8 @@ from __future__ import annotations
 from google.protobuf.message import Message
 from protovalidate import Validator
 
+from payment_grpc.pan_masking import mask_pans
+
 _validator = Validator()
 
 
@@ -14,8 +16,8 @@ def _field_path(violation: object) -> str:
         part = element.field_name
         subscript = element.subscript
         if subscript is not None and subscript.value is not None:
-            part += (
-                f"[{subscript.value!r}]"
+            part += (  # a map key is echoed, so a card number in it is masked
+                f"[{mask_pans(subscript.value)!r}]"
                 if isinstance(subscript.value, str)
                 else f"[{subscript.value}]"
             )

@@ -3,13 +3,43 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pathlib
 import re
 import signal
+import sqlite3
 import sys
+from collections import Counter
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from payment_grpc.adapters.db.engine import make_engine
+from payment_grpc.adapters.db.tables import payment_events, payments
+from tests.helpers import TEST_JWT_SECRET
 
 LISTENING = re.compile(r"payment-grpc listening.*port=(\d+)")
+
+
+def server_env(database_url: str, tmp_path: pathlib.Path, **extra: str) -> dict[str, str]:
+    """A server on 127.0.0.1 (port 0) over an already migrated database, its simulated
+    gateway's ledger at tmp_path/gateway.db, no gateway latency, no fault point, and the
+    tests' JWT secret (channels use tests.helpers.client_metadata)."""
+    return {
+        "HOST": "127.0.0.1",
+        "PORT": "0",
+        "DATABASE_URL": database_url,
+        "MIGRATE_ON_START": "false",
+        "DATA_DIR": str(tmp_path / "data"),
+        "GATEWAY_LEDGER_PATH": str(tmp_path / "gateway.db"),
+        "GATEWAY_LATENCY_MS_MIN": "0",
+        "GATEWAY_LATENCY_MS_MAX": "0",
+        "FAULT_POINT": "",
+        "SHUTDOWN_GRACE_SECONDS": "5",
+        "JWT_SECRET_KEY": TEST_JWT_SECRET,
+        **extra,
+    }
 
 
 class ServerProcess:
@@ -19,6 +49,7 @@ class ServerProcess:
         self.process: asyncio.subprocess.Process | None = None
         self.port = 0
         self.lines: list[str] = []
+        self._follower: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.process = await asyncio.create_subprocess_exec(
@@ -42,6 +73,21 @@ class ServerProcess:
             if match:
                 return match
 
+    def follow(self) -> None:
+        """Keep reading the log in the background (into `lines`), so a long run never
+        fills the pipe; wait_for_line must not be used afterwards."""
+        assert self.process is not None
+        assert self.process.stderr is not None
+        self._follower = asyncio.ensure_future(self._read_rest(self.process.stderr))
+
+    async def _read_rest(self, stderr: asyncio.StreamReader) -> None:
+        while raw := await stderr.readline():
+            self.lines.append(raw.decode(errors="replace"))
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
     def sigterm(self) -> None:
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
@@ -49,11 +95,58 @@ class ServerProcess:
     async def wait(self) -> int:
         assert self.process is not None
         assert self.process.stderr is not None
-        self.lines += [
-            b.decode(errors="replace") for b in (await self.process.stderr.read()).splitlines(True)
-        ]
+        if self._follower is not None:
+            await self._follower
+        else:
+            self.lines += [
+                b.decode(errors="replace")
+                for b in (await self.process.stderr.read()).splitlines(True)
+            ]
         return await self.process.wait()
 
     def kill(self) -> None:
         if self.process is not None and self.process.returncode is None:
             self.process.kill()
+
+
+# What the tests observe outside the server: the gateway's ledger and the database rows.
+
+
+def ledger_authorizations(ledger: pathlib.Path) -> Counter[str]:
+    """Payment id -> authorizations the simulated gateway recorded (its own SQLite file)."""
+    with contextlib.closing(sqlite3.connect(ledger)) as db:
+        rows = db.execute("SELECT payment_id FROM ledger WHERE kind = 'authorize'").fetchall()
+    return Counter(payment_id for (payment_id,) in rows)
+
+
+@dataclass(frozen=True)
+class StoredPayment:
+    order_id: str
+    status: str
+    sequence: int
+    events: list[tuple[int, str]]  # (sequence, status) in sequence order
+
+
+async def stored_payments(database_url: str) -> dict[str, StoredPayment]:
+    """Every payment in the database with its events, read with a short-lived engine."""
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        async with engine.connect() as conn:
+            conn = await conn.execution_options(sqlite_begin="DEFERRED")
+            rows = (await conn.execute(sa.select(payments))).mappings().all()
+            events = await conn.execute(
+                sa.select(
+                    payment_events.c.payment_id, payment_events.c.sequence, payment_events.c.status
+                ).order_by(payment_events.c.payment_id, payment_events.c.sequence)
+            )
+            by_payment: dict[str, list[tuple[int, str]]] = {}
+            for payment_id, sequence, status in events:
+                by_payment.setdefault(payment_id, []).append((sequence, status))
+    finally:
+        await engine.dispose()
+    return {
+        row["id"]: StoredPayment(
+            row["order_id"], row["status"], row["sequence"], by_payment.get(row["id"], [])
+        )
+        for row in rows
+    }

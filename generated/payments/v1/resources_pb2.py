@@ -24,9 +24,10 @@ _sym_db = _symbol_database.Default()
 
 from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from payments.v1 import rules_pb2 as payments_dot_v1_dot_rules__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpayments/v1/resources.proto\x12\x0bpayments.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xce\x01\n\x05Money\x12\x9e\x01\n\x08\x63urrency\x18\x01 \x01(\tB\x8b\x01\xbaH\x87\x01r\x84\x01\x32\n^[A-Z]{3}$R\x03\x41\x45\x44R\x03\x41UDR\x03\x42HDR\x03\x42RLR\x03\x43\x41\x44R\x03\x43HFR\x03\x43NYR\x03\x44KKR\x03\x45URR\x03GBPR\x03HKDR\x03INRR\x03JODR\x03JPYR\x03KRWR\x03KWDR\x03MXNR\x03NOKR\x03NZDR\x03OMRR\x03PLNR\x03SEKR\x03SGDR\x03USD\x12$\n\x0c\x61mount_minor\x18\x02 \x01(\x03\x42\x0e\xbaH\x0b\"\t\x18\xff\xcf\xdb\xc3\xf4\x02(\x00\"\x99\x01\n\nCardMethod\x12\x8a\x01\n\x05token\x18\x01 \x01(\tB{\xbaHxr\x17\x10\x01\x18\xff\x01\x32\x10^[A-Za-z0-9_-]+$\xba\x01\\\n\rtoken.not_pan\x12*must be a gateway token, not a card number\x1a\x1f!this.matches(\'^[0-9]{12,19}$\')\"F\n\tUpiMethod\x12\x39\n\x03vpa\x18\x01 \x01(\tB,\xbaH)r\'\x10\x03\x18\xff\x01\x32 ^[A-Za-z0-9._-]+@[A-Za-z0-9.-]+$\"f\n\x0cWalletMethod\x12)\n\x08provider\x18\x01 \x01(\tB\x17\xbaH\x14r\x12\x10\x01\x18@2\x0c^[a-z0-9_]+$\x12+\n\x05token\x18\x02 \x01(\tB\x1c\xbaH\x19r\x17\x10\x01\x18\xff\x01\x32\x10^[A-Za-z0-9_-]+$\"=\n\x10NetBankingMethod\x12)\n\tbank_code\x18\x01 \x01(\tB\x16\xbaH\x13r\x11\x10\x02\x18\x10\x32\x0b^[A-Z0-9]+$\"A\n\x0cPaypalMethod\x12\x31\n\x0bpayer_token\x18\x01 \x01(\tB\x1c\xbaH\x19r\x17\x10\x01\x18\xff\x01\x32\x10^[A-Za-z0-9_-]+$\"\x0b\n\tCodMethod\"\xa5\x02\n\rPaymentMethod\x12\'\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x17.payments.v1.CardMethodH\x00\x12%\n\x03upi\x18\x02 \x01(\x0b\x32\x16.payments.v1.UpiMethodH\x00\x12+\n\x06wallet\x18\x03 \x01(\x0b\x32\x19.payments.v1.WalletMethodH\x00\x12\x34\n\x0bnet_banking\x18\x04 \x01(\x0b\x32\x1d.payments.v1.NetBankingMethodH\x00\x12+\n\x06paypal\x18\x05 \x01(\x0b\x32\x19.payments.v1.PaypalMethodH\x00\x12%\n\x03\x63od\x18\x06 \x01(\x0b\x32\x16.payments.v1.CodMethodH\x00\x42\r\n\x04kind\x12\x05\xbaH\x02\x08\x01\"P\n\x0b\x43\x61rdDetails\x12\r\n\x05\x62rand\x18\x01 \x01(\t\x12\r\n\x05last4\x18\x02 \x01(\t\x12\x11\n\texp_month\x18\x03 \x01(\x05\x12\x10\n\x08\x65xp_year\x18\x04 \x01(\x05\"\x98\x01\n\x14PaymentMethodDetails\x12,\n\x04type\x18\x01 \x01(\x0e\x32\x1e.payments.v1.PaymentMethodType\x12&\n\x04\x63\x61rd\x18\x02 \x01(\x0b\x32\x18.payments.v1.CardDetails\x12\x17\n\x0fwallet_provider\x18\x03 \x01(\t\x12\x11\n\tbank_code\x18\x04 \x01(\t\"E\n\x0ePaymentFailure\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65\x63line_code\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x96\x05\n\x07Payment\x12\x12\n\npayment_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\t\x12\"\n\x06\x61mount\x18\x04 \x01(\x0b\x32\x12.payments.v1.Money\x12+\n\x0f\x63\x61ptured_amount\x18\x05 \x01(\x0b\x32\x12.payments.v1.Money\x12+\n\x0frefunded_amount\x18\x06 \x01(\x0b\x32\x12.payments.v1.Money\x12*\n\x06status\x18\x07 \x01(\x0e\x32\x1a.payments.v1.PaymentStatus\x12\x32\n\x0e\x63\x61pture_method\x18\x08 \x01(\x0e\x32\x1a.payments.v1.CaptureMethod\x12\x39\n\x0epayment_method\x18\t \x01(\x0b\x32!.payments.v1.PaymentMethodDetails\x12,\n\x07\x66\x61ilure\x18\n \x01(\x0b\x32\x1b.payments.v1.PaymentFailure\x12\x19\n\x11gateway_reference\x18\x0b \x01(\t\x12\x10\n\x08sequence\x18\x0c \x01(\x03\x12/\n\x0b\x63reate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x08metadata\x18\x0f \x03(\x0b\x32\".payments.v1.Payment.MetadataEntry\x12\x13\n\x0b\x64\x65scription\x18\x10 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa6\x02\n\x06Refund\x12\x11\n\trefund_id\x18\x01 \x01(\t\x12\x12\n\npayment_id\x18\x02 \x01(\t\x12\"\n\x06\x61mount\x18\x03 \x01(\x0b\x32\x12.payments.v1.Money\x12)\n\x06status\x18\x04 \x01(\x0e\x32\x19.payments.v1.RefundStatus\x12)\n\x06reason\x18\x05 \x01(\x0e\x32\x19.payments.v1.RefundReason\x12\x19\n\x11gateway_reference\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf7\x02\n\x12PaymentStatusEvent\x12\x12\n\npayment_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12\x33\n\x0fprevious_status\x18\x03 \x01(\x0e\x32\x1a.payments.v1.PaymentStatus\x12*\n\x06status\x18\x04 \x01(\x0e\x32\x1a.payments.v1.PaymentStatus\x12\"\n\x06\x61mount\x18\x05 \x01(\x0b\x32\x12.payments.v1.Money\x12+\n\x0f\x63\x61ptured_amount\x18\x06 \x01(\x0b\x32\x12.payments.v1.Money\x12+\n\x0frefunded_amount\x18\x07 \x01(\x0b\x32\x12.payments.v1.Money\x12,\n\x07\x66\x61ilure\x18\x08 \x01(\x0b\x32\x1b.payments.v1.PaymentFailure\x12.\n\nevent_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xa2\x02\n\rPaymentStatus\x12\x1e\n\x1aPAYMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16PAYMENT_STATUS_PENDING\x10\x01\x12\x1d\n\x19PAYMENT_STATUS_PROCESSING\x10\x02\x12\x1d\n\x19PAYMENT_STATUS_AUTHORIZED\x10\x03\x12\x1b\n\x17PAYMENT_STATUS_CAPTURED\x10\x04\x12%\n!PAYMENT_STATUS_PARTIALLY_REFUNDED\x10\x05\x12\x1b\n\x17PAYMENT_STATUS_REFUNDED\x10\x06\x12\x19\n\x15PAYMENT_STATUS_FAILED\x10\x07\x12\x1b\n\x17PAYMENT_STATUS_CANCELED\x10\x08*h\n\rCaptureMethod\x12\x1e\n\x1a\x43\x41PTURE_METHOD_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43\x41PTURE_METHOD_AUTOMATIC\x10\x01\x12\x19\n\x15\x43\x41PTURE_METHOD_MANUAL\x10\x02*\xf5\x01\n\x11PaymentMethodType\x12#\n\x1fPAYMENT_METHOD_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n\x18PAYMENT_METHOD_TYPE_CARD\x10\x01\x12\x1b\n\x17PAYMENT_METHOD_TYPE_UPI\x10\x02\x12\x1e\n\x1aPAYMENT_METHOD_TYPE_WALLET\x10\x03\x12#\n\x1fPAYMENT_METHOD_TYPE_NET_BANKING\x10\x04\x12\x1e\n\x1aPAYMENT_METHOD_TYPE_PAYPAL\x10\x05\x12\x1b\n\x17PAYMENT_METHOD_TYPE_COD\x10\x06*\x7f\n\x0cRefundStatus\x12\x1d\n\x19REFUND_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15REFUND_STATUS_PENDING\x10\x01\x12\x1b\n\x17REFUND_STATUS_SUCCEEDED\x10\x02\x12\x18\n\x14REFUND_STATUS_FAILED\x10\x03*\x91\x01\n\x0cRefundReason\x12\x1d\n\x19REFUND_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17REFUND_REASON_DUPLICATE\x10\x01\x12\x1c\n\x18REFUND_REASON_FRAUDULENT\x10\x02\x12\'\n#REFUND_REASON_REQUESTED_BY_CUSTOMER\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpayments/v1/resources.proto\x12\x0bpayments.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17payments/v1/rules.proto\"\xce\x01\n\x05Money\x12\x9e\x01\n\x08\x63urrency\x18\x01 \x01(\tB\x8b\x01\xbaH\x87\x01r\x84\x01\x32\n^[A-Z]{3}$R\x03\x41\x45\x44R\x03\x41UDR\x03\x42HDR\x03\x42RLR\x03\x43\x41\x44R\x03\x43HFR\x03\x43NYR\x03\x44KKR\x03\x45URR\x03GBPR\x03HKDR\x03INRR\x03JODR\x03JPYR\x03KRWR\x03KWDR\x03MXNR\x03NOKR\x03NZDR\x03OMRR\x03PLNR\x03SEKR\x03SGDR\x03USD\x12$\n\x0c\x61mount_minor\x18\x02 \x01(\x03\x42\x0e\xbaH\x0b\"\t\x18\xff\xcf\xdb\xc3\xf4\x02(\x00\"\xc5\x02\n\nCardMethod\x12\xb6\x02\n\x05token\x18\x01 \x01(\tB\xa6\x02\xbaH\xa2\x02r\x17\x10\x01\x18\xff\x01\x32\x10^[A-Za-z0-9_-]+$\xba\x01\x85\x02\n\rtoken.not_pan\x12*must be a gateway token, not a card number\x1a\xc7\x01!this.matches(\'^[0-9]{12,19}$\') && !this.matches(\'(^|[^0-9A-Za-z_])([0-9]{13,19}|[0-9]{4}[ -][0-9]{4}[ -][0-9]{4}[ -][0-9]{1,4}([ -][0-9]{1,3})?|[0-9]{4}[ -][0-9]{6}[ -][0-9]{4,5})($|[^0-9A-Za-z_])\')\"J\n\tUpiMethod\x12=\n\x03vpa\x18\x01 \x01(\tB0\xbaH-r+\x10\x03\x18\xff\x01\x32 ^[A-Za-z0-9._-]+@[A-Za-z0-9.-]+$\x88\x88\'\x01\"n\n\x0cWalletMethod\x12-\n\x08provider\x18\x01 \x01(\tB\x1b\xbaH\x18r\x16\x10\x01\x18@2\x0c^[a-z0-9_]+$\x88\x88\'\x01\x12/\n\x05token\x18\x02 \x01(\tB \xbaH\x1dr\x1b\x10\x01\x18\xff\x01\x32\x10^[A-Za-z0-9_-]+$\x88\x88\'\x01\"A\n\x10NetBankingMethod\x12-\n\tbank_code\x18\x01 \x01(\tB\x1a\xbaH\x17r\x15\x10\x02\x18\x10\x32\x0b^[A-Z0-9]+$\x88\x88\'\x01\"E\n\x0cPaypalMethod\x12\x35\n\x0bpayer_token\x18\x01 \x01(\tB \xbaH\x1dr\x1b\x10\x01\x18\xff\x01\x32\x10^[A-Za-z0-9_-]+$\x88\x88\'\x01\"\x0b\n\tCodMethod\"\xa5\x02\n\rPaymentMethod\x12\'\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x17.payments.v1.CardMethodH\x00\x12%\n\x03upi\x18\x02 \x01(\x0b\x32\x16.payments.v1.UpiMethodH\x00\x12+\n\x06wallet\x18\x03 \x01(\x0b\x32\x19.payments.v1.WalletMethodH\x00\x12\x34\n\x0bnet_banking\x18\x04 \x01(\x0b\x32\x1d.payments.v1.NetBankingMethodH\x00\x12+\n\x06paypal\x18\x05 \x01(\x0b\x32\x19.payments.v1.PaypalMethodH\x00\x12%\n\x03\x63od\x18\x06 \x01(\x0b\x32\x16.payments.v1.CodMethodH\x00\x42\r\n\x04kind\x12\x05\xbaH\x02\x08\x01\"P\n\x0b\x43\x61rdDetails\x12\r\n\x05\x62rand\x18\x01 \x01(\t\x12\r\n\x05last4\x18\x02 \x01(\t\x12\x11\n\texp_month\x18\x03 \x01(\x05\x12\x10\n\x08\x65xp_year\x18\x04 \x01(\x05\"\x98\x01\n\x14PaymentMethodDetails\x12,\n\x04type\x18\x01 \x01(\x0e\x32\x1e.payments.v1.PaymentMethodType\x12&\n\x04\x63\x61rd\x18\x02 \x01(\x0b\x32\x18.payments.v1.CardDetails\x12\x17\n\x0fwallet_provider\x18\x03 \x01(\t\x12\x11\n\tbank_code\x18\x04 \x01(\t\"E\n\x0ePaymentFailure\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65\x63line_code\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x96\x05\n\x07Payment\x12\x12\n\npayment_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\t\x12\"\n\x06\x61mount\x18\x04 \x01(\x0b\x32\x12.payments.v1.Money\x12+\n\x0f\x63\x61ptured_amount\x18\x05 \x01(\x0b\x32\x12.payments.v1.Money\x12+\n\x0frefunded_amount\x18\x06 \x01(\x0b\x32\x12.payments.v1.Money\x12*\n\x06status\x18\x07 \x01(\x0e\x32\x1a.payments.v1.PaymentStatus\x12\x32\n\x0e\x63\x61pture_method\x18\x08 \x01(\x0e\x32\x1a.payments.v1.CaptureMethod\x12\x39\n\x0epayment_method\x18\t \x01(\x0b\x32!.payments.v1.PaymentMethodDetails\x12,\n\x07\x66\x61ilure\x18\n \x01(\x0b\x32\x1b.payments.v1.PaymentFailure\x12\x19\n\x11gateway_reference\x18\x0b \x01(\t\x12\x10\n\x08sequence\x18\x0c \x01(\x03\x12/\n\x0b\x63reate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x08metadata\x18\x0f \x03(\x0b\x32\".payments.v1.Payment.MetadataEntry\x12\x13\n\x0b\x64\x65scription\x18\x10 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa6\x02\n\x06Refund\x12\x11\n\trefund_id\x18\x01 \x01(\t\x12\x12\n\npayment_id\x18\x02 \x01(\t\x12\"\n\x06\x61mount\x18\x03 \x01(\x0b\x32\x12.payments.v1.Money\x12)\n\x06status\x18\x04 \x01(\x0e\x32\x19.payments.v1.RefundStatus\x12)\n\x06reason\x18\x05 \x01(\x0e\x32\x19.payments.v1.RefundReason\x12\x19\n\x11gateway_reference\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf7\x02\n\x12PaymentStatusEvent\x12\x12\n\npayment_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12\x33\n\x0fprevious_status\x18\x03 \x01(\x0e\x32\x1a.payments.v1.PaymentStatus\x12*\n\x06status\x18\x04 \x01(\x0e\x32\x1a.payments.v1.PaymentStatus\x12\"\n\x06\x61mount\x18\x05 \x01(\x0b\x32\x12.payments.v1.Money\x12+\n\x0f\x63\x61ptured_amount\x18\x06 \x01(\x0b\x32\x12.payments.v1.Money\x12+\n\x0frefunded_amount\x18\x07 \x01(\x0b\x32\x12.payments.v1.Money\x12,\n\x07\x66\x61ilure\x18\x08 \x01(\x0b\x32\x1b.payments.v1.PaymentFailure\x12.\n\nevent_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xa2\x02\n\rPaymentStatus\x12\x1e\n\x1aPAYMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16PAYMENT_STATUS_PENDING\x10\x01\x12\x1d\n\x19PAYMENT_STATUS_PROCESSING\x10\x02\x12\x1d\n\x19PAYMENT_STATUS_AUTHORIZED\x10\x03\x12\x1b\n\x17PAYMENT_STATUS_CAPTURED\x10\x04\x12%\n!PAYMENT_STATUS_PARTIALLY_REFUNDED\x10\x05\x12\x1b\n\x17PAYMENT_STATUS_REFUNDED\x10\x06\x12\x19\n\x15PAYMENT_STATUS_FAILED\x10\x07\x12\x1b\n\x17PAYMENT_STATUS_CANCELED\x10\x08*h\n\rCaptureMethod\x12\x1e\n\x1a\x43\x41PTURE_METHOD_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43\x41PTURE_METHOD_AUTOMATIC\x10\x01\x12\x19\n\x15\x43\x41PTURE_METHOD_MANUAL\x10\x02*\xf5\x01\n\x11PaymentMethodType\x12#\n\x1fPAYMENT_METHOD_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n\x18PAYMENT_METHOD_TYPE_CARD\x10\x01\x12\x1b\n\x17PAYMENT_METHOD_TYPE_UPI\x10\x02\x12\x1e\n\x1aPAYMENT_METHOD_TYPE_WALLET\x10\x03\x12#\n\x1fPAYMENT_METHOD_TYPE_NET_BANKING\x10\x04\x12\x1e\n\x1aPAYMENT_METHOD_TYPE_PAYPAL\x10\x05\x12\x1b\n\x17PAYMENT_METHOD_TYPE_COD\x10\x06*\x7f\n\x0cRefundStatus\x12\x1d\n\x19REFUND_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15REFUND_STATUS_PENDING\x10\x01\x12\x1b\n\x17REFUND_STATUS_SUCCEEDED\x10\x02\x12\x18\n\x14REFUND_STATUS_FAILED\x10\x03*\x91\x01\n\x0cRefundReason\x12\x1d\n\x19REFUND_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17REFUND_REASON_DUPLICATE\x10\x01\x12\x1c\n\x18REFUND_REASON_FRAUDULENT\x10\x02\x12\'\n#REFUND_REASON_REQUESTED_BY_CUSTOMER\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,59 +39,59 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MONEY'].fields_by_name['amount_minor']._loaded_options = None
   _globals['_MONEY'].fields_by_name['amount_minor']._serialized_options = b'\272H\013\"\t\030\377\317\333\303\364\002(\000'
   _globals['_CARDMETHOD'].fields_by_name['token']._loaded_options = None
-  _globals['_CARDMETHOD'].fields_by_name['token']._serialized_options = b'\272Hxr\027\020\001\030\377\0012\020^[A-Za-z0-9_-]+$\272\001\\\n\rtoken.not_pan\022*must be a gateway token, not a card number\032\037!this.matches(\'^[0-9]{12,19}$\')'
+  _globals['_CARDMETHOD'].fields_by_name['token']._serialized_options = b'\272H\242\002r\027\020\001\030\377\0012\020^[A-Za-z0-9_-]+$\272\001\205\002\n\rtoken.not_pan\022*must be a gateway token, not a card number\032\307\001!this.matches(\'^[0-9]{12,19}$\') && !this.matches(\'(^|[^0-9A-Za-z_])([0-9]{13,19}|[0-9]{4}[ -][0-9]{4}[ -][0-9]{4}[ -][0-9]{1,4}([ -][0-9]{1,3})?|[0-9]{4}[ -][0-9]{6}[ -][0-9]{4,5})($|[^0-9A-Za-z_])\')'
   _globals['_UPIMETHOD'].fields_by_name['vpa']._loaded_options = None
-  _globals['_UPIMETHOD'].fields_by_name['vpa']._serialized_options = b'\272H)r\'\020\003\030\377\0012 ^[A-Za-z0-9._-]+@[A-Za-z0-9.-]+$'
+  _globals['_UPIMETHOD'].fields_by_name['vpa']._serialized_options = b'\272H-r+\020\003\030\377\0012 ^[A-Za-z0-9._-]+@[A-Za-z0-9.-]+$\210\210\'\001'
   _globals['_WALLETMETHOD'].fields_by_name['provider']._loaded_options = None
-  _globals['_WALLETMETHOD'].fields_by_name['provider']._serialized_options = b'\272H\024r\022\020\001\030@2\014^[a-z0-9_]+$'
+  _globals['_WALLETMETHOD'].fields_by_name['provider']._serialized_options = b'\272H\030r\026\020\001\030@2\014^[a-z0-9_]+$\210\210\'\001'
   _globals['_WALLETMETHOD'].fields_by_name['token']._loaded_options = None
-  _globals['_WALLETMETHOD'].fields_by_name['token']._serialized_options = b'\272H\031r\027\020\001\030\377\0012\020^[A-Za-z0-9_-]+$'
+  _globals['_WALLETMETHOD'].fields_by_name['token']._serialized_options = b'\272H\035r\033\020\001\030\377\0012\020^[A-Za-z0-9_-]+$\210\210\'\001'
   _globals['_NETBANKINGMETHOD'].fields_by_name['bank_code']._loaded_options = None
-  _globals['_NETBANKINGMETHOD'].fields_by_name['bank_code']._serialized_options = b'\272H\023r\021\020\002\030\0202\013^[A-Z0-9]+$'
+  _globals['_NETBANKINGMETHOD'].fields_by_name['bank_code']._serialized_options = b'\272H\027r\025\020\002\030\0202\013^[A-Z0-9]+$\210\210\'\001'
   _globals['_PAYPALMETHOD'].fields_by_name['payer_token']._loaded_options = None
-  _globals['_PAYPALMETHOD'].fields_by_name['payer_token']._serialized_options = b'\272H\031r\027\020\001\030\377\0012\020^[A-Za-z0-9_-]+$'
+  _globals['_PAYPALMETHOD'].fields_by_name['payer_token']._serialized_options = b'\272H\035r\033\020\001\030\377\0012\020^[A-Za-z0-9_-]+$\210\210\'\001'
   _globals['_PAYMENTMETHOD'].oneofs_by_name['kind']._loaded_options = None
   _globals['_PAYMENTMETHOD'].oneofs_by_name['kind']._serialized_options = b'\272H\002\010\001'
   _globals['_PAYMENT_METADATAENTRY']._loaded_options = None
   _globals['_PAYMENT_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_PAYMENTSTATUS']._serialized_start=2735
-  _globals['_PAYMENTSTATUS']._serialized_end=3025
-  _globals['_CAPTUREMETHOD']._serialized_start=3027
-  _globals['_CAPTUREMETHOD']._serialized_end=3131
-  _globals['_PAYMENTMETHODTYPE']._serialized_start=3134
-  _globals['_PAYMENTMETHODTYPE']._serialized_end=3379
-  _globals['_REFUNDSTATUS']._serialized_start=3381
-  _globals['_REFUNDSTATUS']._serialized_end=3508
-  _globals['_REFUNDREASON']._serialized_start=3511
-  _globals['_REFUNDREASON']._serialized_end=3656
-  _globals['_MONEY']._serialized_start=107
-  _globals['_MONEY']._serialized_end=313
-  _globals['_CARDMETHOD']._serialized_start=316
-  _globals['_CARDMETHOD']._serialized_end=469
-  _globals['_UPIMETHOD']._serialized_start=471
-  _globals['_UPIMETHOD']._serialized_end=541
-  _globals['_WALLETMETHOD']._serialized_start=543
-  _globals['_WALLETMETHOD']._serialized_end=645
-  _globals['_NETBANKINGMETHOD']._serialized_start=647
-  _globals['_NETBANKINGMETHOD']._serialized_end=708
-  _globals['_PAYPALMETHOD']._serialized_start=710
-  _globals['_PAYPALMETHOD']._serialized_end=775
-  _globals['_CODMETHOD']._serialized_start=777
-  _globals['_CODMETHOD']._serialized_end=788
-  _globals['_PAYMENTMETHOD']._serialized_start=791
-  _globals['_PAYMENTMETHOD']._serialized_end=1084
-  _globals['_CARDDETAILS']._serialized_start=1086
-  _globals['_CARDDETAILS']._serialized_end=1166
-  _globals['_PAYMENTMETHODDETAILS']._serialized_start=1169
-  _globals['_PAYMENTMETHODDETAILS']._serialized_end=1321
-  _globals['_PAYMENTFAILURE']._serialized_start=1323
-  _globals['_PAYMENTFAILURE']._serialized_end=1392
-  _globals['_PAYMENT']._serialized_start=1395
-  _globals['_PAYMENT']._serialized_end=2057
-  _globals['_PAYMENT_METADATAENTRY']._serialized_start=2010
-  _globals['_PAYMENT_METADATAENTRY']._serialized_end=2057
-  _globals['_REFUND']._serialized_start=2060
-  _globals['_REFUND']._serialized_end=2354
-  _globals['_PAYMENTSTATUSEVENT']._serialized_start=2357
-  _globals['_PAYMENTSTATUSEVENT']._serialized_end=2732
+  _globals['_PAYMENTSTATUS']._serialized_start=2952
+  _globals['_PAYMENTSTATUS']._serialized_end=3242
+  _globals['_CAPTUREMETHOD']._serialized_start=3244
+  _globals['_CAPTUREMETHOD']._serialized_end=3348
+  _globals['_PAYMENTMETHODTYPE']._serialized_start=3351
+  _globals['_PAYMENTMETHODTYPE']._serialized_end=3596
+  _globals['_REFUNDSTATUS']._serialized_start=3598
+  _globals['_REFUNDSTATUS']._serialized_end=3725
+  _globals['_REFUNDREASON']._serialized_start=3728
+  _globals['_REFUNDREASON']._serialized_end=3873
+  _globals['_MONEY']._serialized_start=132
+  _globals['_MONEY']._serialized_end=338
+  _globals['_CARDMETHOD']._serialized_start=341
+  _globals['_CARDMETHOD']._serialized_end=666
+  _globals['_UPIMETHOD']._serialized_start=668
+  _globals['_UPIMETHOD']._serialized_end=742
+  _globals['_WALLETMETHOD']._serialized_start=744
+  _globals['_WALLETMETHOD']._serialized_end=854
+  _globals['_NETBANKINGMETHOD']._serialized_start=856
+  _globals['_NETBANKINGMETHOD']._serialized_end=921
+  _globals['_PAYPALMETHOD']._serialized_start=923
+  _globals['_PAYPALMETHOD']._serialized_end=992
+  _globals['_CODMETHOD']._serialized_start=994
+  _globals['_CODMETHOD']._serialized_end=1005
+  _globals['_PAYMENTMETHOD']._serialized_start=1008
+  _globals['_PAYMENTMETHOD']._serialized_end=1301
+  _globals['_CARDDETAILS']._serialized_start=1303
+  _globals['_CARDDETAILS']._serialized_end=1383
+  _globals['_PAYMENTMETHODDETAILS']._serialized_start=1386
+  _globals['_PAYMENTMETHODDETAILS']._serialized_end=1538
+  _globals['_PAYMENTFAILURE']._serialized_start=1540
+  _globals['_PAYMENTFAILURE']._serialized_end=1609
+  _globals['_PAYMENT']._serialized_start=1612
+  _globals['_PAYMENT']._serialized_end=2274
+  _globals['_PAYMENT_METADATAENTRY']._serialized_start=2227
+  _globals['_PAYMENT_METADATAENTRY']._serialized_end=2274
+  _globals['_REFUND']._serialized_start=2277
+  _globals['_REFUND']._serialized_end=2571
+  _globals['_PAYMENTSTATUSEVENT']._serialized_start=2574
+  _globals['_PAYMENTSTATUSEVENT']._serialized_end=2949
 # @@protoc_insertion_point(module_scope)

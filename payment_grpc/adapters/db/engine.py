@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from payment_grpc.adapters.db.crypto import FieldCipher
 from payment_grpc.adapters.db.idempotency import SqlIdempotencyRepository
 from payment_grpc.adapters.db.repositories import SqlPaymentRepository, SqlRefundRepository
 from payment_grpc.domain.errors import StorageUnavailable
@@ -55,20 +56,21 @@ def _sqlite_engine(url: str) -> AsyncEngine:
 
 
 class SqlUnitOfWork:
-    def __init__(self, conn: AsyncConnection, row_locks: bool) -> None:
+    def __init__(self, conn: AsyncConnection, row_locks: bool, cipher: FieldCipher) -> None:
         self._conn = conn
-        self.payments = SqlPaymentRepository(conn, row_locks)
+        self.payments = SqlPaymentRepository(conn, row_locks, cipher)
         self.refunds = SqlRefundRepository(conn)
-        self.idempotency = SqlIdempotencyRepository(conn, row_locks)
+        self.idempotency = SqlIdempotencyRepository(conn, row_locks, cipher)
 
     async def commit(self) -> None:
         await self._conn.commit()
 
 
 class SqlUnitOfWorkFactory:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, cipher: FieldCipher) -> None:
         self._engine = engine
         self._sqlite = engine.dialect.name == "sqlite"
+        self._cipher = cipher  # encrypts sensitive columns (built once, shared)
 
     @asynccontextmanager
     async def __call__(self, *, read_only: bool = False) -> AsyncIterator[SqlUnitOfWork]:
@@ -77,7 +79,7 @@ class SqlUnitOfWorkFactory:
                 if self._sqlite and read_only:
                     conn = await conn.execution_options(sqlite_begin="DEFERRED")
                 await conn.begin()
-                yield SqlUnitOfWork(conn, row_locks=not self._sqlite)
+                yield SqlUnitOfWork(conn, row_locks=not self._sqlite, cipher=self._cipher)
         except (OperationalError, DBAPIError) as exc:
             if _is_connection_problem(exc):
                 raise StorageUnavailable("the database is unavailable") from exc

@@ -1,5 +1,8 @@
 """Idempotency keys in SQL. insert_if_absent is INSERT ... ON CONFLICT DO NOTHING, so two
-racing first requests (in one process or in two replicas) produce exactly one row."""
+racing first requests (in one process or in two replicas) produce exactly one row.
+
+The stored answer (`response_body`) is encrypted at rest: it repeats the payment's caller
+metadata."""
 
 from __future__ import annotations
 
@@ -11,11 +14,15 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from payment_grpc.adapters.db.crypto import FieldCipher
 from payment_grpc.adapters.db.tables import idempotency_keys as keys
 from payment_grpc.service.ports import KeyRecord, RecoveryPoint
 
+RESPONSE_BODY = "idempotency_keys.response_body"  # AAD: column name + record id
 
-def _to_row(record: KeyRecord) -> dict[str, Any]:
+
+def _to_row(record: KeyRecord, cipher: FieldCipher) -> dict[str, Any]:
+    body = record.response_body
     return {
         "id": record.record_id,
         "scope": record.scope,
@@ -28,13 +35,18 @@ def _to_row(record: KeyRecord) -> dict[str, Any]:
         "locked_by": record.locked_by,
         "locked_at": record.locked_at,
         "response_code": record.response_code,
-        "response_body": record.response_body,
+        "response_body": (
+            None
+            if body is None
+            else cipher.encrypt_bytes(body, column=RESPONSE_BODY, row_id=record.record_id)
+        ),
         "created_at": record.created_at,
         "expires_at": record.expires_at,
     }
 
 
-def _from_row(row: RowMapping) -> KeyRecord:
+def _from_row(row: RowMapping, cipher: FieldCipher) -> KeyRecord:
+    body = row["response_body"]
     return KeyRecord(
         record_id=row["id"],
         scope=row["scope"],
@@ -49,20 +61,25 @@ def _from_row(row: RowMapping) -> KeyRecord:
         locked_by=row["locked_by"],
         locked_at=row["locked_at"],
         response_code=row["response_code"],
-        response_body=row["response_body"],
+        response_body=(
+            None
+            if body is None
+            else cipher.decrypt_bytes(bytes(body), column=RESPONSE_BODY, row_id=row["id"])
+        ),
     )
 
 
 class SqlIdempotencyRepository:
-    def __init__(self, conn: AsyncConnection, row_locks: bool) -> None:
+    def __init__(self, conn: AsyncConnection, row_locks: bool, cipher: FieldCipher) -> None:
         self._conn = conn
         self._row_locks = row_locks
+        self._cipher = cipher
 
     async def insert_if_absent(self, record: KeyRecord) -> bool:
         dialect = postgresql if self._conn.dialect.name == "postgresql" else sqlite
         statement = (
             dialect.insert(keys)
-            .values(_to_row(record))
+            .values(_to_row(record, self._cipher))
             .on_conflict_do_nothing()
             .returning(keys.c.id)
         )
@@ -75,11 +92,11 @@ class SqlIdempotencyRepository:
         if self._row_locks:
             query = query.with_for_update()
         row = (await self._conn.execute(query)).mappings().first()
-        return _from_row(row) if row else None
+        return _from_row(row, self._cipher) if row else None
 
     async def save(self, record: KeyRecord) -> None:
         await self._conn.execute(
-            keys.update().where(keys.c.id == record.record_id).values(_to_row(record))
+            keys.update().where(keys.c.id == record.record_id).values(_to_row(record, self._cipher))
         )
 
     async def delete(self, record_id: str) -> None:

@@ -9,8 +9,10 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from payment_grpc.adapters.db.crypto import FieldCipher
 from payment_grpc.adapters.db.rows import (
     event_to_row,
+    payment_changes,
     payment_to_row,
     refund_to_row,
     row_to_event,
@@ -32,14 +34,17 @@ _INACTIVE = [s.value for s in INACTIVE_STATUSES]
 
 
 class SqlPaymentRepository:
-    def __init__(self, conn: AsyncConnection, row_locks: bool) -> None:
+    def __init__(self, conn: AsyncConnection, row_locks: bool, cipher: FieldCipher) -> None:
         self._conn = conn
         self._row_locks = row_locks
+        self._cipher = cipher
 
     async def add(self, payment: Payment, events: Sequence[PaymentEvent]) -> None:
         try:
             async with self._conn.begin_nested():
-                await self._conn.execute(payments.insert().values(payment_to_row(payment)))
+                await self._conn.execute(
+                    payments.insert().values(payment_to_row(payment, self._cipher))
+                )
         except IntegrityError as exc:
             existing = await self.active_for_order(payment.order_id)
             if existing is None:
@@ -54,7 +59,7 @@ class SqlPaymentRepository:
         row = (await self._conn.execute(query)).mappings().first()
         if row is None:
             raise PaymentNotFound(payment_id)
-        return row_to_payment(row)
+        return row_to_payment(row, self._cipher)
 
     async def save(self, before: Payment, after: Payment, events: Sequence[PaymentEvent]) -> None:
         result = await self._conn.execute(
@@ -64,7 +69,7 @@ class SqlPaymentRepository:
                 payments.c.sequence == before.sequence,
                 payments.c.in_flight == before.in_flight,
             )
-            .values(payment_to_row(after))
+            .values(payment_changes(before, after, self._cipher))
         )
         if result.rowcount != 1:
             raise ConcurrentModification(f"payment {before.payment_id} changed concurrently")
@@ -79,7 +84,7 @@ class SqlPaymentRepository:
             payments.c.order_id == order_id, payments.c.status.not_in(_INACTIVE)
         )
         row = (await self._conn.execute(query)).mappings().first()
-        return row_to_payment(row) if row else None
+        return row_to_payment(row, self._cipher) if row else None
 
     async def page(
         self, where: PaymentFilter, after: PageCursor | None, limit: int
@@ -98,7 +103,7 @@ class SqlPaymentRepository:
             )
         query = query.order_by(payments.c.created_at.desc(), payments.c.id.desc()).limit(limit)
         rows = (await self._conn.execute(query)).mappings().all()
-        return [row_to_payment(r) for r in rows]
+        return [row_to_payment(r, self._cipher) for r in rows]
 
     async def events_after(self, payment_id: str, sequence: int, limit: int) -> list[PaymentEvent]:
         query = (
@@ -124,7 +129,7 @@ class SqlPaymentRepository:
             .limit(limit)
         )
         rows = (await self._conn.execute(query)).mappings().all()
-        return [row_to_payment(r) for r in rows]
+        return [row_to_payment(r, self._cipher) for r in rows]
 
 
 class SqlRefundRepository:

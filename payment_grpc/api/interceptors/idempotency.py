@@ -29,6 +29,7 @@ from payment_grpc.api.interceptors.wrapping import (
     wrap_handler,
 )
 from payment_grpc.domain.errors import DomainError, InvalidIdempotencyKey
+from payment_grpc.pan_masking import looks_like_card_number
 from payment_grpc.service.idempotency import Checkpoint, IdempotencyKeys
 from payment_grpc.service.ports import KeyRecord, StoredAnswer
 
@@ -79,6 +80,8 @@ def valid_key(value: object) -> str:
     if not isinstance(value, str) or not 1 <= len(value) <= 255:
         raise InvalidIdempotencyKey()
     if not all(" " <= ch <= "~" for ch in value):
+        raise InvalidIdempotencyKey()
+    if looks_like_card_number(value):  # the key is stored: no card number in it
         raise InvalidIdempotencyKey()
     return value
 

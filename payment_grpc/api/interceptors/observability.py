@@ -4,6 +4,7 @@ sent with abort_with_status included), and the call's trace id for the use cases
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import time
 from collections import Counter, defaultdict
@@ -23,6 +24,8 @@ from payment_grpc.api.interceptors.wrapping import (
 from payment_grpc.service.context import RequestContext
 
 log = logging.getLogger("payment_grpc.rpc")
+# W3C trace context; anything else is ignored (the trace id is logged and stored).
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 class RpcMetrics:
@@ -39,8 +42,10 @@ class RpcMetrics:
 
 def _trace_id(metadata: tuple[Any, ...] | None) -> str:
     for key, value in metadata or ():
-        if key == "traceparent" and isinstance(value, str) and len(value) >= 35:
-            return value.split("-")[1][:32]
+        if key == "traceparent" and isinstance(value, str):
+            match = _TRACEPARENT.match(value)
+            if match and match.group(1) != "0" * 32:
+                return match.group(1)
     return secrets.token_hex(16)
 
 
