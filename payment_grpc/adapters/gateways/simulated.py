@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import random
+import sqlite3
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -82,6 +83,7 @@ class SimulatedGatewayConfig:
     seed: int | None = None
 
 
+_OPEN_ATTEMPTS = 20
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS ledger (
     key TEXT PRIMARY KEY,
@@ -97,22 +99,45 @@ CREATE TABLE IF NOT EXISTS ledger (
 """
 
 
+async def _open_ledger(path: str) -> aiosqlite.Connection:
+    db = await aiosqlite.connect(path, timeout=30)
+    try:
+        # The first switch to WAL takes an exclusive lock that another replica's open may
+        # hold; sqlite's busy handler does not cover it, so the ledger waits on its own.
+        for attempt in range(_OPEN_ATTEMPTS):
+            try:
+                await (await db.execute("PRAGMA journal_mode=WAL")).close()
+                break
+            except sqlite3.OperationalError:
+                if attempt == _OPEN_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(0.05 * (attempt + 1))
+        await db.execute(_SCHEMA)
+        await db.commit()
+        db.row_factory = aiosqlite.Row
+    except BaseException:
+        await db.close()
+        raise
+    return db
+
+
 class SimulatedGateway:
     def __init__(self, config: SimulatedGatewayConfig) -> None:
         self._config = config
         self._rng = random.Random(config.seed)
         self._db: aiosqlite.Connection | None = None
+        self._opening = asyncio.Lock()
         self._handler: SettlementHandler | None = None
         self._timers: set[asyncio.Task[None]] = set()
 
     # ---------------------------------------------------------------- lifecycle
 
     async def _ledger(self) -> aiosqlite.Connection:
-        if self._db is None:
-            self._db = await aiosqlite.connect(self._config.ledger_path, timeout=30)
-            await self._db.execute("PRAGMA journal_mode=WAL")
-            await self._db.execute(_SCHEMA)
-            await self._db.commit()
+        if self._db is not None:
+            return self._db
+        async with self._opening:  # concurrent first calls must not see a half-made ledger
+            if self._db is None:
+                self._db = await _open_ledger(self._config.ledger_path)
         return self._db
 
     def on_settlement(self, handler: SettlementHandler) -> None:
@@ -238,7 +263,6 @@ class SimulatedGateway:
 
     async def _find(self, key: str) -> dict[str, Any] | None:
         db = await self._ledger()
-        db.row_factory = aiosqlite.Row
         async with db.execute("SELECT * FROM ledger WHERE key = ?", (key,)) as cursor:
             row = await cursor.fetchone()
         return dict(row) if row else None
