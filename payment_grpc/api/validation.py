@@ -8,6 +8,16 @@ from protovalidate import Validator
 from payment_grpc.pan_masking import mask_pans
 
 _validator = Validator()
+MAX_ECHOED_KEY_CHARS = 48  # map keys may be 40 long; a longer one is cut, not echoed whole
+
+
+def _echoed_key(key: str) -> str:
+    """A map key as the field path shows it: card numbers masked, and short enough that
+    a hostile 10 KB key cannot push the error's trailers over the metadata limit."""
+    masked = mask_pans(key)
+    if len(masked) <= MAX_ECHOED_KEY_CHARS:
+        return masked
+    return masked[:MAX_ECHOED_KEY_CHARS] + "..."
 
 
 def _field_path(violation: object) -> str:
@@ -16,8 +26,8 @@ def _field_path(violation: object) -> str:
         part = element.field_name
         subscript = element.subscript
         if subscript is not None and subscript.value is not None:
-            part += (  # a map key is echoed, so a card number in it is masked
-                f"[{mask_pans(subscript.value)!r}]"
+            part += (
+                f"[{_echoed_key(subscript.value)!r}]"
                 if isinstance(subscript.value, str)
                 else f"[{subscript.value}]"
             )

@@ -145,6 +145,9 @@ CHARGE_CASES = [
     pytest.param(
         lambda: _metadata({"note": "v" * 501}), r"metadata\[.*\]", id="metadata-value-too-long"
     ),
+    pytest.param(lambda: _charge(description="a\x00b"), "description", id="description-nul"),
+    pytest.param(lambda: _charge(description="bell\x07"), "description", id="description-control"),
+    pytest.param(lambda: _metadata({"note": "a\x00b"}), r"metadata\[.*\]", id="metadata-value-nul"),
 ]
 
 
@@ -414,3 +417,31 @@ async def test_tampered_page_token_is_invalid_not_internal(stub, when: str) -> N
         stub.ListPayments(api.ListPaymentsRequest(customer_id="cus_t", page_token=token))
     )
     assert_invalid_page_token(error)
+
+
+async def test_free_text_keeps_tabs_newlines_and_unicode(stub) -> None:
+    text = "Order 42\tpaid\r\nthanks \u00e9\U0001f4b8"
+    reply = await stub.Charge(_charge(description=text, metadata={"note": text}))
+    assert (reply.payment.description, reply.payment.metadata["note"]) == (text, text)
+
+
+async def test_a_huge_map_key_is_cut_in_the_error_not_echoed_whole(stub, app) -> None:
+    error = await _expect_invalid(
+        app, lambda: stub.Charge(_metadata({"k" * 10_000: "v"})), r"metadata\[.*\]"
+    )
+    assert len(error.message) < 200, error.message
+    assert all(len(f) < 100 for f in error.fields), error.fields
+
+
+@pytest.mark.parametrize("data", [b"\x00", b"\xff" * 16, b"\x0a\x02\xff\xfe"])
+async def test_undecodable_request_bytes_are_invalid_argument(channel, app, data: bytes) -> None:
+    raw_charge = channel.unary_unary(
+        "/payments.v1.PaymentService/Charge", request_serializer=None, response_deserializer=None
+    )
+    before = await row_counts(app)
+    error = await rpc_error(raw_charge(data))
+    assert (error.code, error.info.reason) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "MALFORMED_REQUEST",
+    ), error.message
+    assert await row_counts(app) == before

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17payments/v1/rules.proto\x12\x0bpayments.v1\x1a\x1b\x62uf/validate/validate.proto:\xa4\x02\n\x0eno_card_number\x12\x19.buf.validate.StringRules\x18\x81\xf1\x04 \x01(\x08\x42\xee\x01\xc2H\xea\x01\n\xe7\x01\n\x15string.no_card_number\x12\x1emust not contain a card number\x1a\xad\x01!rule || !this.matches(\'(^|[^0-9A-Za-z_])([0-9]{13,19}|[0-9]{4}[ -][0-9]{4}[ -][0-9]{4}[ -][0-9]{1,4}([ -][0-9]{1,3})?|[0-9]{4}[ -][0-9]{6}[ -][0-9]{4,5})($|[^0-9A-Za-z_])\')')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17payments/v1/rules.proto\x12\x0bpayments.v1\x1a\x1b\x62uf/validate/validate.proto:\xa4\x02\n\x0eno_card_number\x12\x19.buf.validate.StringRules\x18\x81\xf1\x04 \x01(\x08\x42\xee\x01\xc2H\xea\x01\n\xe7\x01\n\x15string.no_card_number\x12\x1emust not contain a card number\x1a\xad\x01!rule || !this.matches(\'(^|[^0-9A-Za-z_])([0-9]{13,19}|[0-9]{4}[ -][0-9]{4}[ -][0-9]{4}[ -][0-9]{1,4}([ -][0-9]{1,3})?|[0-9]{4}[ -][0-9]{6}[ -][0-9]{4,5})($|[^0-9A-Za-z_])\'):\xaa\x01\n\nplain_text\x12\x19.buf.validate.StringRules\x18\x82\xf1\x04 \x01(\x08\x42y\xc2Hv\nt\n\x11string.plain_text\x12#must not contain control characters\x1a:!rule || !this.matches(\'[\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]\')')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,4 +34,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['no_card_number']._loaded_options = None
   _globals['no_card_number']._serialized_options = b'\302H\352\001\n\347\001\n\025string.no_card_number\022\036must not contain a card number\032\255\001!rule || !this.matches(\'(^|[^0-9A-Za-z_])([0-9]{13,19}|[0-9]{4}[ -][0-9]{4}[ -][0-9]{4}[ -][0-9]{1,4}([ -][0-9]{1,3})?|[0-9]{4}[ -][0-9]{6}[ -][0-9]{4,5})($|[^0-9A-Za-z_])\')'
+  _globals['plain_text']._loaded_options = None
+  _globals['plain_text']._serialized_options = b'\302Hv\nt\n\021string.plain_text\022#must not contain control characters\032:!rule || !this.matches(\'[\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]\')'
 # @@protoc_insertion_point(module_scope)

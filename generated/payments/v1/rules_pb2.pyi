@@ -11,10 +11,16 @@ import builtins as _builtins
 DESCRIPTOR: _descriptor.FileDescriptor
 
 NO_CARD_NUMBER_FIELD_NUMBER: _builtins.int
+PLAIN_TEXT_FIELD_NUMBER: _builtins.int
 no_card_number: _extension_dict._ExtensionFieldDescriptor[_validate_pb2.StringRules, _builtins.bool]
 """Set on every string field we keep or echo (identifiers, tokens, free text, map keys
 and values): the value must not contain a card number (PAN), plain or grouped by
 spaces or dashes (4-4-4-4, 4-6-5). No Luhn check (CEL cannot compute one), so any
 13-19 digit number that stands apart from letters, digits and `_` is refused.
 The offending value is never echoed. Same pattern as payment_grpc/pan_masking.py.
+"""
+plain_text: _extension_dict._ExtensionFieldDescriptor[_validate_pb2.StringRules, _builtins.bool]
+"""Set on free-text fields (description, metadata values): no control characters but
+tab, line feed and carriage return. PostgreSQL text cannot hold NUL at all, and the
+others only corrupt receipts and logs.
 """

@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc import aio
 
-from payment_grpc.api.errors import INTERNAL, invalid_argument, status_for
+from payment_grpc.api.errors import INTERNAL, build_status, invalid_argument, status_for
 from payment_grpc.api.interceptors.wrapping import (
     ServerInterceptor,
     Streaming,
@@ -32,7 +34,33 @@ async def abort_with(context: aio.ServicerContext[Any, Any], status: grpc.Status
     raise AssertionError("abort_with_status returned")
 
 
+@dataclass(frozen=True, slots=True)
+class _Undecodable:
+    """Stands in for request bytes that do not parse, so the guard can answer them."""
+
+
+UNDECODABLE_REQUEST = build_status(
+    grpc.StatusCode.INVALID_ARGUMENT,
+    "the request message could not be decoded",
+    "MALFORMED_REQUEST",
+)
+
+
+def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    # A raising deserializer makes grpc.aio answer UNKNOWN; the caller deserves
+    # INVALID_ARGUMENT with details instead.
+    def deserialized(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError:
+            return _Undecodable()
+
+    return deserialized
+
+
 async def _reject_invalid(request: Any, context: aio.ServicerContext[Any, Any]) -> None:
+    if isinstance(request, _Undecodable):
+        await abort_with(context, UNDECODABLE_REQUEST)
     found = violations(request)
     if found:
         await abort_with(context, invalid_argument(found))
@@ -83,4 +111,4 @@ class GuardInterceptor(ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith("/payments.v1."):
             return handler
-        return wrap_handler(handler, _guard_unary, _guard_streaming)
+        return wrap_handler(handler, _guard_unary, _guard_streaming, deserializer=_tolerant)

@@ -25,14 +25,19 @@ def wrap_handler(
     streaming: Callable[[Streaming], Streaming],
     *,
     passthrough_bytes: bool = False,
+    deserializer: Callable[[Callable[[bytes], Any]], Callable[[bytes], Any]] | None = None,
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """Return `handler` with its unary-unary or unary-stream behaviour wrapped.
 
     With `passthrough_bytes`, a behaviour may return already serialized bytes (a stored
-    response replayed exactly); they are sent as they are.
+    response replayed exactly); they are sent as they are. `deserializer` wraps the
+    request deserializer.
     """
     if handler.request_streaming:
         return handler  # no client-streaming RPCs in this API
+    request_deserializer = handler.request_deserializer
+    if deserializer is not None and request_deserializer is not None:
+        request_deserializer = deserializer(request_deserializer)
     if handler.response_streaming:
         behavior: Any = handler.unary_stream  # grpc-stubs types aio handlers as sync
         # A streaming handler is either an async generator or a coroutine that writes
@@ -40,7 +45,7 @@ def wrap_handler(
         wrapped = streaming(behavior) if inspect.isasyncgenfunction(behavior) else unary(behavior)
         return grpc.unary_stream_rpc_method_handler(
             wrapped,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=request_deserializer,
             response_serializer=handler.response_serializer,
         )
     serializer = handler.response_serializer
@@ -48,7 +53,7 @@ def wrap_handler(
         serializer = _passthrough(serializer)
     return grpc.unary_unary_rpc_method_handler(
         unary(cast(Unary, handler.unary_unary)),
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=request_deserializer,
         response_serializer=serializer,
     )
 
