@@ -36,10 +36,10 @@ def serve(settings: Settings) -> int:
         migrate(settings)
     try:
         import uvloop
-
-        uvloop.run(_serve(settings))
     except ImportError:
         asyncio.run(_serve(settings))
+    else:
+        uvloop.run(_serve(settings))
     return 0
 
 

@@ -16,6 +16,7 @@ from payment_grpc.domain.errors import (
     CaptureExceedsAuthorized,
     CurrencyMismatch,
     IllegalTransition,
+    InvalidAmount,
     OperationInProgress,
     RefundExceedsAvailable,
 )
@@ -198,6 +199,8 @@ class Payment:
 
     def check_capture(self, amount: Money) -> None:
         self.require("capture", S.AUTHORIZED)
+        if amount.amount_minor <= 0:
+            raise InvalidAmount("a capture amount must be greater than 0")
         if not amount <= self.amount:
             raise CaptureExceedsAuthorized(
                 amount.amount_minor, self.amount.amount_minor, self.amount.currency

@@ -21,6 +21,7 @@ from payment_grpc.domain.errors import (
     CurrencyMismatch,
     DomainError,
     IllegalTransition,
+    InvalidAmount,
     OperationInProgress,
     RefundExceedsAvailable,
 )
@@ -42,6 +43,7 @@ START = datetime(2026, 1, 1, tzinfo=UTC)
 CURRENCIES = sorted(CURRENCY_EXPONENTS)
 REFUSALS = (
     IllegalTransition,
+    InvalidAmount,
     RefundExceedsAvailable,
     CaptureExceedsAuthorized,
     CurrencyMismatch,
@@ -216,7 +218,7 @@ class PaymentMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------ capture
 
     @rule(
-        kind=st.sampled_from(["full", "partial", "over", "other_currency"]),
+        kind=st.sampled_from(["full", "partial", "over", "zero", "other_currency"]),
         fraction=st.integers(min_value=1, max_value=10**9),
     )
     def capture(self, kind: str, fraction: int) -> None:
@@ -227,11 +229,15 @@ class PaymentMachine(RuleBasedStateMachine):
             amount = Money(model.currency, 1 + fraction % model.amount)
         elif kind == "over":
             amount = Money(model.currency, model.amount + fraction)
+        elif kind == "zero":
+            amount = Money(model.currency, 0)
         else:
             amount = Money(_other_currency(model.currency, fraction), 1 + fraction % model.amount)
 
         if model.status is not S.AUTHORIZED:
             expected: type[DomainError] | None = IllegalTransition
+        elif amount.amount_minor == 0:
+            expected = InvalidAmount
         elif amount.currency != model.currency:
             expected = CurrencyMismatch
         elif amount.amount_minor > model.amount:
