@@ -97,7 +97,10 @@ class PaymentServer:
         while True:
             healthy = await self._dependencies_healthy()
             if healthy != last:
-                log.warning("dependencies %s", "healthy" if healthy else "UNHEALTHY")
+                if healthy:
+                    log.info("dependencies healthy: serving")
+                else:
+                    log.warning("dependencies UNHEALTHY: health answers NOT_SERVING")
                 for name in HEALTH_NAMES:
                     await self.health.set(name, SERVING if healthy else NOT_SERVING)
                 last = healthy
