@@ -100,7 +100,7 @@ CREATE TABLE IF NOT EXISTS ledger (
 
 
 async def _open_ledger(path: str) -> aiosqlite.Connection:
-    db = await aiosqlite.connect(path, timeout=30)
+    db = await aiosqlite.connect(path, timeout=30, isolation_level=None)
     try:
         # The first switch to WAL takes an exclusive lock that another replica's open may
         # hold; sqlite's busy handler does not cover it, so the ledger waits on its own.
@@ -112,8 +112,7 @@ async def _open_ledger(path: str) -> aiosqlite.Connection:
                 if attempt == _OPEN_ATTEMPTS - 1:
                     raise
                 await asyncio.sleep(0.05 * (attempt + 1))
-        await db.execute(_SCHEMA)
-        await db.commit()
+        await (await db.execute(_SCHEMA)).close()
         db.row_factory = aiosqlite.Row
     except BaseException:
         await db.close()
@@ -126,33 +125,53 @@ class SimulatedGateway:
         self._config = config
         self._rng = random.Random(config.seed)
         self._db: aiosqlite.Connection | None = None
-        self._opening = asyncio.Lock()
+        # One statement at a time on the shared connection: a half-read cursor of one
+        # coroutine would hold a snapshot that makes another's write fail with "locked".
+        self._using = asyncio.Lock()
         self._handler: SettlementHandler | None = None
         self._timers: set[asyncio.Task[None]] = set()
 
     # ---------------------------------------------------------------- lifecycle
 
     async def _ledger(self) -> aiosqlite.Connection:
-        if self._db is not None:
-            return self._db
-        async with self._opening:  # concurrent first calls must not see a half-made ledger
-            if self._db is None:
-                self._db = await _open_ledger(self._config.ledger_path)
+        """The open ledger; call with `_using` held."""
+        if self._db is None:
+            self._db = await _open_ledger(self._config.ledger_path)
         return self._db
+
+    async def _query(self, sql: str, parameters: tuple[Any, ...] = ()) -> list[aiosqlite.Row]:
+        async with self._using:
+            db = await self._ledger()
+            async with db.execute(sql, parameters) as cursor:
+                return list(await cursor.fetchall())
+
+    async def _write(self, sql: str, parameters: tuple[Any, ...]) -> None:
+        async with self._using:
+            db = await self._ledger()
+            # IMMEDIATE takes the write lock up front, so sqlite's busy timeout covers
+            # another replica's writer instead of failing on a stale read snapshot.
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                await db.execute(sql, parameters)
+            except BaseException:
+                await db.rollback()
+                raise
+            await db.commit()
 
     def on_settlement(self, handler: SettlementHandler) -> None:
         self._handler = handler
 
     async def healthy(self) -> bool:
-        await self._ledger()
+        await self._query("SELECT 1")
         return True
 
     async def close(self) -> None:
         for timer in list(self._timers):
             timer.cancel()
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
+        async with self._using:
+            if self._db is not None:
+                await self._db.close()
+                self._db = None
 
     # ---------------------------------------------------------------- port
 
@@ -262,10 +281,8 @@ class SimulatedGateway:
     # ---------------------------------------------------------------- ledger
 
     async def _find(self, key: str) -> dict[str, Any] | None:
-        db = await self._ledger()
-        async with db.execute("SELECT * FROM ledger WHERE key = ?", (key,)) as cursor:
-            row = await cursor.fetchone()
-        return dict(row) if row else None
+        rows = await self._query("SELECT * FROM ledger WHERE key = ?", (key,))
+        return dict(rows[0]) if rows else None
 
     async def _record(
         self,
@@ -286,8 +303,7 @@ class SimulatedGateway:
     async def _insert(self, **row: Any) -> None:
         """INSERT OR IGNORE: a concurrent duplicate (another process, same key) keeps the first."""
         amount: Money | None = row.pop("amount")
-        db = await self._ledger()
-        await db.execute(
+        await self._write(
             "INSERT OR IGNORE INTO ledger (key, kind, payment_id, reference, amount_minor,"
             " currency, result, settle_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -302,7 +318,6 @@ class SimulatedGateway:
                 datetime.now(UTC).isoformat(),
             ),
         )
-        await db.commit()
 
     async def _follow_up(
         self, kind: str, reference: str, amount: Money | None, key: str, required: str
@@ -320,12 +335,11 @@ class SimulatedGateway:
         return _result(json.loads(stored["result"]))
 
     async def _check_follow_up(self, kind: str, reference: str, required: str) -> GatewayResult:
-        db = await self._ledger()
-        async with db.execute(
+        found = await self._query(
             "SELECT kind, result FROM ledger WHERE reference = ? OR payment_id = ?",
             (reference, reference),
-        ) as cursor:
-            rows = [(r[0], json.loads(r[1])) for r in await cursor.fetchall()]
+        )
+        rows = [(r[0], json.loads(r[1])) for r in found]
         status = _charge_status(rows)
         if status != required and not (kind == "refund" and status == "AUTHORIZED_CAPTURED"):
             return GatewayResult(False, failure=Failure("charge_not_" + required.lower(), ""))
@@ -334,10 +348,8 @@ class SimulatedGateway:
 
     async def authorization_count(self) -> int:
         """Authorizations that reached the gateway (for tests and benchmarks)."""
-        db = await self._ledger()
-        async with db.execute("SELECT COUNT(*) FROM ledger WHERE kind = 'authorize'") as cursor:
-            row = await cursor.fetchone()
-        return int(row[0]) if row else 0
+        rows = await self._query("SELECT COUNT(*) FROM ledger WHERE kind = 'authorize'")
+        return int(rows[0][0])
 
 
 def _charge_status(rows: list[tuple[str, dict[str, Any]]]) -> str:
