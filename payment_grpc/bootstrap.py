@@ -172,7 +172,9 @@ def build_application(settings: Settings) -> Application:
         return await database_reachable(engine, settings.database_url)
 
     server = PaymentServer(
-        PaymentServicer(charging, operations, Queries(deps)),
+        PaymentServicer(
+            charging, operations, Queries(deps), max_message_bytes=settings.max_message_bytes
+        ),
         dependencies_healthy=healthy,
         health_interval_s=settings.health_check_interval_seconds,
         max_message_bytes=settings.max_message_bytes,

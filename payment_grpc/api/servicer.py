@@ -17,16 +17,38 @@ from payment_grpc.domain.payment import Payment
 from payment_grpc.domain.refund import Refund, RefundReason
 from payment_grpc.service.charging import Charging
 from payment_grpc.service.operations import Operations
-from payment_grpc.service.queries import Queries
+from payment_grpc.service.queries import Queries, SizeLimit
 
 Context = aio.ServicerContext[Any, Any]
+# Room in a list response for next_page_token and each item's field tag and length.
+PAGE_ENVELOPE_BYTES = 4 * 1024
+ITEM_FRAMING_BYTES = 6
+
+
+def _wire_size(to_pb: Callable[[Any], Message]) -> Callable[[Any], int]:
+    return lambda item: to_pb(item).ByteSize() + ITEM_FRAMING_BYTES
 
 
 class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
-    def __init__(self, charging: Charging, operations: Operations, queries: Queries) -> None:
+    def __init__(
+        self,
+        charging: Charging,
+        operations: Operations,
+        queries: Queries,
+        *,
+        max_message_bytes: int,
+    ) -> None:
+        """`max_message_bytes` is the server's send limit: list pages stop short of it."""
         self._charging = charging
         self._operations = operations
         self._queries = queries
+        page_bytes = max_message_bytes - PAGE_ENVELOPE_BYTES
+        self._payments_limit: SizeLimit[Payment] = SizeLimit(
+            _wire_size(convert.payment_to_pb), page_bytes
+        )
+        self._refunds_limit: SizeLimit[Refund] = SizeLimit(
+            _wire_size(convert.refund_to_pb), page_bytes
+        )
 
     async def Charge(self, request: api.ChargeRequest, context: Context) -> api.ChargeResponse:
         payment = await self._charging.charge(
@@ -79,6 +101,7 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
             request.page_size,
             request.page_token,
             request_context(context),
+            self._payments_limit,
         )
         return api.ListPaymentsResponse(
             payments=[convert.payment_to_pb(p) for p in page.items],
@@ -95,7 +118,11 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
         self, request: api.ListRefundsRequest, context: Context
     ) -> api.ListRefundsResponse:
         page = await self._queries.list_refunds(
-            request.payment_id, request.page_size, request.page_token, request_context(context)
+            request.payment_id,
+            request.page_size,
+            request.page_token,
+            request_context(context),
+            self._refunds_limit,
         )
         return api.ListRefundsResponse(
             refunds=[convert.refund_to_pb(r) for r in page.items],

@@ -30,6 +30,15 @@ class Page(Generic[T]):
     next_page_token: str
 
 
+@dataclass(frozen=True, slots=True)
+class SizeLimit(Generic[T]):
+    """How large a page may get on the wire: the transport weighs each item, and a page
+    stops early (with a next_page_token) before it would pass `max_bytes`."""
+
+    weigh: Callable[[T], int]
+    max_bytes: int
+
+
 class Queries:
     def __init__(self, deps: Deps) -> None:
         self._deps = deps
@@ -39,7 +48,12 @@ class Queries:
             return _visible(await tx.payments.get(payment_id), ctx)
 
     async def list_payments(
-        self, where: PaymentFilter, requested_size: int, token: str, ctx: RequestContext
+        self,
+        where: PaymentFilter,
+        requested_size: int,
+        token: str,
+        ctx: RequestContext,
+        limit: SizeLimit[Payment] | None = None,
     ) -> Page[Payment]:
         if ctx.customer_id is not None:
             if where.customer_id not in ("", ctx.customer_id):
@@ -49,7 +63,7 @@ class Queries:
         cursor = decode_token(token, where)
         async with self._deps.uow(read_only=True) as tx:
             rows = await tx.payments.page(where, cursor, size + 1)
-        return _page(rows, size, where, lambda p: PageCursor(p.created_at, p.payment_id))
+        return _page(rows, size, where, lambda p: PageCursor(p.created_at, p.payment_id), limit)
 
     async def get_refund(self, refund_id: str, ctx: RequestContext) -> Refund:
         async with self._deps.uow(read_only=True) as tx:
@@ -61,14 +75,19 @@ class Queries:
             return refund
 
     async def list_refunds(
-        self, payment_id: str, requested_size: int, token: str, ctx: RequestContext
+        self,
+        payment_id: str,
+        requested_size: int,
+        token: str,
+        ctx: RequestContext,
+        limit: SizeLimit[Refund] | None = None,
     ) -> Page[Refund]:
         size = page_size(requested_size)
         cursor = decode_token(token, payment_id)
         async with self._deps.uow(read_only=True) as tx:
             _visible(await tx.payments.get(payment_id), ctx)
             rows = await tx.refunds.page_for_payment(payment_id, cursor, size + 1)
-        return _page(rows, size, payment_id, lambda r: PageCursor(r.created_at, r.refund_id))
+        return _page(rows, size, payment_id, lambda r: PageCursor(r.created_at, r.refund_id), limit)
 
     async def watch(
         self, payment_id: str, from_sequence: int, follow_refunds: bool, ctx: RequestContext
@@ -109,9 +128,26 @@ def _stream_ends(status: PaymentStatus, follow_refunds: bool) -> bool:
 
 
 def _page(
-    rows: list[T], size: int, filters: object, cursor_of: Callable[[T], PageCursor]
+    rows: list[T],
+    size: int,
+    filters: object,
+    cursor_of: Callable[[T], PageCursor],
+    limit: SizeLimit[T] | None,
 ) -> Page[T]:
-    if len(rows) <= size:
-        return Page(rows, "")
-    items = rows[:size]
+    items = _within(rows[:size], limit)
+    if len(items) == len(rows):
+        return Page(items, "")
     return Page(items, encode_token(cursor_of(items[-1]), filters))
+
+
+def _within(items: list[T], limit: SizeLimit[T] | None) -> list[T]:
+    """The longest prefix that fits the limit; never empty while there are items, so a
+    caller always makes progress."""
+    if limit is None:
+        return items
+    total = 0
+    for count, item in enumerate(items):
+        total += limit.weigh(item)
+        if total > limit.max_bytes and count > 0:
+            return items[:count]
+    return items

@@ -3,13 +3,18 @@ pages and filters), GetRefund and ListRefunds (oldest first), on SQLite and Post
 
 from __future__ import annotations
 
+import pathlib
 from typing import Any
 
 import grpc
+from grpc import aio
 from payments.v1 import payment_service_pb2 as api
+from payments.v1 import payment_service_pb2_grpc
 from payments.v1 import resources_pb2 as pb
 
-from tests.helpers import S, card, charge_request, order_id, rpc_error, usd
+from payment_grpc.bootstrap import build_application
+from tests.conftest import make_settings
+from tests.helpers import S, card, charge_request, client_metadata, order_id, rpc_error, usd
 
 
 async def _charge(stub: Any, n: int, **fields: Any) -> list[pb.Payment]:
@@ -242,3 +247,36 @@ async def test_get_unknown_refund_is_not_found(stub) -> None:
     assert error.info.reason == "REFUND_NOT_FOUND"
     assert error.info.domain == "payments.v1"
     assert error.info.metadata["refundId"] == "re_doesnotexist"
+
+
+async def test_a_page_stops_before_the_message_limit_and_the_rest_follows(
+    database_url: str, tmp_path: pathlib.Path
+) -> None:
+    """Big payments (4-byte characters in every free-text field) and page_size 1000: each
+    page fits the server's send limit; none is refused as too large; all are walked once."""
+    limit = 32 * 1024
+    app = build_application(make_settings(database_url, tmp_path, max_message_bytes=limit))
+    await app.start()
+    try:
+        async with aio.insecure_channel(
+            f"127.0.0.1:{app.port}", interceptors=client_metadata()
+        ) as channel:
+            stub = payment_service_pb2_grpc.PaymentServiceStub(channel)
+            wide = {f"note{i}": "\U0001f4b8" * 500 for i in range(3)}
+            created = await _charge(stub, 12, description="\U0001f4b8" * 500, metadata=wide)
+            assert sum(p.ByteSize() for p in created) > 2 * limit
+            pages, token = [], ""
+            while True:
+                reply = await stub.ListPayments(
+                    api.ListPaymentsRequest(page_size=1000, page_token=token)
+                )
+                assert reply.ByteSize() <= limit
+                pages.append(list(reply.payments))
+                token = reply.next_page_token
+                if not token:
+                    break
+            assert len(pages) > 2
+            assert all(pages)
+            assert _ids([p for page in pages for p in page]) == _ids(created)[::-1]
+    finally:
+        await app.stop()
