@@ -48,6 +48,8 @@ TRANSITIONS: Mapping[PaymentStatus, frozenset[PaymentStatus]] = {
 # No further change is possible (REFUNDED) or expected without a refund (CAPTURED).
 FINAL_STATUSES = frozenset({S.FAILED, S.CANCELED, S.REFUNDED})
 SETTLED_STATUSES = FINAL_STATUSES | {S.CAPTURED, S.PARTIALLY_REFUNDED}
+# Statuses in which the gateway holds (or held, then captured) the authorization.
+AUTHORIZED_STATUSES = frozenset({S.AUTHORIZED, S.CAPTURED, S.PARTIALLY_REFUNDED, S.REFUNDED})
 # Statuses that free the order for a new charge.
 INACTIVE_STATUSES = frozenset({S.FAILED, S.CANCELED})
 
@@ -145,6 +147,12 @@ class Payment:
         return Money(self.amount.currency, self.refunded_minor)
 
     @property
+    def authorized_minor(self) -> int:
+        """What the gateway authorized: the whole amount once approved (no partial
+        authorizations); nothing before, after a decline, or after a void."""
+        return self.amount.amount_minor if self.status in AUTHORIZED_STATUSES else 0
+
+    @property
     def refundable_minor(self) -> int:
         return self.captured_minor - self.refunded_minor
 
@@ -173,7 +181,13 @@ class Payment:
         return moved, moved._event(self.status, actor, trace_id, at)
 
     def check_invariants(self) -> None:
-        if not 0 <= self.refunded_minor <= self.captured_minor <= self.amount.amount_minor:
+        if not (
+            0
+            <= self.refunded_minor
+            <= self.captured_minor
+            <= self.authorized_minor
+            <= self.amount.amount_minor
+        ):
             raise AssertionError(f"amount invariant broken for {self.payment_id}")
         if (
             self.status in {S.CAPTURED, S.PARTIALLY_REFUNDED, S.REFUNDED}

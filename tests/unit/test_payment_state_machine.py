@@ -390,7 +390,12 @@ class PaymentMachine(RuleBasedStateMachine):
     @invariant()
     def amounts_are_ordered(self) -> None:
         p = self.payment
-        assert 0 <= p.refunded_minor <= p.captured_minor <= p.amount.amount_minor
+        assert (
+            0 <= p.refunded_minor <= p.captured_minor <= p.authorized_minor <= p.amount.amount_minor
+        )
+        assert p.authorized_minor in (0, p.amount.amount_minor)  # no partial authorizations
+        authorized = p.status in (S.AUTHORIZED, S.CAPTURED, S.PARTIALLY_REFUNDED, S.REFUNDED)
+        assert (p.authorized_minor > 0) == authorized
         assert p.refundable_minor == p.captured_minor - p.refunded_minor
         assert p.captured == Money(p.amount.currency, p.captured_minor)
         assert p.refunded == Money(p.amount.currency, p.refunded_minor)
