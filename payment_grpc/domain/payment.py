@@ -91,6 +91,9 @@ class CardDetails:
     last4: str
     exp_month: int
     exp_year: int
+    # The gateway's stable id of the card number (same card, same fingerprint): kept,
+    # encrypted at rest, for duplicate and fraud checks; never sent to callers.
+    fingerprint: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,8 +87,9 @@ async def stored_payment(app: Application, payment_id: str) -> Payment:
 async def kids_at_rest(app: Application) -> set[str]:
     kids = set()
     for row in (await raw_payments(app)).values():
-        for column in ("method_token", "metadata_json"):
-            kids.add(row[column].split(":")[2])
+        for column in ("method_token", "metadata_json", "card_fingerprint"):
+            if row[column] is not None:
+                kids.add(row[column].split(":")[2])
     for body in await raw_answers(app):
         kids.add(body.split(b":")[2].decode())
     return kids
@@ -113,13 +114,14 @@ async def rotate_cli(settings: Settings, keys: str, *args: str) -> tuple[int, st
     return process.returncode, out.decode(), err.decode()
 
 
-async def settled(stub: Stub, payment_id: str) -> pb.Payment:
-    for _ in range(200):
-        payment = (await stub.GetPayment(api.GetPaymentRequest(payment_id=payment_id))).payment
-        if payment.status != S.PAYMENT_STATUS_PROCESSING:
-            return payment
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{payment_id} still PROCESSING")
+async def settled(stub: Stub, payment_id: str) -> bool:
+    """Waits on the status stream until the payment leaves PROCESSING."""
+    watch = stub.WatchPaymentStatus(api.WatchPaymentStatusRequest(payment_id=payment_id))
+    async for message in watch:
+        if message.event.status != S.PAYMENT_STATUS_PROCESSING:
+            watch.cancel()
+            return True
+    return False
 
 
 async def test_sensitive_values_are_ciphertext_at_rest_and_read_back(app, stub) -> None:
@@ -139,6 +141,12 @@ async def test_sensitive_values_are_ciphertext_at_rest_and_read_back(app, stub) 
         stored = " ".join(str(value) for value in row.values())
         for secret in (*PLAINTEXTS, "tok_visa"):
             assert secret not in stored
+    card_row = rows[ids[2]]
+    fingerprint = (await stored_payment(app, ids[2])).card.fingerprint
+    assert fingerprint
+    assert card_row["card_fingerprint"].startswith("enc:v1:test:")
+    assert fingerprint not in " ".join(str(value) for value in card_row.values())
+    assert rows[ids[0]]["card_fingerprint"] is None  # no card, no fingerprint
     answers = await raw_answers(app)
     assert len(answers) == 3
     for body in answers:
@@ -358,3 +366,17 @@ async def test_malformed_encryption_keys_refuse_to_start(tmp_path: pathlib.Path)
     )
     assert "Traceback" not in message
     assert bad.split(":")[1] not in message
+
+
+async def test_the_same_card_has_the_same_fingerprint_and_callers_never_see_it(app, stub) -> None:
+    replies = [
+        await stub.Charge(charge_request(method=card(token)))
+        for token in ("tok_visa", "tok_visa", "tok_mastercard")
+    ]
+    ids = [reply.payment.payment_id for reply in replies]
+    fingerprints = [(await stored_payment(app, i)).card.fingerprint for i in ids]
+    assert fingerprints[0] == fingerprints[1] != fingerprints[2]
+    assert all(fingerprints)
+    for reply in replies:
+        assert fingerprints[0] not in str(reply)
+        assert fingerprints[2] not in str(reply)

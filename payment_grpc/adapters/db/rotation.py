@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from payment_grpc.adapters.db.crypto import DecryptionError, FieldCipher
 from payment_grpc.adapters.db.engine import make_engine
 from payment_grpc.adapters.db.idempotency import RESPONSE_BODY
-from payment_grpc.adapters.db.rows import METADATA_JSON, METHOD_TOKEN
+from payment_grpc.adapters.db.rows import CARD_FINGERPRINT, METADATA_JSON, METHOD_TOKEN
 from payment_grpc.adapters.db.tables import idempotency_keys, payments
 
 DEFAULT_BATCH_SIZE = 500
@@ -45,8 +45,8 @@ class TableRotation:
 
 
 class KeyRotation:
-    """Re-encrypts `payments.method_token`/`metadata_json` and the stored idempotent
-    answers (`idempotency_keys.response_body`) in batches of `batch_size`."""
+    """Re-encrypts `payments.method_token`/`metadata_json`/`card_fingerprint` and the
+    stored idempotent answers (`idempotency_keys.response_body`) in batches of `batch_size`."""
 
     def __init__(
         self, engine: AsyncEngine, cipher: FieldCipher, batch_size: int = DEFAULT_BATCH_SIZE
@@ -61,6 +61,10 @@ class KeyRotation:
         self._stale_payment = sa.or_(
             sa.func.substr(payments.c.method_token, 1, n) != prefix,
             sa.func.substr(payments.c.metadata_json, 1, n) != prefix,
+            sa.and_(
+                payments.c.card_fingerprint.is_not(None),
+                sa.func.substr(payments.c.card_fingerprint, 1, n) != prefix,
+            ),
         )
         self._stale_answer = sa.and_(
             idempotency_keys.c.response_body.is_not(None),
@@ -107,6 +111,7 @@ class KeyRotation:
                 payments.c.sequence,
                 payments.c.method_token,
                 payments.c.metadata_json,
+                payments.c.card_fingerprint,
             )
             .where(self._stale_payment, payments.c.id > after_id)
             .order_by(payments.c.id)
@@ -116,35 +121,43 @@ class KeyRotation:
 
     async def rotate_payments(self, batch: Sequence[sa.RowMapping]) -> tuple[int, int, set[str]]:
         """(rotated, skipped because changed meanwhile, unreadable ids), one transaction."""
-        updates: list[tuple[sa.RowMapping, str, str]] = []
+        updates: list[tuple[sa.RowMapping, dict[str, str | None]]] = []
         unreadable: set[str] = set()
         for row in batch:
             try:
-                token = self._cipher.reencrypt(
-                    row["method_token"], column=METHOD_TOKEN, row_id=row["id"]
-                )
-                meta = self._cipher.reencrypt(
-                    row["metadata_json"], column=METADATA_JSON, row_id=row["id"]
-                )
+                updates.append((row, self._reencrypted_payment(row)))
             except DecryptionError:
                 unreadable.add(row["id"])
-                continue
-            updates.append((row, token, meta))
         rotated = 0
         async with self._write() as conn:
-            for row, token, meta in updates:
+            for row, values in updates:
                 result = await conn.execute(
                     payments.update()
                     .where(
                         payments.c.id == row["id"],
                         payments.c.sequence == row["sequence"],
-                        payments.c.method_token == row["method_token"],
-                        payments.c.metadata_json == row["metadata_json"],
+                        *(payments.c[name].is_not_distinct_from(row[name]) for name in values),
                     )
-                    .values(method_token=token, metadata_json=meta)
+                    .values(values)
                 )
                 rotated += result.rowcount
         return rotated, len(updates) - rotated, unreadable
+
+    def _reencrypted_payment(self, row: sa.RowMapping) -> dict[str, str | None]:
+        fingerprint = row["card_fingerprint"]
+        return {
+            "method_token": self._cipher.reencrypt(
+                row["method_token"], column=METHOD_TOKEN, row_id=row["id"]
+            ),
+            "metadata_json": self._cipher.reencrypt(
+                row["metadata_json"], column=METADATA_JSON, row_id=row["id"]
+            ),
+            "card_fingerprint": self._cipher.reencrypt(
+                fingerprint, column=CARD_FINGERPRINT, row_id=row["id"]
+            )
+            if fingerprint is not None
+            else None,
+        }
 
     # --- stored idempotent answers ------------------------------------------------------
 

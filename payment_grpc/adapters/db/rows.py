@@ -42,13 +42,20 @@ def _failure(row: RowMapping) -> Failure | None:
 # The encrypted columns of `payments`; the AAD names the column and the payment id.
 METHOD_TOKEN = "payments.method_token"  # noqa: S105 - a column name, not a secret
 METADATA_JSON = "payments.metadata_json"
+CARD_FINGERPRINT = "payments.card_fingerprint"
 
 
 def _encrypted_columns(p: Payment, cipher: FieldCipher) -> dict[str, Any]:
     metadata_json = json.dumps(dict(p.metadata), sort_keys=True)
+    fingerprint = p.card.fingerprint if p.card else ""
     return {
         "method_token": cipher.encrypt(p.method.token, column=METHOD_TOKEN, row_id=p.payment_id),
         "metadata_json": cipher.encrypt(metadata_json, column=METADATA_JSON, row_id=p.payment_id),
+        "card_fingerprint": cipher.encrypt(
+            fingerprint, column=CARD_FINGERPRINT, row_id=p.payment_id
+        )
+        if fingerprint
+        else None,
     }
 
 
@@ -87,10 +94,11 @@ def payment_to_row(p: Payment, cipher: FieldCipher) -> dict[str, Any]:
 
 def payment_changes(before: Payment, after: Payment, cipher: FieldCipher) -> dict[str, Any]:
     """UPDATE values for `after`: the encrypted columns only when their plaintext changed
-    (method and metadata never do today), so a save costs no encryption and never rewrites
-    a value that a concurrent `rotate-keys` just re-encrypted."""
+    (method and metadata never do today; the card arrives once, with the authorization), so
+    a save costs no encryption and never rewrites a value that a concurrent `rotate-keys`
+    just re-encrypted."""
     row = _plain_columns(after)
-    if before.method != after.method or before.metadata != after.metadata:
+    if (before.method, before.metadata, before.card) != (after.method, after.metadata, after.card):
         row.update(_encrypted_columns(after, cipher))
     return row
 
@@ -99,8 +107,15 @@ def row_to_payment(row: RowMapping, cipher: FieldCipher) -> Payment:
     payment_id = row["id"]
     card = None
     if row["card_brand"] is not None:
+        fingerprint = row["card_fingerprint"]
         card = CardDetails(
-            row["card_brand"], row["card_last4"], row["card_exp_month"], row["card_exp_year"]
+            row["card_brand"],
+            row["card_last4"],
+            row["card_exp_month"],
+            row["card_exp_year"],
+            cipher.decrypt(fingerprint, column=CARD_FINGERPRINT, row_id=payment_id)
+            if fingerprint
+            else "",
         )
     return Payment(
         payment_id=row["id"],

@@ -59,6 +59,7 @@ payments = sa.Table(
     sa.Column("card_last4", sa.String(4)),
     sa.Column("card_exp_month", sa.SmallInteger),
     sa.Column("card_exp_year", sa.SmallInteger),
+    sa.Column("card_fingerprint", sa.String(255)),  # encrypted (rows.py)
     sa.Column("failure_code", sa.String(64)),
     sa.Column("failure_decline_code", sa.String(64)),
     sa.Column("failure_message", sa.String(500)),

@@ -9,12 +9,13 @@ banking and PayPal settle later through the registered settlement callback.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import random
 import sqlite3
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -39,10 +40,19 @@ from payment_grpc.service.ports import (
 
 log = logging.getLogger(__name__)
 
+
+def _fingerprint(token: str) -> str:
+    """Like a real gateway's card fingerprint: stable per card, reveals nothing of it."""
+    return hashlib.sha256(f"simulated-card:{token}".encode()).hexdigest()[:16]
+
+
 APPROVED_CARDS = {
-    "tok_visa": CardDetails("visa", "4242", 12, 2034),
-    "tok_mastercard": CardDetails("mastercard", "4444", 12, 2034),
-    "tok_amex": CardDetails("amex", "8431", 12, 2034),
+    token: CardDetails(brand, last4, 12, 2034, _fingerprint(token))
+    for token, brand, last4 in (
+        ("tok_visa", "visa", "4242"),
+        ("tok_mastercard", "mastercard", "4444"),
+        ("tok_amex", "amex", "8431"),
+    )
 }
 DECLINES = {
     "tok_chargeDeclined": Failure("card_declined", "Your card was declined.", "generic_decline"),
@@ -224,7 +234,9 @@ class SimulatedGateway:
                 False,
             )
         succeeded, rolled_failure, lost = self._roll()
-        card = GENERIC_CARD if method.type is PaymentMethodType.CARD else None
+        card = None
+        if method.type is PaymentMethodType.CARD:
+            card = replace(GENERIC_CARD, fingerprint=_fingerprint(method.token))
         final = Authorization(
             success if succeeded else AuthorizationOutcome.DECLINED, reference, card, rolled_failure
         )
@@ -372,7 +384,9 @@ def _encode(authorization: Authorization) -> str:
     return json.dumps(
         {
             "outcome": authorization.outcome.value,
-            "card": [card.brand, card.last4, card.exp_month, card.exp_year] if card else None,
+            "card": [card.brand, card.last4, card.exp_month, card.exp_year, card.fingerprint]
+            if card
+            else None,
             "failure": [failure.code, failure.message, failure.decline_code] if failure else None,
         }
     )
