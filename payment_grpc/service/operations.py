@@ -66,6 +66,7 @@ class Operations:
             payment.check_capture(amount)
             claimed = payment.claim(capture_claim(amount.amount_minor))
             await self._save_claim(tx, payment, claimed, checkpoint)
+        self._deps.faults.hit("capture.before_gateway")
         return await self.finish_capture(claimed, ctx, checkpoint)
 
     async def finish_capture(
@@ -76,6 +77,7 @@ class Operations:
             claimed.gateway_reference, amount, capture_key(claimed.payment_id)
         )
         result = await self._call(CAPTURE, claimed, call)
+        self._deps.faults.hit("capture.after_gateway")
         return await self._settle_claim(
             claimed,
             result,
@@ -100,6 +102,7 @@ class Operations:
                 return await self._cancel_unsent(tx, payment, ctx, checkpoint)
             claimed = payment.claim(CANCEL)
             await self._save_claim(tx, payment, claimed, checkpoint)
+        self._deps.faults.hit("cancel.before_gateway")
         return await self.finish_cancel(claimed, ctx, checkpoint)
 
     async def _cancel_unsent(
@@ -123,6 +126,7 @@ class Operations:
     ) -> Payment:
         call = self._deps.gateway.void(claimed.gateway_reference, void_key(claimed.payment_id))
         result = await self._call(CANCEL, claimed, call)
+        self._deps.faults.hit("cancel.after_gateway")
         return await self._settle_claim(
             claimed, result, PaymentStatus.CANCELED, ctx, checkpoint or no_checkpoint()
         )
@@ -190,6 +194,7 @@ class Operations:
             await tx.payments.save(current, after, [event])
             await checkpoint.finish(tx, after)
             await tx.commit()
+        self._deps.faults.hit(f"{operation}.after_commit")
         await self._deps.announce([event])
         return after
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import pathlib
 import re
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from payment_grpc.adapters.db.engine import make_engine
-from payment_grpc.adapters.db.tables import payment_events, payments
+from payment_grpc.adapters.db.tables import payment_events, payments, refunds
 from tests.helpers import TEST_JWT_SECRET
 
 LISTENING = re.compile(r"payment-grpc listening.*port=(\d+)")
@@ -119,6 +120,24 @@ def ledger_authorizations(ledger: pathlib.Path) -> Counter[str]:
     return Counter(payment_id for (payment_id,) in rows)
 
 
+def ledger_follow_ups(ledger: pathlib.Path, kind: str) -> dict[str, list[tuple[int, bool]]]:
+    """Payment id -> (amount_minor, succeeded) of every `kind` row ('capture', 'void',
+    'refund') the simulated gateway recorded, oldest first. Those rows name the charge by
+    its gateway reference; the authorization row maps it back to our payment id."""
+    with contextlib.closing(sqlite3.connect(ledger)) as db:
+        rows = db.execute(
+            "SELECT COALESCE(charge.payment_id, op.payment_id), op.amount_minor, op.result"
+            " FROM ledger AS op LEFT JOIN ledger AS charge"
+            " ON charge.kind = 'authorize' AND charge.reference = op.payment_id"
+            " WHERE op.kind = ? ORDER BY op.created_at",
+            (kind,),
+        ).fetchall()
+    found: dict[str, list[tuple[int, bool]]] = {}
+    for payment_id, amount_minor, result in rows:
+        found.setdefault(payment_id, []).append((amount_minor, json.loads(result)["succeeded"]))
+    return found
+
+
 @dataclass(frozen=True)
 class StoredPayment:
     order_id: str
@@ -150,3 +169,35 @@ async def stored_payments(database_url: str) -> dict[str, StoredPayment]:
         )
         for row in rows
     }
+
+
+@dataclass(frozen=True)
+class StoredMoney:
+    captured_minor: int
+    refunded_minor: int
+    in_flight: str  # the claimed gateway operation; "" once it is recorded
+    refunds: list[tuple[int, str]]  # (amount_minor, status) of the payment's refunds
+
+
+async def stored_money(database_url: str, payment_id: str) -> StoredMoney:
+    """One payment's amounts, in-flight claim and refunds, read with a short-lived engine."""
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        async with engine.connect() as conn:
+            conn = await conn.execution_options(sqlite_begin="DEFERRED")
+            row = (
+                await conn.execute(
+                    sa.select(
+                        payments.c.captured_minor, payments.c.refunded_minor, payments.c.in_flight
+                    ).where(payments.c.id == payment_id)
+                )
+            ).one()
+            refund_rows = await conn.execute(
+                sa.select(refunds.c.amount_minor, refunds.c.status)
+                .where(refunds.c.payment_id == payment_id)
+                .order_by(refunds.c.created_at)
+            )
+            stored_refunds = [(amount_minor, status) for amount_minor, status in refund_rows]
+    finally:
+        await engine.dispose()
+    return StoredMoney(row.captured_minor, row.refunded_minor, row.in_flight, stored_refunds)

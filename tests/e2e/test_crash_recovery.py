@@ -1,16 +1,20 @@
-"""A replica crashes (SIGKILL) at each phase boundary of Charge; restarted under the same
-INSTANCE_ID, a retry with the same idempotency-key finishes the charge exactly once.
+"""A replica crashes (SIGKILL) at each phase boundary of Charge, CapturePayment,
+CancelPayment and Refund; restarted under the same INSTANCE_ID, a retry with the same
+idempotency-key finishes the operation exactly once.
 
 Real server processes on SQLite and PostgreSQL, the generated stub, the simulated
 gateway's ledger read from its own SQLite file. The recovery worker is kept out of the
-way (long interval, long staleness), so only the client's retry can finish the charge.
+way (long interval, long staleness), so only the client's retry can finish the operation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import signal
 import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -18,19 +22,23 @@ import pytest
 from grpc import aio
 from payments.v1 import payment_service_pb2 as api
 from payments.v1 import payment_service_pb2_grpc
+from payments.v1 import resources_pb2 as pb
 
 from tests.e2e.server_process import (
     ServerProcess,
     ledger_authorizations,
+    ledger_follow_ups,
     server_env,
+    stored_money,
     stored_payments,
 )
-from tests.helpers import S, card, charge_request, client_metadata, rpc_error
+from tests.helpers import S, card, charge_request, client_metadata, rpc_error, usd
 
 pytestmark = pytest.mark.slow
 
 INSTANCE_ID = "crash-test"
-FAULT_POINTS = ["charge.before_gateway", "charge.after_gateway", "charge.after_commit"]
+PHASES = ["before_gateway", "after_gateway", "after_commit"]
+FAULT_POINTS = [f"charge.{phase}" for phase in PHASES]
 OUTCOMES = {
     "tok_visa": (S.PAYMENT_STATUS_CAPTURED, "CAPTURED"),
     "tok_chargeDeclined": (S.PAYMENT_STATUS_FAILED, "FAILED"),
@@ -55,6 +63,16 @@ def replica(database_url: str, tmp_path: pathlib.Path, fault_point: str = "") ->
     return ServerProcess(env, cwd=tmp_path)
 
 
+@contextlib.asynccontextmanager
+async def connected(
+    server: ServerProcess,
+) -> AsyncIterator[payment_service_pb2_grpc.PaymentServiceAsyncStub]:
+    async with aio.insecure_channel(
+        f"127.0.0.1:{server.port}", interceptors=authorized()
+    ) as channel:
+        yield payment_service_pb2_grpc.PaymentServiceStub(channel)
+
+
 async def replayed(call: Any) -> bool:
     metadata = await call.initial_metadata()
     return metadata is not None and metadata.get("idempotent-replayed") == "true"
@@ -72,10 +90,7 @@ async def test_retry_after_crash_charges_exactly_once(
     crashing = replica(database_url, tmp_path, fault_point)
     await crashing.start()
     try:
-        async with aio.insecure_channel(
-            f"127.0.0.1:{crashing.port}", interceptors=authorized()
-        ) as channel:
-            stub = payment_service_pb2_grpc.PaymentServiceStub(channel)
+        async with connected(crashing) as stub:
             lost = await rpc_error(stub.Charge(request, metadata=metadata, timeout=CALL_TIMEOUT_S))
         assert lost.code == grpc.StatusCode.UNAVAILABLE, (lost.code, lost.message)
         assert await crashing.wait() == -signal.SIGKILL, crashing.log[-3000:]
@@ -86,10 +101,7 @@ async def test_retry_after_crash_charges_exactly_once(
     restarted = replica(database_url, tmp_path)  # same INSTANCE_ID, no fault point
     await restarted.start()
     try:
-        async with aio.insecure_channel(
-            f"127.0.0.1:{restarted.port}", interceptors=authorized()
-        ) as channel:
-            stub = payment_service_pb2_grpc.PaymentServiceStub(channel)
+        async with connected(restarted) as stub:
             retry = stub.Charge(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
             answer = await retry
             retry_replayed = await replayed(retry)
@@ -125,3 +137,161 @@ async def test_retry_after_crash_charges_exactly_once(
     assert sequences == list(range(1, row.sequence + 1)), row
     assert row.sequence == payment.sequence
     assert [status for _, status in row.events] == ["PENDING", "PROCESSING", expected_row_status]
+
+
+CHARGED_MINOR = 10_000
+CAPTURED_MINOR = 7_000  # partial: the captured amount must come from the claim, not the charge
+REFUNDED_MINOR = 3_000
+
+
+@dataclass(frozen=True)
+class Operation:
+    """A money-moving RPC on a charged payment and where it must leave the money."""
+
+    rpc: str
+    request: Callable[[str], Any]  # payment id -> request message
+    manual: bool  # charge with manual capture, so the payment waits AUTHORIZED
+    ledger_kind: str
+    ledger_amount_minor: int
+    status: int
+    row_status: str
+    captured_minor: int
+    refunded_minor: int
+    refunds: list[tuple[int, str]]
+
+
+OPERATIONS = {
+    "capture": Operation(
+        rpc="CapturePayment",
+        request=lambda payment_id: api.CapturePaymentRequest(
+            payment_id=payment_id, amount=usd(CAPTURED_MINOR)
+        ),
+        manual=True,
+        ledger_kind="capture",
+        ledger_amount_minor=CAPTURED_MINOR,
+        status=S.PAYMENT_STATUS_CAPTURED,
+        row_status="CAPTURED",
+        captured_minor=CAPTURED_MINOR,
+        refunded_minor=0,
+        refunds=[],
+    ),
+    "cancel": Operation(
+        rpc="CancelPayment",
+        request=lambda payment_id: api.CancelPaymentRequest(payment_id=payment_id),
+        manual=True,
+        ledger_kind="void",
+        ledger_amount_minor=0,
+        status=S.PAYMENT_STATUS_CANCELED,
+        row_status="CANCELED",
+        captured_minor=0,
+        refunded_minor=0,
+        refunds=[],
+    ),
+    "refund": Operation(
+        rpc="Refund",
+        request=lambda payment_id: api.RefundRequest(
+            payment_id=payment_id,
+            amount=usd(REFUNDED_MINOR),
+            reason=pb.REFUND_REASON_REQUESTED_BY_CUSTOMER,
+        ),
+        manual=False,
+        ledger_kind="refund",
+        ledger_amount_minor=REFUNDED_MINOR,
+        status=S.PAYMENT_STATUS_PARTIALLY_REFUNDED,
+        row_status="PARTIALLY_REFUNDED",
+        captured_minor=CHARGED_MINOR,
+        refunded_minor=REFUNDED_MINOR,
+        refunds=[(REFUNDED_MINOR, "SUCCEEDED")],
+    ),
+}
+
+
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("name", list(OPERATIONS))
+async def test_retry_after_crash_moves_money_exactly_once(
+    database_url: str, name: str, phase: str, tmp_path: pathlib.Path
+) -> None:
+    operation = OPERATIONS[name]
+    fault_point = f"{name}.{phase}"
+    metadata = (("idempotency-key", f"crash-{uuid.uuid4().hex}"),)
+
+    # The fault point is on the operation, so the charge before it completes normally.
+    crashing = replica(database_url, tmp_path, fault_point)
+    await crashing.start()
+    try:
+        async with connected(crashing) as stub:
+            charged = await stub.Charge(
+                charge_request(CHARGED_MINOR, manual=operation.manual),
+                metadata=(("idempotency-key", f"charge-{uuid.uuid4().hex}"),),
+                timeout=CALL_TIMEOUT_S,
+            )
+            charged_status = (
+                S.PAYMENT_STATUS_AUTHORIZED if operation.manual else S.PAYMENT_STATUS_CAPTURED
+            )
+            assert charged.payment.status == charged_status, charged
+            payment_id = charged.payment.payment_id
+            request = operation.request(payment_id)
+            rpc = getattr(stub, operation.rpc)
+            lost = await rpc_error(rpc(request, metadata=metadata, timeout=CALL_TIMEOUT_S))
+        assert lost.code == grpc.StatusCode.UNAVAILABLE, (lost.code, lost.message)
+        assert await crashing.wait() == -signal.SIGKILL, crashing.log[-3000:]
+    finally:
+        crashing.kill()
+    assert f"fault point {fault_point} reached" in crashing.log
+
+    restarted = replica(database_url, tmp_path)  # same INSTANCE_ID, no fault point
+    await restarted.start()
+    try:
+        async with connected(restarted) as stub:
+            rpc = getattr(stub, operation.rpc)
+            retry = rpc(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
+            answer = await retry
+            retry_replayed = await replayed(retry)
+            payment = answer.payment
+            assert payment.payment_id == payment_id
+            assert payment.status == operation.status, answer
+            assert payment.captured_amount.amount_minor == operation.captured_minor, answer
+            assert payment.refunded_amount.amount_minor == operation.refunded_minor, answer
+            if name == "refund":
+                assert answer.refund.status == pb.REFUND_STATUS_SUCCEEDED, answer
+                assert answer.refund.amount.amount_minor == REFUNDED_MINOR, answer
+
+            third = rpc(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
+            assert await third == answer
+            assert await replayed(third), "the third call with the key must be a replay"
+
+            fetched = await stub.GetPayment(
+                api.GetPaymentRequest(payment_id=payment_id), timeout=CALL_TIMEOUT_S
+            )
+            assert fetched.payment.status == operation.status
+            assert fetched.payment.sequence == payment.sequence
+        restarted.sigterm()
+        assert await restarted.wait() == 0, restarted.log[-3000:]
+    finally:
+        restarted.kill()
+    assert "Traceback" not in restarted.log, restarted.log
+
+    # After the final commit the answer is already stored with it: the retry replays.
+    assert retry_replayed == (phase == "after_commit")
+
+    ledger = tmp_path / "gateway.db"
+    assert ledger_authorizations(ledger) == {payment_id: 1}
+    follow_ups = ledger_follow_ups(ledger, operation.ledger_kind)
+    assert follow_ups == {payment_id: [(operation.ledger_amount_minor, True)]}, follow_ups
+
+    stored = await stored_payments(database_url)
+    assert list(stored) == [payment_id], stored
+    row = stored[payment_id]
+    assert row.status == operation.row_status
+    sequences = [sequence for sequence, _ in row.events]
+    assert sequences == list(range(1, row.sequence + 1)), row
+    assert row.sequence == payment.sequence
+    charged_row_status = "AUTHORIZED" if operation.manual else "CAPTURED"
+    expected_events = ["PENDING", "PROCESSING", charged_row_status, operation.row_status]
+    assert [status for _, status in row.events] == expected_events, row
+
+    money = await stored_money(database_url, payment_id)
+    assert money.captured_minor == operation.captured_minor, money
+    assert money.refunded_minor == operation.refunded_minor, money
+    assert money.in_flight == "", money
+    assert money.refunds == operation.refunds, money
