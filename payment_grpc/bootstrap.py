@@ -11,10 +11,11 @@ from datetime import timedelta
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from payment_grpc.adapters.auth.jwt_verifier import JwtVerifier
+from payment_grpc.adapters.auth.keys import JwksFileKeys, PublicKeys, RemoteKeys
 from payment_grpc.adapters.auth.secrets import load_or_create_secret
 from payment_grpc.adapters.bus.memory import InProcessStatusBus
 from payment_grpc.adapters.bus.postgres import PostgresStatusBus
-from payment_grpc.adapters.clients.auth_client import AuthServiceVerifier
+from payment_grpc.adapters.clients.auth_client import AuthServiceClient, AuthServiceVerifier
 from payment_grpc.adapters.clock import SystemClock
 from payment_grpc.adapters.db.crypto import FieldCipher, generated_key
 from payment_grpc.adapters.db.engine import SqlUnitOfWorkFactory, is_sqlite, make_engine
@@ -22,7 +23,7 @@ from payment_grpc.adapters.db.health import database_reachable
 from payment_grpc.adapters.faults import KillAtFaultPoint, NoFaults
 from payment_grpc.adapters.gateways.simulated import SimulatedGateway, SimulatedGatewayConfig
 from payment_grpc.api.interceptors.auth import AuthInterceptor
-from payment_grpc.api.interceptors.idempotency import IdempotencyInterceptor
+from payment_grpc.api.interceptors.idempotency import IdempotencyInterceptor, encode_answer
 from payment_grpc.api.interceptors.rate_limit import RateLimitInterceptor, TokenBuckets
 from payment_grpc.api.server import PaymentServer
 from payment_grpc.api.servicer import PaymentServicer
@@ -101,22 +102,41 @@ def jwt_secret(settings: Settings) -> str | None:
 
 
 def build_verifier(settings: Settings) -> TokenVerifier:
+    client = None
+    if settings.auth_service_addr:
+        client = AuthServiceClient(
+            settings.auth_service_addr, timeout_s=settings.auth_timeout_seconds
+        )
     local = JwtVerifier(
         algorithms=settings.algorithms(),
         audience=settings.jwt_audience,
         issuer=settings.jwt_issuer,
         secret=jwt_secret(settings),
-        jwks_path=settings.jwt_jwks_file,
+        public_keys=public_keys(settings, client),
         leeway_s=settings.jwt_leeway_seconds,
     )
-    if not settings.auth_service_addr:
+    if client is None:
         return local
     return AuthServiceVerifier(
-        settings.auth_service_addr,
+        client,
         audience=settings.jwt_audience,
         local=local,
         cache_ttl=timedelta(seconds=settings.auth_cache_ttl_seconds),
-        timeout_s=settings.auth_timeout_seconds,
+        clock=SystemClock(),
+    )
+
+
+def public_keys(settings: Settings, auth: AuthServiceClient | None) -> PublicKeys | None:
+    """RS256/ES256 keys: the JWKS file if configured, else the auth service's, else none."""
+    if settings.jwt_jwks_file is not None:
+        return JwksFileKeys(settings.jwt_jwks_file)
+    if auth is None:
+        return None
+    return RemoteKeys(
+        auth,
+        clock=SystemClock(),
+        refresh_interval=timedelta(seconds=settings.auth_keys_refresh_seconds),
+        max_age=timedelta(seconds=settings.auth_keys_max_age_seconds),
     )
 
 
@@ -165,7 +185,12 @@ def build_application(settings: Settings) -> Application:
     charging = Charging(deps)
     operations = Operations(deps)
     recovery = Recovery(
-        deps, charging, operations, keys, timedelta(seconds=settings.recovery_stale_seconds)
+        deps,
+        charging,
+        operations,
+        keys,
+        timedelta(seconds=settings.recovery_stale_seconds),
+        encode_answer,
     )
 
     async def healthy() -> bool:

@@ -112,6 +112,12 @@ def rotate_keys(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if all(r.left == 0 and not r.unreadable for r in reports) else 1
 
 
+def _customer_id(value: str) -> str:
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must name a customer (an empty id is refused)")
+    return value
+
+
 COMMANDS = {"serve": serve, "migrate": migrate, "probe": probe}
 
 
@@ -122,7 +128,11 @@ def _parser() -> argparse.ArgumentParser:
         commands.add_parser(name)
     minting = commands.add_parser("token", help="mint a token with the local HS256 secret")
     minting.add_argument("--scope", action="append", help="repeatable, e.g. payments.charge")
-    minting.add_argument("--customer", help="make a customer token (read-only, own payments)")
+    minting.add_argument(
+        "--customer",
+        type=_customer_id,
+        help="make a customer token (read-only, own payments)",
+    )
     minting.add_argument("--subject", default="cli")
     minting.add_argument("--ttl", type=int, default=3600, help="seconds")
     rotating = commands.add_parser(

@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     auth_service_addr: str | None = None  # host:port of auth.v1.AuthService
     auth_cache_ttl_seconds: float = Field(60.0, ge=0)
     auth_timeout_seconds: float = Field(1.0, gt=0)
+    # RS256/ES256 keys from the auth service (when set and JWT_JWKS_FILE is not): kept at
+    # most this long, and refetched for an unknown kid at most once per refresh interval.
+    auth_keys_max_age_seconds: float = Field(300.0, gt=0)
+    auth_keys_refresh_seconds: float = Field(10.0, ge=0)
 
     # TLS (payment_grpc/tls.py): cert + key make the port TLS-only; a client CA makes it mTLS.
     tls_cert_file: pathlib.Path | None = None  # PEM chain, server certificate first

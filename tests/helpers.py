@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
+import jwt as pyjwt
 import sqlalchemy as sa
 from google.rpc import error_details_pb2
 from grpc import aio
 from grpc_status import rpc_status
 from payments.v1 import payment_service_pb2 as api
+from payments.v1 import payment_service_pb2_grpc
 from payments.v1 import resources_pb2 as pb
 
 from payment_grpc.adapters.auth.tokens import mint_token
-from payment_grpc.adapters.db.tables import payment_events, payments, refunds
-from payment_grpc.bootstrap import Application
+from payment_grpc.adapters.db.engine import SqlUnitOfWorkFactory
+from payment_grpc.adapters.db.tables import idempotency_keys, payment_events, payments, refunds
+from payment_grpc.bootstrap import Application, build_application, build_cipher
+from payment_grpc.config import Settings
+from payment_grpc.service.ports import KeyRecord, RecoveryPoint
 
 S = pb.PaymentStatus
 
@@ -103,6 +113,121 @@ async def events_of(app: Application, payment_id: str) -> list[tuple[int, str | 
         return [tuple(r) for r in rows]  # type: ignore[misc]
 
 
+async def expire_idempotency_keys(app: Application) -> None:
+    """Push every stored key past its retention, as if 72 h had gone by."""
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    async with app.engine.begin() as conn:
+        await conn.execute(idempotency_keys.update().values(expires_at=past))
+
+
+async def stored_key(
+    app: Application, rpc: str, key: str, subject: str = "svc-tests"
+) -> KeyRecord | None:
+    """The key's record read through the real repository (its answer decrypted)."""
+    uow = SqlUnitOfWorkFactory(app.engine, build_cipher(app.settings))
+    async with uow(read_only=True) as tx:
+        return await tx.idempotency.get_for_update(
+            subject, f"/payments.v1.PaymentService/{rpc}", key
+        )
+
+
+async def abandon_key(
+    app: Application, rpc: str, key: str, point: RecoveryPoint, *, locked_at: datetime
+) -> None:
+    """Put a finished key back where a crash would have left it: its answer not yet
+    stored, held by a replica that stopped at `locked_at`."""
+    async with app.engine.begin() as conn:
+        await conn.execute(
+            idempotency_keys.update()
+            .where(
+                idempotency_keys.c.method == f"/payments.v1.PaymentService/{rpc}",
+                idempotency_keys.c.key == key,
+            )
+            .values(
+                recovery_point=point.value,
+                response_code=None,
+                response_body=None,
+                locked_by="replica-gone",
+                locked_at=locked_at,
+            )
+        )
+
+
+async def insert_pending_refund(
+    app: Application, payment_id: str, amount_minor: int, *, updated_at: datetime
+) -> str:
+    """A refund row left PENDING (the gateway never answered), for the recovery worker."""
+    refund_id = f"re_{uuid.uuid4().hex}"
+    async with app.engine.begin() as conn:
+        await conn.execute(
+            refunds.insert().values(
+                id=refund_id,
+                payment_id=payment_id,
+                currency="USD",
+                amount_minor=amount_minor,
+                status="PENDING",
+                reason="UNSPECIFIED",
+                gateway_reference="",
+                failure_code="",
+                created_at=updated_at,
+                updated_at=updated_at,
+            )
+        )
+    return refund_id
+
+
+async def refund_status(app: Application, refund_id: str) -> str:
+    async with app.engine.connect() as conn:
+        query = sa.select(refunds.c.status).where(refunds.c.id == refund_id)
+        return str((await conn.execute(query)).scalar_one())
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    settings: Settings,
+) -> AsyncIterator[tuple[Application, payment_service_pb2_grpc.PaymentServiceStub]]:
+    """A started application, its recovery worker's start-up pass done, and a stub that
+    adds the admin token (no idempotency keys)."""
+    app = build_application(settings)
+    await app.start()
+    try:
+        await app.recovery.wait_for_passes(1)
+        async with aio.insecure_channel(
+            f"127.0.0.1:{app.port}", interceptors=client_metadata(keys=False)
+        ) as channel:
+            yield app, payment_service_pb2_grpc.PaymentServiceStub(channel)
+    finally:
+        await app.stop()
+
+
+def keyed(key: str) -> tuple[tuple[str, str], ...]:
+    return (("idempotency-key", key),)
+
+
+async def replayed(call: Any) -> bool:
+    """Whether a finished unary call carried `idempotent-replayed: true`."""
+    metadata = await call.initial_metadata()
+    return ("idempotent-replayed", "true") in list(metadata or ())
+
+
+CLIENT_ATTEMPTS = 20
+
+
+async def call_like_a_client(send: Callable[[], Any]) -> tuple[Any, bool]:
+    """(answer, replayed?) of a keyed call, retried like the order service does: after
+    ABORTED IDEMPOTENCY_KEY_IN_USE, again once the server's RetryInfo delay has passed."""
+    for _ in range(CLIENT_ATTEMPTS):
+        call = send()
+        try:
+            return await call, await replayed(call)
+        except grpc.aio.AioRpcError as error:
+            rich = RichError(error)
+            if rich.info.reason != "IDEMPOTENCY_KEY_IN_USE" or not rich.has_retry:
+                raise
+            await asyncio.sleep(rich.retry.retry_delay.ToTimedelta().total_seconds())
+    raise AssertionError(f"the key was still in use after {CLIENT_ATTEMPTS} attempts")
+
+
 TEST_JWT_SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
 # Shared by every test server (like the JWT secret), so replicas with their own DATA_DIR
 # read each other's rows; "test" is a kid, the rest base64 of a 32-byte AES key.
@@ -166,3 +291,26 @@ def ClientMetadata(jwt: str | None = None, *, keys: bool = True) -> Any:  # noqa
 
 
 FreshIdempotencyKey = ClientMetadata
+
+
+def token_with_claims(secret: str = TEST_JWT_SECRET, **claims: Any) -> str:
+    """An HS256 token with valid defaults overridden by `claims` (a None value drops one)."""
+    now = int(time.time())
+    defaults: dict[str, Any] = {"sub": "svc-tests", "scope": "payments.read",
+                                "aud": "payment-service", "iss": "payment-grpc",
+                                "iat": now, "nbf": now, "exp": now + 600}  # fmt: skip
+    merged = {k: v for k, v in (defaults | claims).items() if v is not None}
+    return pyjwt.encode(merged, secret, algorithm="HS256")
+
+
+class SettableClock:
+    """A clock that moves only when the test says so (for caches bounded in time)."""
+
+    def __init__(self, at: datetime | None = None) -> None:
+        self.at = at or datetime.now(UTC)
+
+    def now(self) -> datetime:
+        return self.at
+
+    def advance(self, delta: timedelta) -> None:
+        self.at += delta

@@ -4,13 +4,14 @@
 The use case then advances the key's recovery point inside its own transactions through a
 `Checkpoint`, and stores the final answer in the same transaction as the final change. A
 retry after a crash resumes from the recorded point; nothing is executed twice because
-every gateway call uses a key derived from ids recorded before it.
+every gateway call uses a key derived from ids recorded before it. Keys no execution holds
+any more are finished by the recovery worker (`abandoned`, `finish_abandoned`).
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,6 +25,10 @@ from payment_grpc.service.ports import (
     UnitOfWork,
     UnitOfWorkFactory,
 )
+
+# Reads the answer of an abandoned key from the current state, in the key's transaction;
+# None while the money side is not settled yet.
+AnswerReader = Callable[[UnitOfWork, KeyRecord], Awaitable[bytes | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,32 +55,56 @@ class IdempotencyKeys:
         now = self._clock.now()
         fresh = self._new_record(scope, method, key, fingerprint, now)
         async with self._uow() as tx:
-            if await tx.idempotency.insert_if_absent(fresh):
-                await tx.commit()
-                return fresh
-            existing = await tx.idempotency.get_for_update(scope, method, key)
-            outcome = await self._existing(tx, existing, fresh, now)
+            outcome = await self._claim(tx, fresh, now)
             await tx.commit()
         return outcome
 
-    async def _existing(
-        self, tx: UnitOfWork, existing: KeyRecord | None, fresh: KeyRecord, now: datetime
+    async def _claim(
+        self, tx: UnitOfWork, fresh: KeyRecord, now: datetime
     ) -> KeyRecord | StoredAnswer:
-        if existing is None or existing.expires_at <= now:
-            if existing is not None:  # an expired key starts a new request
-                await tx.idempotency.delete(existing.record_id)
-            await tx.idempotency.insert_if_absent(fresh)
+        if await tx.idempotency.insert_if_absent(fresh):
             return fresh
+        existing = await self._current(tx, fresh)
+        if existing is not None and existing.expires_at <= now:
+            await tx.idempotency.delete(existing.record_id)  # an expired key is a new request
+            existing = None
+        if existing is not None:
+            return await self._existing(tx, existing, fresh, now)
+        if await tx.idempotency.insert_if_absent(fresh):
+            return fresh
+        # Another call claimed the key between our read and our insert (it waited on the
+        # expired row's lock too): its claim decides, as if it had been there first.
+        return await self._claimed_by_another(tx, fresh, now)
+
+    async def _claimed_by_another(
+        self, tx: UnitOfWork, fresh: KeyRecord, now: datetime
+    ) -> KeyRecord | StoredAnswer:
+        winner = await self._current(tx, fresh)
+        if winner is None or winner.expires_at <= now:
+            raise IdempotencyKeyInUse()  # gone again already: the caller retries
+        return await self._existing(tx, winner, fresh, now)
+
+    async def _current(self, tx: UnitOfWork, record: KeyRecord) -> KeyRecord | None:
+        """The stored row of the record's (scope, method, key), under its row lock."""
+        return await tx.idempotency.get_for_update(record.scope, record.method, record.key)
+
+    async def _existing(
+        self, tx: UnitOfWork, existing: KeyRecord, fresh: KeyRecord, now: datetime
+    ) -> KeyRecord | StoredAnswer:
         if existing.fingerprint != fresh.fingerprint:
             raise IdempotencyKeyReused()
         if existing.recovery_point is RecoveryPoint.FINISHED:
             assert existing.response_code is not None
             return StoredAnswer(existing.response_code, existing.response_body or b"")
-        if existing.locked_at is not None and existing.locked_at > now - self._policy.lock_timeout:
+        if self._held(existing, now):
             raise IdempotencyKeyInUse()
         resumed = replace(existing, locked_by=self._policy.owner, locked_at=now)
         await tx.idempotency.save(resumed)
         return resumed
+
+    def _held(self, record: KeyRecord, now: datetime) -> bool:
+        """Locked by an execution that may still be running (its lock is not stale)."""
+        return record.locked_at is not None and record.locked_at > now - self._policy.lock_timeout
 
     def _new_record(
         self, scope: str, method: str, key: str, fingerprint: str, now: datetime
@@ -116,6 +145,40 @@ class IdempotencyKeys:
             removed = await tx.idempotency.delete_expired(self._clock.now(), limit)
             await tx.commit()
         return removed
+
+    async def abandoned(self, limit: int) -> list[KeyRecord]:
+        """Unfinished keys no live execution holds (unlocked, or the lock went stale)."""
+        now = self._clock.now()
+        async with self._uow(read_only=True) as tx:
+            return await tx.idempotency.abandoned(now - self._policy.lock_timeout, now, limit)
+
+    async def finish_abandoned(self, record: KeyRecord, answer_of: AnswerReader) -> bool:
+        """Finish a key nobody holds, under its row lock so two replicas never both do:
+        a key still at STARTED (nothing created) is released so a retry runs fresh; any
+        other gets the answer `answer_of` reads from the current state, or stays open
+        while that is unsettled (None). True if the key was finished or released."""
+        now = self._clock.now()
+        async with self._uow() as tx:
+            current = await self._current(tx, record)
+            if current is None or not self._abandoned(current, record, now):
+                return False
+            if current.recovery_point is RecoveryPoint.STARTED:
+                await tx.idempotency.delete(current.record_id)
+            else:
+                answer = await answer_of(tx, current)
+                if answer is None:
+                    return False
+                await tx.idempotency.save(_finished(current, StoredAnswer(0, answer)))
+            await tx.commit()
+        return True
+
+    def _abandoned(self, current: KeyRecord, listed: KeyRecord, now: datetime) -> bool:
+        return (
+            current.record_id == listed.record_id
+            and current.recovery_point is not RecoveryPoint.FINISHED
+            and current.expires_at > now
+            and not self._held(current, now)
+        )
 
     async def release_own_locks(self) -> int:
         """At start-up: keys this replica held when it last died can be resumed at once."""

@@ -232,6 +232,19 @@ class IdempotencyRepository(Protocol):
 
     async def release_locks_of(self, owner: str) -> int: ...
 
+    async def abandoned(
+        self, locked_before: datetime, now: datetime, limit: int
+    ) -> list[KeyRecord]:
+        """Unexpired, unfinished keys nobody holds: unlocked, or locked before the cutoff."""
+        ...
+
+
+class AnswerEncoder(Protocol):
+    def __call__(self, method: str, result: object) -> bytes:
+        """The stored answer for a finished execution of `method`: the response bytes the
+        RPC would have sent for `result` (a Payment, or a (Refund, Payment) pair)."""
+        ...
+
 
 # ---------------------------------------------------------------- status bus
 

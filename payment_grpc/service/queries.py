@@ -56,7 +56,7 @@ class Queries:
         limit: SizeLimit[Payment] | None = None,
     ) -> Page[Payment]:
         if ctx.customer_id is not None:
-            if where.customer_id not in ("", ctx.customer_id):
+            if not ctx.customer_id or where.customer_id not in ("", ctx.customer_id):
                 return Page([], "")  # a customer's filter can only narrow, never widen
             where = replace(where, customer_id=ctx.customer_id)
         size = page_size(requested_size)
@@ -118,7 +118,8 @@ class Queries:
 
 def _visible(payment: Payment, ctx: RequestContext) -> Payment:
     """A customer sees only their own payments; anything else does not exist for them."""
-    if ctx.customer_id is not None and payment.customer_id != ctx.customer_id:
+    customer = ctx.customer_id
+    if customer is not None and (not customer or payment.customer_id != customer):
         raise PaymentNotFound(payment.payment_id)
     return payment
 

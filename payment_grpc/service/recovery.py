@@ -2,28 +2,53 @@
 
 Runs periodically in every replica. Safe to run twice at once: each item is finished
 by a gateway call with the same derived key (the gateway dedupes) and recorded under
-the row lock only if it is still unfinished.
+the row lock only if it is still unfinished. Abandoned idempotency keys come after the
+money side: under the key's row lock, each gets the answer the client's retry would
+have stored, so that retry is a replay. One failing item never stops the pass: it is
+logged and tried again next time, and the reaper always runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import timedelta
 
 from payment_grpc.domain.errors import DomainError
 from payment_grpc.domain.payment import Payment, PaymentStatus
-from payment_grpc.domain.refund import Refund
+from payment_grpc.domain.refund import Refund, RefundStatus
 from payment_grpc.service.charging import Charging
 from payment_grpc.service.context import SYSTEM
 from payment_grpc.service.deps import Deps, authorize_key
 from payment_grpc.service.idempotency import IdempotencyKeys
 from payment_grpc.service.operations import CANCEL, Operations
-from payment_grpc.service.ports import AuthorizationOutcome, GatewayDown, GatewayTimeout
+from payment_grpc.service.ports import (
+    AnswerEncoder,
+    AuthorizationOutcome,
+    GatewayDown,
+    GatewayTimeout,
+    KeyRecord,
+    RecoveryPoint,
+    UnitOfWork,
+)
 
 log = logging.getLogger(__name__)
 BATCH = 100
+
+
+@dataclass(frozen=True, slots=True)
+class PassReport:
+    settled: int  # payments and refunds taken to their outcome
+    keys: int  # abandoned idempotency keys answered or released by this pass
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    label: str
+    work: Callable[[], Awaitable[bool]]  # True when it finished something
 
 
 class Recovery:
@@ -34,12 +59,16 @@ class Recovery:
         operations: Operations,
         keys: IdempotencyKeys,
         stale_after: timedelta,
+        encode_answer: AnswerEncoder,
     ) -> None:
         self._deps = deps
         self._charging = charging
         self._operations = operations
         self._keys = keys
         self._stale_after = stale_after
+        self._encode_answer = encode_answer
+        self._passes = 0
+        self._pass_done = asyncio.Condition()
 
     async def run_forever(self, interval_s: float) -> None:
         while True:
@@ -47,37 +76,73 @@ class Recovery:
                 await self.run_once()
             except Exception:
                 log.exception("recovery pass failed; trying again next interval")
+            await self._count_pass()
             await asyncio.sleep(interval_s)
 
-    async def run_once(self) -> int:
-        """One pass; returns how many items it finished."""
+    @property
+    def completed_passes(self) -> int:
+        """Periodic passes completed since the worker started (the first runs at once)."""
+        return self._passes
+
+    async def wait_for_passes(self, total: int) -> None:
+        """Return once the periodic worker has completed `total` passes."""
+        async with self._pass_done:
+            await self._pass_done.wait_for(lambda: self._passes >= total)
+
+    async def _count_pass(self) -> None:
+        async with self._pass_done:
+            self._passes += 1
+            self._pass_done.notify_all()
+
+    async def run_once(self) -> PassReport:
+        """One pass: settle the money side, then answer abandoned keys, then reap."""
+        settled = await self._run_all("stale payments and refunds", self._money_items)
+        keys = await self._run_all("abandoned idempotency keys", self._key_items)
+        await self._attempt(_Item("reaping expired idempotency keys", self._reap))
+        if settled or keys:
+            log.info("recovery settled %d items and finished %d idempotency keys", settled, keys)
+        return PassReport(settled, keys)
+
+    async def _run_all(self, what: str, find: Callable[[], Awaitable[list[_Item]]]) -> int:
+        try:
+            items = await find()
+        except Exception:
+            log.exception("recovery could not list %s; trying again next pass", what)
+            return 0
+        return sum([await self._attempt(item) for item in items])
+
+    async def _attempt(self, item: _Item) -> int:
+        try:
+            return int(await item.work())
+        except (GatewayTimeout, GatewayDown, DomainError) as exc:
+            log.info("recovery: %s not finished yet: %s", item.label, exc)
+        except Exception:
+            log.exception("recovery: %s failed; trying again next pass", item.label)
+        return 0
+
+    # ------------------------------------------------------------ money side
+
+    async def _money_items(self) -> list[_Item]:
         cutoff = self._deps.clock.now() - self._stale_after
         async with self._deps.uow(read_only=True) as tx:
             payments = await tx.payments.stale(cutoff, BATCH)
             refunds = await tx.refunds.stale_pending(cutoff, BATCH)
-        done = 0
-        for payment in payments:
-            done += await self._guard(self._payment(payment))
-        for refund in refunds:
-            done += await self._guard(self._refund(refund))
-        await self._keys.reap()
-        return done
+        return [
+            *(
+                _Item(f"payment {p.payment_id}", functools.partial(self._payment, p))
+                for p in payments
+            ),
+            *(_Item(f"refund {r.refund_id}", functools.partial(self._refund, r)) for r in refunds),
+        ]
 
-    async def _guard(self, work: Awaitable[None]) -> int:
-        try:
-            await work
-        except (GatewayTimeout, GatewayDown, DomainError) as exc:
-            log.info("recovery item not finished yet: %s", exc)
-            return 0
-        return 1
-
-    async def _payment(self, payment: Payment) -> None:
+    async def _payment(self, payment: Payment) -> bool:
         if payment.in_flight == CANCEL:
             await self._operations.finish_cancel(payment, SYSTEM)
         elif payment.in_flight:
             await self._operations.finish_capture(payment, SYSTEM)
         elif payment.status is PaymentStatus.PROCESSING:
             await self._settle_processing(payment)
+        return True
 
     async def _settle_processing(self, payment: Payment) -> None:
         known = await self._deps.gateway.lookup(authorize_key(payment.payment_id))
@@ -86,5 +151,40 @@ class Recovery:
         elif known.outcome is not AuthorizationOutcome.PENDING:
             await self._charging.record(payment.payment_id, known, SYSTEM)
 
-    async def _refund(self, refund: Refund) -> None:
+    async def _refund(self, refund: Refund) -> bool:
         await self._operations.finish_refund(refund, SYSTEM)
+        return True
+
+    # ------------------------------------------------------------ keys
+
+    async def _key_items(self) -> list[_Item]:
+        return [
+            _Item(f"idempotency key {k.record_id}", functools.partial(self._key, k))
+            for k in await self._keys.abandoned(BATCH)
+        ]
+
+    async def _key(self, record: KeyRecord) -> bool:
+        return await self._keys.finish_abandoned(record, self._answer_of)
+
+    async def _answer_of(self, tx: UnitOfWork, record: KeyRecord) -> bytes | None:
+        result = await _settled_result(tx, record)
+        return None if result is None else self._encode_answer(record.method, result)
+
+    async def _reap(self) -> bool:
+        return await self._keys.reap() > 0
+
+
+async def _settled_result(tx: UnitOfWork, record: KeyRecord) -> object | None:
+    """What a retry of the key would store now (as the use cases' resume paths do), or
+    None while the retry would still have to reach the gateway."""
+    if record.refund_id:
+        refund = await tx.refunds.get(record.refund_id)
+        if refund.status is RefundStatus.PENDING:
+            return None
+        return refund, await tx.payments.get(refund.payment_id)
+    if record.payment_id is None:
+        return None
+    payment = await tx.payments.get(record.payment_id)
+    if record.recovery_point is RecoveryPoint.PAYMENT_CREATED:
+        return None if payment.status is PaymentStatus.PROCESSING else payment
+    return None if payment.in_flight else payment

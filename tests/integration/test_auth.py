@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import pathlib
+import sys
+
 import grpc
 import pytest
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from payments.v1 import payment_service_pb2 as api
 from payments.v1 import payment_service_pb2_grpc
 
+from payment_grpc.adapters.clock import SystemClock
+from payment_grpc.adapters.db.engine import SqlUnitOfWorkFactory
+from payment_grpc.adapters.faults import NoFaults
+from payment_grpc.bootstrap import Application, build_cipher
+from payment_grpc.domain.errors import PaymentNotFound, RefundNotFound
+from payment_grpc.service.context import RequestContext
+from payment_grpc.service.deps import Deps
+from payment_grpc.service.ports import PaymentFilter
+from payment_grpc.service.queries import Queries
 from tests.helpers import (
     S,
     charge_request,
@@ -17,6 +32,7 @@ from tests.helpers import (
     row_counts,
     rpc_error,
     token,
+    token_with_claims,
     usd,
 )
 
@@ -143,6 +159,23 @@ async def test_health_and_reflection_need_no_token(app) -> None:
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+async def test_reflection_needs_no_token(app) -> None:
+    async with aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        call = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo()
+        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        listed = await call.read()
+        await call.write(
+            reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol="payments.v1.PaymentService"
+            )
+        )
+        described = await call.read()
+        await call.done_writing()
+    names = {service.name for service in listed.list_services_response.service}
+    assert "payments.v1.PaymentService" in names
+    assert described.file_descriptor_response.file_descriptor_proto
+
+
 class TestCustomerOwnership:
     async def _setup(self, as_caller):  # type: ignore[no-untyped-def]
         admin = as_caller(token())
@@ -202,3 +235,84 @@ class TestCustomerOwnership:
         )
         error = await rpc_error(customer.Charge(charge_request(customer_id="cus_me")))
         assert error.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+EMPTY_CUSTOMER_TOKENS = {
+    "customer_id-claim": lambda: token_with_claims(sub="cus_me", customer_id=""),
+    "blank-customer_id-claim": lambda: token_with_claims(sub="cus_me", customer_id="  "),
+    "customer-role-empty-sub": lambda: token_with_claims(sub="", roles=["customer"]),
+}
+
+
+class TestEmptyCustomerId:
+    """A customer token naming no customer must not read as "every customer"."""
+
+    async def _calls(self, as_caller):  # type: ignore[no-untyped-def]
+        admin = as_caller(token())
+        nobodys = (await admin.Charge(charge_request(1_000))).payment  # customer_id ""
+        theirs = (await admin.Charge(charge_request(1_000, customer_id="cus_other"))).payment
+        refund = (
+            await admin.Refund(api.RefundRequest(payment_id=nobodys.payment_id, amount=usd(10)))
+        ).refund
+        await admin.Refund(api.RefundRequest(payment_id=theirs.payment_id, amount=usd(10)))
+        return {
+            "GetPayment": lambda s: s.GetPayment(
+                api.GetPaymentRequest(payment_id=nobodys.payment_id)
+            ),
+            "ListPayments": lambda s: s.ListPayments(api.ListPaymentsRequest()),
+            "WatchPaymentStatus": lambda s: s.WatchPaymentStatus(
+                api.WatchPaymentStatusRequest(payment_id=nobodys.payment_id)
+            ).read(),
+            "GetRefund": lambda s: s.GetRefund(api.GetRefundRequest(refund_id=refund.refund_id)),
+            "ListRefunds": lambda s: s.ListRefunds(
+                api.ListRefundsRequest(payment_id=nobodys.payment_id)
+            ),
+        }
+
+    @pytest.mark.parametrize("kind", sorted(EMPTY_CUSTOMER_TOKENS))
+    async def test_is_unauthenticated_for_every_read(self, as_caller, kind) -> None:
+        calls = await self._calls(as_caller)
+        customer = as_caller(EMPTY_CUSTOMER_TOKENS[kind]())
+        for name, call in calls.items():
+            error = await rpc_error(call(customer))
+            assert (name, error.code) == (name, grpc.StatusCode.UNAUTHENTICATED)
+            assert error.message == "missing or invalid credentials"
+
+    async def test_queries_show_a_customer_without_id_nothing(self, as_caller, app) -> None:
+        """Fail safe below the verifier: should such a principal ever get through."""
+        await self._calls(as_caller)  # the payments and refunds to hide
+        queries = _queries(app)
+        nobody = RequestContext(subject="cus_me", customer_id="", scopes=frozenset())
+        everyone = await queries.list_payments(PaymentFilter(), 50, "", SYSTEM_READER)
+        payment = next(p for p in everyone.items if p.customer_id == "")
+        refund = (await queries.list_refunds(payment.payment_id, 50, "", SYSTEM_READER)).items[0]
+        assert (await queries.list_payments(PaymentFilter(), 50, "", nobody)).items == []
+        with pytest.raises(PaymentNotFound):
+            await queries.get_payment(payment.payment_id, nobody)
+        with pytest.raises(PaymentNotFound):
+            await queries.list_refunds(payment.payment_id, 50, "", nobody)
+        with pytest.raises(RefundNotFound):
+            await queries.get_refund(refund.refund_id, nobody)
+        with pytest.raises(PaymentNotFound):
+            await anext(aiter(queries.watch(payment.payment_id, 0, False, nobody)))
+
+
+SYSTEM_READER = RequestContext(subject="svc-tests", scopes=frozenset({"payments.admin"}))
+
+
+def _queries(app: Application) -> Queries:
+    uow = SqlUnitOfWorkFactory(app.engine, build_cipher(app.settings))
+    deps = Deps(uow=uow, gateway=app.gateway, bus=app.bus, clock=SystemClock(), faults=NoFaults())
+    return Queries(deps)
+
+
+async def test_token_cli_refuses_an_empty_customer(tmp_path: pathlib.Path) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "payment_grpc", "token", "--customer", "",
+        env={**os.environ, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "WARNING"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await process.communicate()
+    assert process.returncode == 2
+    assert out == b""
+    assert b"--customer" in err

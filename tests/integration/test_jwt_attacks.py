@@ -15,7 +15,7 @@ import grpc
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from grpc import aio
 from payments.v1 import payment_service_pb2 as api
 from payments.v1 import payment_service_pb2_grpc
@@ -27,6 +27,8 @@ from tests.helpers import TEST_JWT_SECRET, rpc_error
 AUD, ISS = "payment-service", "payment-grpc"
 SIGNING_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 OTHER_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+EC_SIGNING_KEY = ec.generate_private_key(ec.SECP256R1())
+EC_OTHER_KEY = ec.generate_private_key(ec.SECP256R1())
 PUBLIC_PEM = SIGNING_KEY.public_key().public_bytes(
     serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
 )
@@ -74,6 +76,7 @@ ATTACKS = {
     "other-rsa-key": lambda: _rs256(OTHER_KEY, _claims()),
     "expired": lambda: jwt.encode(_claims(exp=int(time.time()) - 3600), TEST_JWT_SECRET),
     "not-yet-valid": lambda: jwt.encode(_claims(nbf=int(time.time()) + 3600), TEST_JWT_SECRET),
+    "far-future-iat": lambda: jwt.encode(_claims(iat=int(time.time()) + 3600), TEST_JWT_SECRET),
     "wrong-audience": lambda: jwt.encode(_claims(aud="other-service"), TEST_JWT_SECRET),
     "wrong-issuer": lambda: jwt.encode(_claims(iss="evil"), TEST_JWT_SECRET),
     "missing-exp": lambda: jwt.encode(_claims(exp=None), TEST_JWT_SECRET),
@@ -159,3 +162,58 @@ async def test_metadata_above_the_limit_is_refused_and_the_server_keeps_serving(
     assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     again = await _list_with(rs256_app, "Bearer junk")
     assert again.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def _jwks_file(tmp_path: pathlib.Path) -> pathlib.Path:
+    rsa_jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(SIGNING_KEY.public_key()))
+    ec_jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(EC_SIGNING_KEY.public_key()))
+    path = tmp_path / "jwks.json"
+    keys = [{**rsa_jwk, "kid": "k1", "alg": "RS256"}, {**ec_jwk, "kid": "e1", "alg": "ES256"}]
+    path.write_text(json.dumps({"keys": keys}))
+    return path
+
+
+@pytest.fixture
+async def jwks_app(
+    database_url: str, tmp_path: pathlib.Path, request
+) -> AsyncIterator[Application]:  # type: ignore[no-untyped-def]
+    """A server with public keys only (JWKS file), allowing the algorithms in the param."""
+    settings = make_settings(
+        database_url, tmp_path, jwt_algorithms=request.param, jwt_jwks_file=_jwks_file(tmp_path)
+    )
+    app = build_application(settings)
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.stop()
+
+
+async def _list_ok(app: Application, token: str) -> list[Any]:
+    async with aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = payment_service_pb2_grpc.PaymentServiceStub(channel)
+        reply = await stub.ListPayments(
+            api.ListPaymentsRequest(), metadata=(("authorization", f"Bearer {token}"),)
+        )
+    return list(reply.payments)
+
+
+@pytest.mark.parametrize("jwks_app", ["RS256"], indirect=True)
+async def test_hs_rs_confusion_against_an_rs256_only_server(jwks_app: Application) -> None:
+    assert await _list_ok(jwks_app, _rs256(SIGNING_KEY, _claims())) == []
+    for forged in (_hs256_with(PUBLIC_PEM, _claims()), _hs256_with(PUBLIC_PEM, _claims(), "")):
+        error = await _list_with(jwks_app, f"Bearer {forged}")
+        assert error.code == grpc.StatusCode.UNAUTHENTICATED
+        assert error.message == "missing or invalid credentials"
+
+
+@pytest.mark.parametrize("jwks_app", ["ES256"], indirect=True)
+async def test_es256_tokens_verify_with_a_jwks_file(jwks_app: Application) -> None:
+    good = jwt.encode(_claims(), EC_SIGNING_KEY, algorithm="ES256", headers={"kid": "e1"})
+    assert await _list_ok(jwks_app, good) == []
+    for bad in (
+        jwt.encode(_claims(), EC_OTHER_KEY, algorithm="ES256", headers={"kid": "e1"}),
+        jwt.encode(_claims(), EC_SIGNING_KEY, algorithm="ES256", headers={"kid": "k1"}),
+        _rs256(SIGNING_KEY, _claims()),  # RS256 is not allowed on this server
+    ):
+        assert (await _list_with(jwks_app, f"Bearer {bad}")).code == grpc.StatusCode.UNAUTHENTICATED

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61uth/v1/auth_service.proto\x12\x07\x61uth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"5\n\x12VerifyTokenRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x01(\t\"\x8c\x01\n\x13VerifyTokenResponse\x12\x0e\n\x06\x61\x63tive\x18\x01 \x01(\x08\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x13\n\x0b\x63ustomer_id\x18\x04 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2W\n\x0b\x41uthService\x12H\n\x0bVerifyToken\x12\x1b.auth.v1.VerifyTokenRequest\x1a\x1c.auth.v1.VerifyTokenResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61uth/v1/auth_service.proto\x12\x07\x61uth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"5\n\x12VerifyTokenRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x01(\t\"\x8c\x01\n\x13VerifyTokenResponse\x12\x0e\n\x06\x61\x63tive\x18\x01 \x01(\x08\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x13\n\x0b\x63ustomer_id\x18\x04 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x17\n\x15GetSigningKeysRequest\"+\n\x16GetSigningKeysResponse\x12\x11\n\tjwks_json\x18\x01 \x01(\t2\xaa\x01\n\x0b\x41uthService\x12H\n\x0bVerifyToken\x12\x1b.auth.v1.VerifyTokenRequest\x1a\x1c.auth.v1.VerifyTokenResponse\x12Q\n\x0eGetSigningKeys\x12\x1e.auth.v1.GetSigningKeysRequest\x1a\x1f.auth.v1.GetSigningKeysResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,6 +36,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VERIFYTOKENREQUEST']._serialized_end=125
   _globals['_VERIFYTOKENRESPONSE']._serialized_start=128
   _globals['_VERIFYTOKENRESPONSE']._serialized_end=268
-  _globals['_AUTHSERVICE']._serialized_start=270
-  _globals['_AUTHSERVICE']._serialized_end=357
+  _globals['_GETSIGNINGKEYSREQUEST']._serialized_start=270
+  _globals['_GETSIGNINGKEYSREQUEST']._serialized_end=293
+  _globals['_GETSIGNINGKEYSRESPONSE']._serialized_start=295
+  _globals['_GETSIGNINGKEYSRESPONSE']._serialized_end=338
+  _globals['_AUTHSERVICE']._serialized_start=341
+  _globals['_AUTHSERVICE']._serialized_end=511
 # @@protoc_insertion_point(module_scope)

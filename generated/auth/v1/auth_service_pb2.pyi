@@ -86,3 +86,44 @@ class VerifyTokenResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VerifyTokenResponse: _TypeAlias = VerifyTokenResponse  # noqa: Y015
+
+@_typing.final
+class GetSigningKeysRequest(_message.Message):
+    """Request for the current token-signing public keys."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSigningKeysRequest: _TypeAlias = GetSigningKeysRequest  # noqa: Y015
+
+@_typing.final
+class GetSigningKeysResponse(_message.Message):
+    """The current token-signing public keys."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JWKS_JSON_FIELD_NUMBER: _builtins.int
+    jwks_json: _builtins.str
+    """A JSON Web Key Set (RFC 7517, section 5): {"keys": [...]}, public keys only,
+    each with its "kid"; keys about to be rotated in or out are listed too.
+    """
+    def __init__(
+        self,
+        *,
+        jwks_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jwks_json", b"jwks_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSigningKeysResponse: _TypeAlias = GetSigningKeysResponse  # noqa: Y015

@@ -40,6 +40,11 @@ class AuthServiceStub:
                 request_serializer=auth_dot_v1_dot_auth__service__pb2.VerifyTokenRequest.SerializeToString,
                 response_deserializer=auth_dot_v1_dot_auth__service__pb2.VerifyTokenResponse.FromString,
                 _registered_method=True)
+        self.GetSigningKeys = channel.unary_unary(
+                '/auth.v1.AuthService/GetSigningKeys',
+                request_serializer=auth_dot_v1_dot_auth__service__pb2.GetSigningKeysRequest.SerializeToString,
+                response_deserializer=auth_dot_v1_dot_auth__service__pb2.GetSigningKeysResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
@@ -53,6 +58,13 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSigningKeys(self, request, context):
+        """Returns the public keys that verify the tokens this service issues (RS256, ES256).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +72,11 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.VerifyToken,
                     request_deserializer=auth_dot_v1_dot_auth__service__pb2.VerifyTokenRequest.FromString,
                     response_serializer=auth_dot_v1_dot_auth__service__pb2.VerifyTokenResponse.SerializeToString,
+            ),
+            'GetSigningKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSigningKeys,
+                    request_deserializer=auth_dot_v1_dot_auth__service__pb2.GetSigningKeysRequest.FromString,
+                    response_serializer=auth_dot_v1_dot_auth__service__pb2.GetSigningKeysResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +107,33 @@ class AuthService:
             '/auth.v1.AuthService/VerifyToken',
             auth_dot_v1_dot_auth__service__pb2.VerifyTokenRequest.SerializeToString,
             auth_dot_v1_dot_auth__service__pb2.VerifyTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSigningKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/auth.v1.AuthService/GetSigningKeys',
+            auth_dot_v1_dot_auth__service__pb2.GetSigningKeysRequest.SerializeToString,
+            auth_dot_v1_dot_auth__service__pb2.GetSigningKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,8 @@ class AuthServiceStub:
     def __new__(cls, channel: _aio.Channel) -> AuthServiceAsyncStub: ...
     VerifyToken: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.VerifyTokenRequest, _auth_service_pb2.VerifyTokenResponse]
     """Introspects a bearer token: whether it is active (not revoked) and whose it is."""
+    GetSigningKeys: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.GetSigningKeysRequest, _auth_service_pb2.GetSigningKeysResponse]
+    """Returns the public keys that verify the tokens this service issues (RS256, ES256)."""
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -43,6 +45,8 @@ class AuthServiceAsyncStub(AuthServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     VerifyToken: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.VerifyTokenRequest, _auth_service_pb2.VerifyTokenResponse]  # type: ignore[assignment]
     """Introspects a bearer token: whether it is active (not revoked) and whose it is."""
+    GetSigningKeys: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.GetSigningKeysRequest, _auth_service_pb2.GetSigningKeysResponse]  # type: ignore[assignment]
+    """Returns the public keys that verify the tokens this service issues (RS256, ES256)."""
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     """The auth service's API, as the payment service uses it."""
@@ -54,5 +58,13 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_auth_service_pb2.VerifyTokenResponse, _abc.Awaitable[_auth_service_pb2.VerifyTokenResponse]]:
         """Introspects a bearer token: whether it is active (not revoked) and whose it is."""
+
+    @_abc_1.abstractmethod
+    def GetSigningKeys(
+        self,
+        request: _auth_service_pb2.GetSigningKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_service_pb2.GetSigningKeysResponse, _abc.Awaitable[_auth_service_pb2.GetSigningKeysResponse]]:
+        """Returns the public keys that verify the tokens this service issues (RS256, ES256)."""
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

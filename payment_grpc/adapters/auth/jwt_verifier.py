@@ -1,19 +1,19 @@
 """Local JWT verification with PyJWT: pinned algorithms, exp/nbf/iat/aud/iss checked.
 
-Keys: an HMAC secret for HS256, and/or public keys (RS256/ES256) from a JWKS file chosen by
-`kid`. Each algorithm family only ever sees its own kind of key, so an HS256 token signed
-with an RSA public key as the "secret" (algorithm confusion) fails, as does `alg: none`.
+Keys: an HMAC secret for HS256, and/or public keys (RS256/ES256) chosen by `kid` from a
+JWKS file or from the auth service (any `PublicKeys`). Each algorithm family only ever
+sees its own kind of key, so an HS256 token signed with an RSA public key as the "secret"
+(algorithm confusion) fails, as does `alg: none`.
 """
 
 from __future__ import annotations
 
-import json
-import pathlib
 from datetime import UTC, datetime
 from typing import Any
 
 import jwt
 
+from payment_grpc.adapters.auth.keys import PublicKeys
 from payment_grpc.domain.errors import Unauthenticated
 from payment_grpc.service.ports import Principal
 
@@ -29,14 +29,14 @@ class JwtVerifier:
         audience: str,
         issuer: str | None,
         secret: str | None = None,
-        jwks_path: pathlib.Path | None = None,
+        public_keys: PublicKeys | None = None,
         leeway_s: float = 30.0,
     ) -> None:
         self._algorithms = algorithms
         self._audience = audience
         self._issuer = issuer
         self._secret = secret
-        self._public_keys = _load_jwks(jwks_path) if jwks_path else {}
+        self._public_keys = public_keys
         self._leeway_s = leeway_s
 
     async def verify(self, token: str) -> Principal:
@@ -49,7 +49,7 @@ class JwtVerifier:
                 raise Unauthenticated()
             claims = jwt.decode(
                 token,
-                key=self._key_for(algorithm, header.get("kid")),
+                key=await self._key_for(algorithm, header.get("kid")),
                 algorithms=[algorithm],
                 audience=self._audience,
                 issuer=self._issuer,
@@ -60,34 +60,40 @@ class JwtVerifier:
             raise Unauthenticated() from exc
         return principal_from_claims(claims)
 
-    def _key_for(self, algorithm: str, kid: object) -> Any:
+    async def _key_for(self, algorithm: str, kid: object) -> Any:
         if algorithm in HMAC_ALGORITHMS:
             if not self._secret:
                 raise Unauthenticated()
             return self._secret
-        key = self._public_keys.get(kid if isinstance(kid, str) else "")
+        if self._public_keys is None:
+            raise Unauthenticated()
+        key = await self._public_keys.key(kid if isinstance(kid, str) else "")
         if key is None or key.algorithm_name != algorithm:
             raise Unauthenticated()
         return key.key
 
 
-def _load_jwks(path: pathlib.Path) -> dict[str, jwt.PyJWK]:
-    keys = jwt.PyJWKSet.from_dict(json.loads(path.read_text())).keys
-    return {key.key_id or "": key for key in keys}
-
-
 def principal_from_claims(claims: dict[str, Any]) -> Principal:
+    """The caller named by verified claims; a customer token must name its customer."""
     scopes = claims.get("scope", "")
     granted = frozenset(scopes.split() if isinstance(scopes, str) else scopes or ())
-    subject = str(claims["sub"])
+    subject = _non_blank(claims["sub"])
     customer = claims.get("customer_id")
     if customer is None and "customer" in (claims.get("roles") or ()):
         customer = subject
     if customer is not None:
+        customer = _non_blank(customer)
         granted &= {"payments.read"}  # a customer token reads, never moves money
     return Principal(
         subject=subject,
         scopes=granted,
         expires_at=datetime.fromtimestamp(int(claims["exp"]), UTC),
-        customer_id=str(customer) if customer is not None else None,
+        customer_id=customer,
     )
+
+
+def _non_blank(value: object) -> str:
+    # An empty id must never reach the queries, where "" means "no filter".
+    if not isinstance(value, str) or not value.strip():
+        raise Unauthenticated()
+    return value

@@ -18,6 +18,8 @@ def mint_token(
     ttl_s: int = 3600,
     customer_id: str | None = None,
 ) -> str:
+    if customer_id is not None and not customer_id.strip():
+        raise ValueError("a customer token needs a customer id")
     now = int(time.time())
     claims: dict[str, object] = {
         "sub": subject,

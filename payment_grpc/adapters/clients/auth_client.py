@@ -1,9 +1,12 @@
-"""Token introspection through the auth service (protos/auth/v1), on top of local checks.
+"""The auth service (protos/auth/v1): token introspection on top of local checks, and the
+public keys for RS256/ES256 tokens (`AuthServiceClient.signing_keys`).
 
 Every call has a deadline; transient failures (UNAVAILABLE, DEADLINE_EXCEEDED,
 RESOURCE_EXHAUSTED) are retried with exponential backoff and jitter; answers are cached
 per token until min(exp, TTL). If the service cannot answer and nothing is cached, the
-caller is refused with AuthUnavailable (fail closed).
+caller is refused with AuthUnavailable (fail closed). Introspection only ever narrows what
+the locally verified token grants: it may revoke, drop scopes or add a customer
+restriction, never the opposite.
 """
 
 from __future__ import annotations
@@ -12,14 +15,16 @@ import asyncio
 import hashlib
 import random
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 import grpc
 from auth.v1 import auth_service_pb2, auth_service_pb2_grpc
 from grpc import aio
 
 from payment_grpc.domain.errors import AuthUnavailable, Unauthenticated
-from payment_grpc.service.ports import Principal, TokenVerifier
+from payment_grpc.service.ports import Clock, Principal, TokenVerifier
 
 TRANSIENT = frozenset(
     {
@@ -36,74 +41,85 @@ REFUSED = frozenset(
     }
 )
 MAX_CACHED = 10_000
+CUSTOMER_SCOPES = frozenset({"payments.read"})
+Reply = TypeVar("Reply")
+
+
+class AuthServiceClient:
+    """One channel to auth.v1.AuthService; a deadline on every attempt."""
+
+    def __init__(
+        self, target: str, *, timeout_s: float = 1.0, attempts: int = 3, backoff_s: float = 0.05
+    ) -> None:
+        self._channel = aio.insecure_channel(target)
+        self._stub = auth_service_pb2_grpc.AuthServiceStub(self._channel)
+        self._timeout_s = timeout_s
+        self._attempts = attempts
+        self._backoff_s = backoff_s
+
+    async def verify_token(self, token: str, audience: str) -> auth_service_pb2.VerifyTokenResponse:
+        """Raises Unauthenticated when the service refuses the token, else AuthUnavailable."""
+        request = auth_service_pb2.VerifyTokenRequest(token=token, audience=audience)
+        return await self._call(
+            lambda: self._stub.VerifyToken(request, timeout=self._timeout_s), refused=REFUSED
+        )
+
+    async def signing_keys(self) -> str:
+        """The JWKS of the service's token-signing keys; raises AuthUnavailable."""
+        request = auth_service_pb2.GetSigningKeysRequest()
+        reply = await self._call(
+            lambda: self._stub.GetSigningKeys(request, timeout=self._timeout_s),
+            refused=frozenset(),
+        )
+        return reply.jwks_json
+
+    async def _call(
+        self, attempt: Callable[[], Awaitable[Reply]], *, refused: frozenset[grpc.StatusCode]
+    ) -> Reply:
+        for number in range(self._attempts):
+            try:
+                return await attempt()
+            except aio.AioRpcError as exc:
+                if exc.code() in refused:
+                    raise Unauthenticated() from exc
+                if exc.code() not in TRANSIENT or number == self._attempts - 1:
+                    raise AuthUnavailable() from exc
+            delay = self._backoff_s * 2**number
+            await asyncio.sleep(delay + random.uniform(0, delay))
+        raise AuthUnavailable()
+
+    async def close(self) -> None:
+        await self._channel.close(None)
 
 
 class AuthServiceVerifier:
     def __init__(
         self,
-        target: str,
+        client: AuthServiceClient,
         *,
         audience: str,
-        local: TokenVerifier | None,
+        local: TokenVerifier,
         cache_ttl: timedelta,
-        timeout_s: float = 1.0,
-        attempts: int = 3,
-        backoff_s: float = 0.05,
+        clock: Clock,
     ) -> None:
-        self._channel = aio.insecure_channel(target)
-        self._stub = auth_service_pb2_grpc.AuthServiceStub(self._channel)
+        self._client = client
         self._audience = audience
         self._local = local
         self._cache_ttl = cache_ttl
-        self._timeout_s = timeout_s
-        self._attempts = attempts
-        self._backoff_s = backoff_s
+        self._clock = clock
         self._cache: OrderedDict[str, Principal] = OrderedDict()
 
     async def verify(self, token: str) -> Principal:
-        if self._local is not None:
-            await self._local.verify(token)  # signature, expiry, audience first
+        local = await self._local.verify(token)  # signature, expiry, audience first
         digest = hashlib.sha256(token.encode()).hexdigest()
         cached = self._cache.get(digest)
-        now = datetime.now(UTC)
+        now = self._clock.now()
         if cached is not None and cached.expires_at > now:
             return cached
-        principal = await self._introspect(token, now)
+        reply = await self._client.verify_token(token, self._audience)
+        principal = narrowed(local, reply, now)
         self._remember(digest, principal, now)
         return principal
-
-    async def _introspect(self, token: str, now: datetime) -> Principal:
-        reply = await self._call_with_retries(
-            auth_service_pb2.VerifyTokenRequest(token=token, audience=self._audience)
-        )
-        if not reply.active or not reply.subject:
-            raise Unauthenticated()
-        expires = reply.expire_time.ToDatetime(UTC) if reply.HasField("expire_time") else now
-        if expires <= now:
-            raise Unauthenticated()
-        scopes = frozenset(reply.scopes)
-        customer = reply.customer_id or None
-        return Principal(
-            subject=reply.subject,
-            scopes=scopes & {"payments.read"} if customer else scopes,
-            expires_at=expires,
-            customer_id=customer,
-        )
-
-    async def _call_with_retries(
-        self, request: auth_service_pb2.VerifyTokenRequest
-    ) -> auth_service_pb2.VerifyTokenResponse:
-        for attempt in range(self._attempts):
-            try:
-                return await self._stub.VerifyToken(request, timeout=self._timeout_s)
-            except aio.AioRpcError as exc:
-                if exc.code() in REFUSED:
-                    raise Unauthenticated() from exc
-                if exc.code() not in TRANSIENT or attempt == self._attempts - 1:
-                    raise AuthUnavailable() from exc
-            delay = self._backoff_s * 2**attempt
-            await asyncio.sleep(delay + random.uniform(0, delay))
-        raise AuthUnavailable()
 
     def _remember(self, digest: str, principal: Principal, now: datetime) -> None:
         expires = min(principal.expires_at, now + self._cache_ttl)
@@ -114,5 +130,23 @@ class AuthServiceVerifier:
         while len(self._cache) > MAX_CACHED:
             self._cache.popitem(last=False)
 
-    async def close(self) -> None:
-        await self._channel.close(None)
+
+def narrowed(
+    local: Principal, reply: auth_service_pb2.VerifyTokenResponse, now: datetime
+) -> Principal:
+    """The local principal as the auth service's answer restricts it (never widens)."""
+    if not reply.active or reply.subject != local.subject:
+        raise Unauthenticated()
+    expires = reply.expire_time.ToDatetime(UTC) if reply.HasField("expire_time") else now
+    if expires <= now:
+        raise Unauthenticated()
+    customer = local.customer_id or reply.customer_id or None
+    if local.customer_id and reply.customer_id not in ("", local.customer_id):
+        raise Unauthenticated()  # the two disagree about whose token this is
+    scopes = local.scopes & frozenset(reply.scopes)
+    return Principal(
+        subject=local.subject,
+        scopes=scopes & CUSTOMER_SCOPES if customer else scopes,
+        expires_at=min(expires, local.expires_at),
+        customer_id=customer,
+    )

@@ -112,3 +112,19 @@ class SqlIdempotencyRepository:
             keys.update().where(keys.c.locked_by == owner).values(locked_by=None, locked_at=None)
         )
         return result.rowcount
+
+    async def abandoned(
+        self, locked_before: datetime, now: datetime, limit: int
+    ) -> list[KeyRecord]:
+        query = (
+            sa.select(keys)
+            .where(
+                keys.c.recovery_point != RecoveryPoint.FINISHED.value,
+                sa.or_(keys.c.locked_at.is_(None), keys.c.locked_at <= locked_before),
+                keys.c.expires_at > now,
+            )
+            .order_by(keys.c.created_at)
+            .limit(limit)
+        )
+        rows = (await self._conn.execute(query)).mappings().all()
+        return [_from_row(row, self._cipher) for row in rows]

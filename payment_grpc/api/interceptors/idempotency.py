@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 from google.rpc import status_pb2
 from grpc import aio
+from payments.v1 import payment_service_pb2 as api
 
+from payment_grpc.api import convert
 from payment_grpc.api.context import current_request
 from payment_grpc.api.errors import code_for, status_proto_for
 from payment_grpc.api.interceptors.guard import abort_with
@@ -29,16 +32,44 @@ from payment_grpc.api.interceptors.wrapping import (
     wrap_handler,
 )
 from payment_grpc.domain.errors import DomainError, InvalidIdempotencyKey
+from payment_grpc.domain.payment import Payment
+from payment_grpc.domain.refund import Refund
 from payment_grpc.pan_masking import looks_like_card_number
 from payment_grpc.service.idempotency import Checkpoint, IdempotencyKeys
 from payment_grpc.service.ports import KeyRecord, StoredAnswer
 
 HEADER = "idempotency-key"
 REPLAYED = (("idempotent-replayed", "true"),)
-KEYED_METHODS = frozenset(
-    f"/payments.v1.PaymentService/{name}"
-    for name in ("Charge", "CapturePayment", "CancelPayment", "Refund")
-)
+SERVICE = "/payments.v1.PaymentService/"
+
+
+def _refund_answer(result: tuple[Refund, Payment]) -> api.RefundResponse:
+    refund, payment = result
+    return api.RefundResponse(
+        refund=convert.refund_to_pb(refund), payment=convert.payment_to_pb(payment)
+    )
+
+
+# The response each keyed RPC sends for its use case's result, as the servicer builds it.
+_ANSWERS: dict[str, Callable[[Any], Message]] = {
+    f"{SERVICE}Charge": lambda p: api.ChargeResponse(payment=convert.payment_to_pb(p)),
+    f"{SERVICE}CapturePayment": lambda p: api.CapturePaymentResponse(
+        payment=convert.payment_to_pb(p)
+    ),
+    f"{SERVICE}CancelPayment": lambda p: api.CancelPaymentResponse(
+        payment=convert.payment_to_pb(p)
+    ),
+    f"{SERVICE}Refund": _refund_answer,
+}
+KEYED_METHODS = frozenset(_ANSWERS)
+
+
+def encode_answer(method: str, result: object) -> bytes:
+    """The stored answer of a keyed RPC for its result (the service's AnswerEncoder): the
+    recovery worker stores answers of calls whose client is no longer waiting."""
+    return _ANSWERS[method](result).SerializeToString(deterministic=True)
+
+
 # Retryable or caller-side failures are not the key's answer: a retry runs again.
 NOT_STORED = frozenset(
     {
