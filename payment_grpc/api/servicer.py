@@ -13,6 +13,13 @@ from payments.v1 import payment_service_pb2_grpc
 from payment_grpc.api import convert
 from payment_grpc.api.context import request_context
 from payment_grpc.api.interceptors.idempotency import checkpoint_for
+from payment_grpc.api.responses import (
+    cancel_response,
+    capture_response,
+    charge_response,
+    encoded,
+    refund_response,
+)
 from payment_grpc.domain.payment import Payment
 from payment_grpc.domain.refund import Refund, RefundReason
 from payment_grpc.service.charging import Charging
@@ -54,9 +61,9 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
         payment = await self._charging.charge(
             convert.charge_command(request),
             request_context(context),
-            checkpoint_for(_encoded(_charge_response)),
+            checkpoint_for(encoded(charge_response)),
         )
-        return _charge_response(payment)
+        return charge_response(payment)
 
     async def CapturePayment(
         self, request: api.CapturePaymentRequest, context: Context
@@ -65,17 +72,17 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
             request.payment_id,
             convert.optional_amount(request),
             request_context(context),
-            checkpoint_for(_encoded(_capture_response)),
+            checkpoint_for(encoded(capture_response)),
         )
-        return _capture_response(payment)
+        return capture_response(payment)
 
     async def CancelPayment(
         self, request: api.CancelPaymentRequest, context: Context
     ) -> api.CancelPaymentResponse:
         payment = await self._operations.cancel(
-            request.payment_id, request_context(context), checkpoint_for(_encoded(_cancel_response))
+            request.payment_id, request_context(context), checkpoint_for(encoded(cancel_response))
         )
-        return _cancel_response(payment)
+        return cancel_response(payment)
 
     async def Refund(self, request: api.RefundRequest, context: Context) -> api.RefundResponse:
         result = await self._operations.refund(
@@ -83,9 +90,9 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
             convert.optional_amount(request),
             convert.REASON_FROM_PB.get(request.reason, RefundReason.UNSPECIFIED),
             request_context(context),
-            checkpoint_for(_encoded(_refund_response)),
+            checkpoint_for(encoded(refund_response)),
         )
-        return _refund_response(result)
+        return refund_response(result)
 
     async def GetPayment(
         self, request: api.GetPaymentRequest, context: Context
@@ -140,29 +147,3 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
         )
         async for event in events:
             yield api.WatchPaymentStatusResponse(event=convert.event_to_pb(event))
-
-
-# Response builders: used for the answer and, serialized, for the stored idempotent answer.
-
-
-def _encoded(build: Callable[[Any], Message]) -> Callable[[Any], bytes]:
-    return lambda result: build(result).SerializeToString(deterministic=True)
-
-
-def _charge_response(payment: Payment) -> api.ChargeResponse:
-    return api.ChargeResponse(payment=convert.payment_to_pb(payment))
-
-
-def _capture_response(payment: Payment) -> api.CapturePaymentResponse:
-    return api.CapturePaymentResponse(payment=convert.payment_to_pb(payment))
-
-
-def _cancel_response(payment: Payment) -> api.CancelPaymentResponse:
-    return api.CancelPaymentResponse(payment=convert.payment_to_pb(payment))
-
-
-def _refund_response(result: tuple[Refund, Payment]) -> api.RefundResponse:
-    refund, payment = result
-    return api.RefundResponse(
-        refund=convert.refund_to_pb(refund), payment=convert.payment_to_pb(payment)
-    )

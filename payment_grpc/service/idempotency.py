@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from payment_grpc.domain.errors import IdempotencyKeyInUse, IdempotencyKeyReused
+from payment_grpc.domain.errors import DomainError, IdempotencyKeyInUse, IdempotencyKeyReused
 from payment_grpc.service.ports import (
     Clock,
     KeyRecord,
@@ -203,9 +203,15 @@ class Checkpoint:
     """One keyed execution as the use case sees it: where to resume, and how to record
     progress inside the use case's own transactions."""
 
-    def __init__(self, record: KeyRecord | None, encode: Callable[[Any], bytes]) -> None:
+    def __init__(
+        self,
+        record: KeyRecord | None,
+        encode: Callable[[Any], bytes],
+        encode_refusal: Callable[[DomainError], StoredAnswer],
+    ) -> None:
         self._record = record
         self._encode = encode
+        self._encode_refusal = encode_refusal
         self.finished = False
 
     @property
@@ -244,6 +250,14 @@ class Checkpoint:
             self._record = _finished(self._record, StoredAnswer(0, self._encode(result)))
             await tx.idempotency.save(self._record)
 
+    async def refuse(self, tx: UnitOfWork, refusal: DomainError) -> None:
+        """Store a business refusal as the answer, in the transaction that made it final:
+        a crash before the caller hears it must not turn it into another answer."""
+        self.finished = True
+        if self._record is not None:
+            self._record = _finished(self._record, self._encode_refusal(refusal))
+            await tx.idempotency.save(self._record)
+
 
 def no_checkpoint() -> Checkpoint:
-    return Checkpoint(None, lambda _result: b"")
+    return Checkpoint(None, lambda _result: b"", lambda _refusal: StoredAnswer(0, b""))

@@ -180,9 +180,12 @@ class Operations:
                 return current
             released = replace(current, in_flight="")
             if not result.succeeded:
+                refusal = GatewayRejected(operation, result.failure.code if result.failure else "")
                 await tx.payments.save(current, released, [])
+                await checkpoint.refuse(tx, refusal)
                 await tx.commit()
-                raise GatewayRejected(operation, result.failure.code if result.failure else "")
+                self._deps.faults.hit(f"{operation}.after_commit")
+                raise refusal
             after, event = released.transition(
                 to,
                 action=operation,

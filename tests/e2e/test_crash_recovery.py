@@ -24,6 +24,7 @@ from payments.v1 import payment_service_pb2 as api
 from payments.v1 import payment_service_pb2_grpc
 from payments.v1 import resources_pb2 as pb
 
+from payment_grpc.adapters.gateways.simulated import SimulatedGateway, SimulatedGatewayConfig
 from tests.e2e.server_process import (
     ServerProcess,
     ledger_authorizations,
@@ -295,3 +296,59 @@ async def test_retry_after_crash_moves_money_exactly_once(
     assert money.refunded_minor == operation.refunded_minor, money
     assert money.in_flight == "", money
     assert money.refunds == operation.refunds, money
+
+
+async def void_at_the_gateway(ledger: pathlib.Path, reference: str) -> None:
+    """Someone else voids the authorization at the gateway (its own ledger file)."""
+    gateway = SimulatedGateway(SimulatedGatewayConfig(str(ledger)))
+    try:
+        assert (await gateway.void(reference, f"elsewhere-{uuid.uuid4().hex}")).succeeded
+    finally:
+        await gateway.close()
+
+
+async def test_a_gateway_refusal_is_the_answer_even_after_a_crash(
+    database_url: str, tmp_path: pathlib.Path
+) -> None:
+    """The gateway refuses a capture (the authorization was voided on its side); the
+    replica dies right after recording that. The retry must get the refusal, not the
+    unchanged AUTHORIZED payment as if the capture had succeeded."""
+    metadata = (("idempotency-key", f"refused-{uuid.uuid4().hex}"),)
+    crashing = replica(database_url, tmp_path, "capture.after_commit")
+    await crashing.start()
+    try:
+        async with connected(crashing) as stub:
+            charged = await stub.Charge(
+                charge_request(CHARGED_MINOR, manual=True),
+                metadata=(("idempotency-key", f"charge-{uuid.uuid4().hex}"),),
+                timeout=CALL_TIMEOUT_S,
+            )
+            payment_id = charged.payment.payment_id
+            await void_at_the_gateway(tmp_path / "gateway.db", charged.payment.gateway_reference)
+            request = api.CapturePaymentRequest(payment_id=payment_id)
+            lost = await rpc_error(
+                stub.CapturePayment(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
+            )
+        assert lost.code == grpc.StatusCode.UNAVAILABLE, (lost.code, lost.message)
+        assert await crashing.wait() == -signal.SIGKILL, crashing.log[-3000:]
+    finally:
+        crashing.kill()
+
+    restarted = replica(database_url, tmp_path)
+    await restarted.start()
+    try:
+        async with connected(restarted) as stub:
+            retry = stub.CapturePayment(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
+            refused = await rpc_error(retry)
+            assert (refused.code, refused.info.reason) == (
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "GATEWAY_REJECTED",
+            ), refused.message
+            assert dict(await retry.trailing_metadata()).get("idempotent-replayed") == "true"
+            fetched = await stub.GetPayment(api.GetPaymentRequest(payment_id=payment_id))
+            assert fetched.payment.status == S.PAYMENT_STATUS_AUTHORIZED
+        restarted.sigterm()
+        assert await restarted.wait() == 0, restarted.log[-3000:]
+    finally:
+        restarted.kill()
+    assert (await stored_money(database_url, payment_id)).in_flight == ""

@@ -16,12 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf.message import Message
 from google.rpc import status_pb2
 from grpc import aio
-from payments.v1 import payment_service_pb2 as api
 
-from payment_grpc.api import convert
 from payment_grpc.api.context import current_request
 from payment_grpc.api.errors import code_for, status_proto_for
 from payment_grpc.api.interceptors.guard import abort_with
@@ -31,43 +28,17 @@ from payment_grpc.api.interceptors.wrapping import (
     Unary,
     wrap_handler,
 )
+from payment_grpc.api.responses import BUILDERS
 from payment_grpc.domain.errors import DomainError, InvalidIdempotencyKey
-from payment_grpc.domain.payment import Payment
-from payment_grpc.domain.refund import Refund
 from payment_grpc.pan_masking import looks_like_card_number
 from payment_grpc.service.idempotency import Checkpoint, IdempotencyKeys
 from payment_grpc.service.ports import KeyRecord, StoredAnswer
 
 HEADER = "idempotency-key"
 REPLAYED = (("idempotent-replayed", "true"),)
-SERVICE = "/payments.v1.PaymentService/"
 
 
-def _refund_answer(result: tuple[Refund, Payment]) -> api.RefundResponse:
-    refund, payment = result
-    return api.RefundResponse(
-        refund=convert.refund_to_pb(refund), payment=convert.payment_to_pb(payment)
-    )
-
-
-# The response each keyed RPC sends for its use case's result, as the servicer builds it.
-_ANSWERS: dict[str, Callable[[Any], Message]] = {
-    f"{SERVICE}Charge": lambda p: api.ChargeResponse(payment=convert.payment_to_pb(p)),
-    f"{SERVICE}CapturePayment": lambda p: api.CapturePaymentResponse(
-        payment=convert.payment_to_pb(p)
-    ),
-    f"{SERVICE}CancelPayment": lambda p: api.CancelPaymentResponse(
-        payment=convert.payment_to_pb(p)
-    ),
-    f"{SERVICE}Refund": _refund_answer,
-}
-KEYED_METHODS = frozenset(_ANSWERS)
-
-
-def encode_answer(method: str, result: object) -> bytes:
-    """The stored answer of a keyed RPC for its result (the service's AnswerEncoder): the
-    recovery worker stores answers of calls whose client is no longer waiting."""
-    return _ANSWERS[method](result).SerializeToString(deterministic=True)
+KEYED_METHODS = frozenset(BUILDERS)
 
 
 # Retryable or caller-side failures are not the key's answer: a retry runs again.
@@ -98,12 +69,17 @@ _current_call: contextvars.ContextVar[KeyedCall | None] = contextvars.ContextVar
 )
 
 
+def refusal_answer(error: DomainError) -> StoredAnswer:
+    """A business refusal as the key's stored answer: its code and google.rpc.Status."""
+    return StoredAnswer(code_for(error).value[0], status_proto_for(error).SerializeToString())
+
+
 def checkpoint_for(encode: Callable[[Any], bytes]) -> Checkpoint | None:
     """The servicer's view: a checkpoint for the claimed key, None for an unkeyed call."""
     call = _current_call.get()
     if call is None:
         return None
-    call.checkpoint = Checkpoint(call.record, encode)
+    call.checkpoint = Checkpoint(call.record, encode, refusal_answer)
     return call.checkpoint
 
 
@@ -201,8 +177,9 @@ class IdempotencyInterceptor(ServerInterceptor):
         return response
 
     async def _after_error(self, call: KeyedCall, error: DomainError) -> None:
+        if call.checkpoint is not None and call.checkpoint.finished:
+            return  # the use case stored this refusal with its final change
         if code_for(error) in NOT_STORED:
             await self._keys.release(call.record)
             return
-        body = status_proto_for(error).SerializeToString()
-        await self._keys.store_answer(call.record, StoredAnswer(code_for(error).value[0], body))
+        await self._keys.store_answer(call.record, refusal_answer(error))

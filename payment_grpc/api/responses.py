@@ -1,0 +1,54 @@
+"""The response of each money-moving RPC for its use case's result. The servicer sends
+it, and its deterministic serialization is the idempotency key's stored answer (written
+by the use case's checkpoint, or by the recovery worker when the caller is gone)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from google.protobuf.message import Message
+from payments.v1 import payment_service_pb2 as api
+
+from payment_grpc.api import convert
+from payment_grpc.domain.payment import Payment
+from payment_grpc.domain.refund import Refund
+
+SERVICE = "/payments.v1.PaymentService/"
+
+
+def charge_response(payment: Payment) -> api.ChargeResponse:
+    return api.ChargeResponse(payment=convert.payment_to_pb(payment))
+
+
+def capture_response(payment: Payment) -> api.CapturePaymentResponse:
+    return api.CapturePaymentResponse(payment=convert.payment_to_pb(payment))
+
+
+def cancel_response(payment: Payment) -> api.CancelPaymentResponse:
+    return api.CancelPaymentResponse(payment=convert.payment_to_pb(payment))
+
+
+def refund_response(result: tuple[Refund, Payment]) -> api.RefundResponse:
+    refund, payment = result
+    return api.RefundResponse(
+        refund=convert.refund_to_pb(refund), payment=convert.payment_to_pb(payment)
+    )
+
+
+# The keyed RPCs (those that need an idempotency-key) and their response builders.
+BUILDERS: dict[str, Callable[[Any], Message]] = {
+    f"{SERVICE}Charge": charge_response,
+    f"{SERVICE}CapturePayment": capture_response,
+    f"{SERVICE}CancelPayment": cancel_response,
+    f"{SERVICE}Refund": refund_response,
+}
+
+
+def encoded(build: Callable[[Any], Message]) -> Callable[[Any], bytes]:
+    return lambda result: build(result).SerializeToString(deterministic=True)
+
+
+def encode_answer(method: str, result: object) -> bytes:
+    """The stored answer of a keyed RPC for its result (the service's AnswerEncoder)."""
+    return encoded(BUILDERS[method])(result)
