@@ -50,6 +50,7 @@ class Application:
     keys: IdempotencyKeys
     server: PaymentServer
     recovery: Recovery
+    auth_client: AuthServiceClient | None = None
     port: int = 0
     _recovery_task: asyncio.Task[None] | None = None
 
@@ -72,6 +73,8 @@ class Application:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._recovery_task
         await self.gateway.close()
+        if self.auth_client is not None:
+            await self.auth_client.close()
         if isinstance(self.bus, PostgresStatusBus):
             await self.bus.close()
         await self.engine.dispose()
@@ -102,12 +105,13 @@ def jwt_secret(settings: Settings) -> str | None:
     return load_or_create_secret(settings.data_dir / "jwt_secret")
 
 
-def build_verifier(settings: Settings) -> TokenVerifier:
-    client = None
-    if settings.auth_service_addr:
-        client = AuthServiceClient(
-            settings.auth_service_addr, timeout_s=settings.auth_timeout_seconds
-        )
+def build_auth_client(settings: Settings) -> AuthServiceClient | None:
+    if not settings.auth_service_addr:
+        return None
+    return AuthServiceClient(settings.auth_service_addr, timeout_s=settings.auth_timeout_seconds)
+
+
+def build_verifier(settings: Settings, client: AuthServiceClient | None) -> TokenVerifier:
     local = JwtVerifier(
         algorithms=settings.algorithms(),
         audience=settings.jwt_audience,
@@ -197,6 +201,7 @@ def build_application(settings: Settings) -> Application:
     async def healthy() -> bool:
         return await database_reachable(engine, settings.database_url)
 
+    auth_client = build_auth_client(settings)
     server = PaymentServer(
         PaymentServicer(
             charging, operations, Queries(deps), max_message_bytes=settings.max_message_bytes
@@ -205,9 +210,12 @@ def build_application(settings: Settings) -> Application:
         health_interval_s=settings.health_check_interval_seconds,
         max_message_bytes=settings.max_message_bytes,
         max_metadata_bytes=settings.max_metadata_bytes,
-        extra_interceptors=[AuthInterceptor(build_verifier(settings)), *rate_limit(settings)],
+        extra_interceptors=[
+            AuthInterceptor(build_verifier(settings, auth_client)),
+            *rate_limit(settings),
+        ],
         inner_interceptors=[IdempotencyInterceptor(keys)],
     )
-    app = Application(settings, engine, gateway, bus, keys, server, recovery)
+    app = Application(settings, engine, gateway, bus, keys, server, recovery, auth_client)
     app.port = server.bind(f"{settings.host}:{settings.port}", server_credentials(settings))
     return app

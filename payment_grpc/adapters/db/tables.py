@@ -157,4 +157,11 @@ idempotency_keys = sa.Table(
     sa.Column("expires_at", UtcDateTime, nullable=False),
     sa.UniqueConstraint("scope", "method", "key"),
     sa.Index("ix_idempotency_keys_expires", "expires_at"),
+    # The recovery worker's scan for abandoned keys: only the few unfinished ones.
+    sa.Index(
+        "ix_idempotency_keys_unfinished",
+        "created_at",
+        postgresql_where=sa.text("recovery_point <> 'FINISHED'"),
+        sqlite_where=sa.text("recovery_point <> 'FINISHED'"),
+    ),
 )
