@@ -74,6 +74,39 @@ async def connected(
         yield payment_service_pb2_grpc.PaymentServiceStub(channel)
 
 
+@contextlib.asynccontextmanager
+async def crashing_replica(
+    database_url: str, tmp_path: pathlib.Path, fault_point: str
+) -> AsyncIterator[payment_service_pb2_grpc.PaymentServiceAsyncStub]:
+    """A replica that SIGKILLs itself at `fault_point`: the block's last call kills it."""
+    server = replica(database_url, tmp_path, fault_point)
+    await server.start()
+    try:
+        async with connected(server) as stub:
+            yield stub
+        assert await server.wait() == -signal.SIGKILL, server.log[-3000:]
+    finally:
+        server.kill()
+    assert f"fault point {fault_point} reached" in server.log
+
+
+@contextlib.asynccontextmanager
+async def restarted_replica(
+    database_url: str, tmp_path: pathlib.Path
+) -> AsyncIterator[payment_service_pb2_grpc.PaymentServiceAsyncStub]:
+    """The same INSTANCE_ID again, no fault point; stops cleanly (exit 0) after the block."""
+    server = replica(database_url, tmp_path)
+    await server.start()
+    try:
+        async with connected(server) as stub:
+            yield stub
+        server.sigterm()
+        assert await server.wait() == 0, server.log[-3000:]
+    finally:
+        server.kill()
+    assert "Traceback" not in server.log, server.log
+
+
 async def replayed(call: Any) -> bool:
     metadata = await call.initial_metadata()
     return metadata is not None and metadata.get("idempotent-replayed") == "true"
@@ -88,41 +121,26 @@ async def test_retry_after_crash_charges_exactly_once(
     request = charge_request(method=card(token))
     metadata = (("idempotency-key", f"crash-{uuid.uuid4().hex}"),)
 
-    crashing = replica(database_url, tmp_path, fault_point)
-    await crashing.start()
-    try:
-        async with connected(crashing) as stub:
-            lost = await rpc_error(stub.Charge(request, metadata=metadata, timeout=CALL_TIMEOUT_S))
-        assert lost.code == grpc.StatusCode.UNAVAILABLE, (lost.code, lost.message)
-        assert await crashing.wait() == -signal.SIGKILL, crashing.log[-3000:]
-    finally:
-        crashing.kill()
-    assert f"fault point {fault_point} reached" in crashing.log
+    async with crashing_replica(database_url, tmp_path, fault_point) as stub:
+        lost = await rpc_error(stub.Charge(request, metadata=metadata, timeout=CALL_TIMEOUT_S))
+    assert lost.code == grpc.StatusCode.UNAVAILABLE, (lost.code, lost.message)
 
-    restarted = replica(database_url, tmp_path)  # same INSTANCE_ID, no fault point
-    await restarted.start()
-    try:
-        async with connected(restarted) as stub:
-            retry = stub.Charge(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
-            answer = await retry
-            retry_replayed = await replayed(retry)
-            payment = answer.payment
-            assert payment.status == expected, answer
+    async with restarted_replica(database_url, tmp_path) as stub:  # same INSTANCE_ID
+        retry = stub.Charge(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
+        answer = await retry
+        retry_replayed = await replayed(retry)
+        payment = answer.payment
+        assert payment.status == expected, answer
 
-            third = stub.Charge(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
-            assert await third == answer
-            assert await replayed(third), "the third call with the key must be a replay"
+        third = stub.Charge(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
+        assert await third == answer
+        assert await replayed(third), "the third call with the key must be a replay"
 
-            fetched = await stub.GetPayment(
-                api.GetPaymentRequest(payment_id=payment.payment_id), timeout=CALL_TIMEOUT_S
-            )
-            assert fetched.payment.status == expected
-            assert fetched.payment.sequence == payment.sequence
-        restarted.sigterm()
-        assert await restarted.wait() == 0, restarted.log[-3000:]
-    finally:
-        restarted.kill()
-    assert "Traceback" not in restarted.log, restarted.log
+        fetched = await stub.GetPayment(
+            api.GetPaymentRequest(payment_id=payment.payment_id), timeout=CALL_TIMEOUT_S
+        )
+        assert fetched.payment.status == expected
+        assert fetched.payment.sequence == payment.sequence
 
     # After the final commit the answer is already stored with it: the retry replays.
     assert retry_replayed == (fault_point == "charge.after_commit")
@@ -217,60 +235,45 @@ async def test_retry_after_crash_moves_money_exactly_once(
     metadata = (("idempotency-key", f"crash-{uuid.uuid4().hex}"),)
 
     # The fault point is on the operation, so the charge before it completes normally.
-    crashing = replica(database_url, tmp_path, fault_point)
-    await crashing.start()
-    try:
-        async with connected(crashing) as stub:
-            charged = await stub.Charge(
-                charge_request(CHARGED_MINOR, manual=operation.manual),
-                metadata=(("idempotency-key", f"charge-{uuid.uuid4().hex}"),),
-                timeout=CALL_TIMEOUT_S,
-            )
-            charged_status = (
-                S.PAYMENT_STATUS_AUTHORIZED if operation.manual else S.PAYMENT_STATUS_CAPTURED
-            )
-            assert charged.payment.status == charged_status, charged
-            payment_id = charged.payment.payment_id
-            request = operation.request(payment_id)
-            rpc = getattr(stub, operation.rpc)
-            lost = await rpc_error(rpc(request, metadata=metadata, timeout=CALL_TIMEOUT_S))
-        assert lost.code == grpc.StatusCode.UNAVAILABLE, (lost.code, lost.message)
-        assert await crashing.wait() == -signal.SIGKILL, crashing.log[-3000:]
-    finally:
-        crashing.kill()
-    assert f"fault point {fault_point} reached" in crashing.log
+    async with crashing_replica(database_url, tmp_path, fault_point) as stub:
+        charged = await stub.Charge(
+            charge_request(CHARGED_MINOR, manual=operation.manual),
+            metadata=(("idempotency-key", f"charge-{uuid.uuid4().hex}"),),
+            timeout=CALL_TIMEOUT_S,
+        )
+        charged_status = (
+            S.PAYMENT_STATUS_AUTHORIZED if operation.manual else S.PAYMENT_STATUS_CAPTURED
+        )
+        assert charged.payment.status == charged_status, charged
+        payment_id = charged.payment.payment_id
+        request = operation.request(payment_id)
+        rpc = getattr(stub, operation.rpc)
+        lost = await rpc_error(rpc(request, metadata=metadata, timeout=CALL_TIMEOUT_S))
+    assert lost.code == grpc.StatusCode.UNAVAILABLE, (lost.code, lost.message)
 
-    restarted = replica(database_url, tmp_path)  # same INSTANCE_ID, no fault point
-    await restarted.start()
-    try:
-        async with connected(restarted) as stub:
-            rpc = getattr(stub, operation.rpc)
-            retry = rpc(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
-            answer = await retry
-            retry_replayed = await replayed(retry)
-            payment = answer.payment
-            assert payment.payment_id == payment_id
-            assert payment.status == operation.status, answer
-            assert payment.captured_amount.amount_minor == operation.captured_minor, answer
-            assert payment.refunded_amount.amount_minor == operation.refunded_minor, answer
-            if name == "refund":
-                assert answer.refund.status == pb.REFUND_STATUS_SUCCEEDED, answer
-                assert answer.refund.amount.amount_minor == REFUNDED_MINOR, answer
+    async with restarted_replica(database_url, tmp_path) as stub:  # same INSTANCE_ID
+        rpc = getattr(stub, operation.rpc)
+        retry = rpc(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
+        answer = await retry
+        retry_replayed = await replayed(retry)
+        payment = answer.payment
+        assert payment.payment_id == payment_id
+        assert payment.status == operation.status, answer
+        assert payment.captured_amount.amount_minor == operation.captured_minor, answer
+        assert payment.refunded_amount.amount_minor == operation.refunded_minor, answer
+        if name == "refund":
+            assert answer.refund.status == pb.REFUND_STATUS_SUCCEEDED, answer
+            assert answer.refund.amount.amount_minor == REFUNDED_MINOR, answer
 
-            third = rpc(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
-            assert await third == answer
-            assert await replayed(third), "the third call with the key must be a replay"
+        third = rpc(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
+        assert await third == answer
+        assert await replayed(third), "the third call with the key must be a replay"
 
-            fetched = await stub.GetPayment(
-                api.GetPaymentRequest(payment_id=payment_id), timeout=CALL_TIMEOUT_S
-            )
-            assert fetched.payment.status == operation.status
-            assert fetched.payment.sequence == payment.sequence
-        restarted.sigterm()
-        assert await restarted.wait() == 0, restarted.log[-3000:]
-    finally:
-        restarted.kill()
-    assert "Traceback" not in restarted.log, restarted.log
+        fetched = await stub.GetPayment(
+            api.GetPaymentRequest(payment_id=payment_id), timeout=CALL_TIMEOUT_S
+        )
+        assert fetched.payment.status == operation.status
+        assert fetched.payment.sequence == payment.sequence
 
     # After the final commit the answer is already stored with it: the retry replays.
     assert retry_replayed == (phase == "after_commit")
@@ -314,41 +317,28 @@ async def test_a_gateway_refusal_is_the_answer_even_after_a_crash(
     replica dies right after recording that. The retry must get the refusal, not the
     unchanged AUTHORIZED payment as if the capture had succeeded."""
     metadata = (("idempotency-key", f"refused-{uuid.uuid4().hex}"),)
-    crashing = replica(database_url, tmp_path, "capture.after_commit")
-    await crashing.start()
-    try:
-        async with connected(crashing) as stub:
-            charged = await stub.Charge(
-                charge_request(CHARGED_MINOR, manual=True),
-                metadata=(("idempotency-key", f"charge-{uuid.uuid4().hex}"),),
-                timeout=CALL_TIMEOUT_S,
-            )
-            payment_id = charged.payment.payment_id
-            await void_at_the_gateway(tmp_path / "gateway.db", charged.payment.gateway_reference)
-            request = api.CapturePaymentRequest(payment_id=payment_id)
-            lost = await rpc_error(
-                stub.CapturePayment(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
-            )
-        assert lost.code == grpc.StatusCode.UNAVAILABLE, (lost.code, lost.message)
-        assert await crashing.wait() == -signal.SIGKILL, crashing.log[-3000:]
-    finally:
-        crashing.kill()
+    async with crashing_replica(database_url, tmp_path, "capture.after_commit") as stub:
+        charged = await stub.Charge(
+            charge_request(CHARGED_MINOR, manual=True),
+            metadata=(("idempotency-key", f"charge-{uuid.uuid4().hex}"),),
+            timeout=CALL_TIMEOUT_S,
+        )
+        payment_id = charged.payment.payment_id
+        await void_at_the_gateway(tmp_path / "gateway.db", charged.payment.gateway_reference)
+        request = api.CapturePaymentRequest(payment_id=payment_id)
+        lost = await rpc_error(
+            stub.CapturePayment(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
+        )
+    assert lost.code == grpc.StatusCode.UNAVAILABLE, (lost.code, lost.message)
 
-    restarted = replica(database_url, tmp_path)
-    await restarted.start()
-    try:
-        async with connected(restarted) as stub:
-            retry = stub.CapturePayment(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
-            refused = await rpc_error(retry)
-            assert (refused.code, refused.info.reason) == (
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "GATEWAY_REJECTED",
-            ), refused.message
-            assert dict(await retry.trailing_metadata()).get("idempotent-replayed") == "true"
-            fetched = await stub.GetPayment(api.GetPaymentRequest(payment_id=payment_id))
-            assert fetched.payment.status == S.PAYMENT_STATUS_AUTHORIZED
-        restarted.sigterm()
-        assert await restarted.wait() == 0, restarted.log[-3000:]
-    finally:
-        restarted.kill()
+    async with restarted_replica(database_url, tmp_path) as stub:  # same INSTANCE_ID
+        retry = stub.CapturePayment(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
+        refused = await rpc_error(retry)
+        assert (refused.code, refused.info.reason) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "GATEWAY_REJECTED",
+        ), refused.message
+        assert dict(await retry.trailing_metadata()).get("idempotent-replayed") == "true"
+        fetched = await stub.GetPayment(api.GetPaymentRequest(payment_id=payment_id))
+        assert fetched.payment.status == S.PAYMENT_STATUS_AUTHORIZED
     assert (await stored_money(database_url, payment_id)).in_flight == ""
