@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import pathlib
 import re
+import sqlite3
 
 import grpc
 from grpc import aio
@@ -41,10 +42,17 @@ async def test_in_flight_charge_finishes_after_sigterm(tmp_path: pathlib.Path) -
             await server.wait_for_line(re.compile(r"rpc started.*Charge"))
             server.sigterm()
             await server.wait_for_line(re.compile(r"no longer accepting calls"))
-            late = await rpc_error(stub.Charge(charge_request(), timeout=5))
-            assert late.code == grpc.StatusCode.UNAVAILABLE
+            late_request = charge_request()
+            late = await rpc_error(stub.Charge(late_request, timeout=5))
+            # Refused: UNAVAILABLE, or CANCELLED when grpc core cancels a stream that
+            # reached it after shutdown began (seen once in CI). Never run: checked below.
+            assert late.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
             assert (await charge).payment.status == S.PAYMENT_STATUS_CAPTURED
         assert await server.wait() == 0, "".join(server.lines[-20:])
+        with sqlite3.connect(tmp_path / "payments.db") as db:
+            orders = [row[0] for row in db.execute("SELECT order_id FROM payments")]
+        assert late_request.order_id not in orders, orders
+        assert len(orders) == 1, orders
         log = "".join(server.lines)
         assert "shutting down" in log
         assert "Traceback" not in log
