@@ -69,6 +69,20 @@ def _from_row(row: RowMapping, cipher: FieldCipher) -> KeyRecord:
     )
 
 
+# Built once, executed with parameters (see repositories.py).
+_CLAIM = {
+    name: dialect.insert(keys).on_conflict_do_nothing().returning(keys.c.id)
+    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
+}
+_BY_KEY = sa.select(keys).where(
+    keys.c.scope == sa.bindparam("b_scope"),
+    keys.c.method == sa.bindparam("b_method"),
+    keys.c.key == sa.bindparam("b_key"),
+)
+_LOCK_BY_KEY = _BY_KEY.with_for_update()
+_UPDATE = keys.update().where(keys.c.id == sa.bindparam("b_id"))
+
+
 class SqlIdempotencyRepository:
     def __init__(self, conn: AsyncConnection, row_locks: bool, cipher: FieldCipher) -> None:
         self._conn = conn
@@ -76,27 +90,18 @@ class SqlIdempotencyRepository:
         self._cipher = cipher
 
     async def insert_if_absent(self, record: KeyRecord) -> bool:
-        dialect = postgresql if self._conn.dialect.name == "postgresql" else sqlite
-        statement = (
-            dialect.insert(keys)
-            .values(_to_row(record, self._cipher))
-            .on_conflict_do_nothing()
-            .returning(keys.c.id)
-        )
-        return (await self._conn.execute(statement)).first() is not None
+        claim = _CLAIM["postgresql" if self._conn.dialect.name == "postgresql" else "sqlite"]
+        return (await self._conn.execute(claim, _to_row(record, self._cipher))).first() is not None
 
     async def get_for_update(self, scope: str, method: str, key: str) -> KeyRecord | None:
-        query = sa.select(keys).where(
-            keys.c.scope == scope, keys.c.method == method, keys.c.key == key
-        )
-        if self._row_locks:
-            query = query.with_for_update()
-        row = (await self._conn.execute(query)).mappings().first()
+        query = _LOCK_BY_KEY if self._row_locks else _BY_KEY
+        by_key = {"b_scope": scope, "b_method": method, "b_key": key}
+        row = (await self._conn.execute(query, by_key)).mappings().first()
         return _from_row(row, self._cipher) if row else None
 
     async def save(self, record: KeyRecord) -> None:
         await self._conn.execute(
-            keys.update().where(keys.c.id == record.record_id).values(_to_row(record, self._cipher))
+            _UPDATE, {**_to_row(record, self._cipher), "b_id": record.record_id}
         )
 
     async def delete(self, record_id: str) -> None:

@@ -32,6 +32,22 @@ from payment_grpc.service.ports import PageCursor, PaymentFilter
 
 _INACTIVE = [s.value for s in INACTIVE_STATUSES]
 
+# Hot-path statements are built once and executed with parameters: building one per call
+# (`.values(row)`, `== value`) cost more CPU than the round trip to the database.
+# Bind names start with `b_` so they never clash with the column names being SET.
+_INSERT_PAYMENT = payments.insert()
+_SELECT_PAYMENT = sa.select(payments).where(payments.c.id == sa.bindparam("b_id"))
+_LOCK_PAYMENT = _SELECT_PAYMENT.with_for_update()
+_UPDATE_PAYMENT = payments.update().where(
+    payments.c.id == sa.bindparam("b_id"),
+    payments.c.sequence == sa.bindparam("b_sequence"),
+    payments.c.in_flight == sa.bindparam("b_in_flight"),
+)
+_INSERT_EVENT = payment_events.insert()
+_INSERT_REFUND = refunds.insert()
+_UPDATE_REFUND = refunds.update().where(refunds.c.id == sa.bindparam("b_id"))
+_SELECT_REFUND = sa.select(refunds).where(refunds.c.id == sa.bindparam("b_id"))
+
 
 class SqlPaymentRepository:
     def __init__(self, conn: AsyncConnection, row_locks: bool, cipher: FieldCipher) -> None:
@@ -42,9 +58,7 @@ class SqlPaymentRepository:
     async def add(self, payment: Payment, events: Sequence[PaymentEvent]) -> None:
         try:
             async with self._conn.begin_nested():
-                await self._conn.execute(
-                    payments.insert().values(payment_to_row(payment, self._cipher))
-                )
+                await self._conn.execute(_INSERT_PAYMENT, payment_to_row(payment, self._cipher))
         except IntegrityError as exc:
             existing = await self.active_for_order(payment.order_id)
             if existing is None:
@@ -53,23 +67,21 @@ class SqlPaymentRepository:
         await self._insert_events(events)
 
     async def get(self, payment_id: str, *, for_update: bool = False) -> Payment:
-        query = sa.select(payments).where(payments.c.id == payment_id)
-        if for_update and self._row_locks:
-            query = query.with_for_update()
-        row = (await self._conn.execute(query)).mappings().first()
+        query = _LOCK_PAYMENT if for_update and self._row_locks else _SELECT_PAYMENT
+        row = (await self._conn.execute(query, {"b_id": payment_id})).mappings().first()
         if row is None:
             raise PaymentNotFound(payment_id)
         return row_to_payment(row, self._cipher)
 
     async def save(self, before: Payment, after: Payment, events: Sequence[PaymentEvent]) -> None:
         result = await self._conn.execute(
-            payments.update()
-            .where(
-                payments.c.id == before.payment_id,
-                payments.c.sequence == before.sequence,
-                payments.c.in_flight == before.in_flight,
-            )
-            .values(payment_changes(before, after, self._cipher))
+            _UPDATE_PAYMENT,
+            {
+                **payment_changes(before, after, self._cipher),
+                "b_id": before.payment_id,
+                "b_sequence": before.sequence,
+                "b_in_flight": before.in_flight,
+            },
         )
         if result.rowcount != 1:
             raise ConcurrentModification(f"payment {before.payment_id} changed concurrently")
@@ -77,7 +89,7 @@ class SqlPaymentRepository:
 
     async def _insert_events(self, events: Sequence[PaymentEvent]) -> None:
         if events:
-            await self._conn.execute(payment_events.insert(), [event_to_row(e) for e in events])
+            await self._conn.execute(_INSERT_EVENT, [event_to_row(e) for e in events])
 
     async def active_for_order(self, order_id: str) -> Payment | None:
         query = sa.select(payments).where(
@@ -137,16 +149,15 @@ class SqlRefundRepository:
         self._conn = conn
 
     async def add(self, refund: Refund) -> None:
-        await self._conn.execute(refunds.insert().values(refund_to_row(refund)))
+        await self._conn.execute(_INSERT_REFUND, refund_to_row(refund))
 
     async def save(self, refund: Refund) -> None:
         await self._conn.execute(
-            refunds.update().where(refunds.c.id == refund.refund_id).values(refund_to_row(refund))
+            _UPDATE_REFUND, {**refund_to_row(refund), "b_id": refund.refund_id}
         )
 
     async def get(self, refund_id: str) -> Refund:
-        query = sa.select(refunds).where(refunds.c.id == refund_id)
-        row = (await self._conn.execute(query)).mappings().first()
+        row = (await self._conn.execute(_SELECT_REFUND, {"b_id": refund_id})).mappings().first()
         if row is None:
             raise RefundNotFound(refund_id)
         return row_to_refund(row)
