@@ -23,7 +23,7 @@ from payment_grpc.adapters.db.health import database_reachable
 from payment_grpc.adapters.faults import KillAtFaultPoint, NoFaults
 from payment_grpc.adapters.gateways.simulated import SimulatedGateway, SimulatedGatewayConfig
 from payment_grpc.api.interceptors.auth import AuthInterceptor
-from payment_grpc.api.interceptors.idempotency import IdempotencyInterceptor
+from payment_grpc.api.interceptors.idempotency import IdempotencyInterceptor, refusal_answer
 from payment_grpc.api.interceptors.rate_limit import RateLimitInterceptor, TokenBuckets
 from payment_grpc.api.responses import encode_answer
 from payment_grpc.api.server import PaymentServer
@@ -196,6 +196,7 @@ def build_application(settings: Settings) -> Application:
         keys,
         timedelta(seconds=settings.recovery_stale_seconds),
         encode_answer,
+        refusal_answer,
     )
 
     async def healthy() -> bool:

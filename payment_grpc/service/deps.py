@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from payment_grpc.domain.errors import DomainError
 from payment_grpc.domain.payment import PaymentEvent
 from payment_grpc.service.idempotency import Checkpoint
 from payment_grpc.service.ports import (
@@ -38,6 +39,12 @@ class Deps:
         """Store the answer of an execution whose change was already committed."""
         async with self.uow() as tx:
             await checkpoint.finish(tx, result)
+            await tx.commit()
+
+    async def refuse(self, checkpoint: Checkpoint, refusal: DomainError) -> None:
+        """Store a refusal that was already settled as the execution's answer."""
+        async with self.uow() as tx:
+            await checkpoint.refuse(tx, refusal)
             await tx.commit()
 
 

@@ -28,7 +28,7 @@ from payment_grpc.service.ports import (
 
 # Reads the answer of an abandoned key from the current state, in the key's transaction;
 # None while the money side is not settled yet.
-AnswerReader = Callable[[UnitOfWork, KeyRecord], Awaitable[bytes | None]]
+AnswerReader = Callable[[UnitOfWork, KeyRecord], Awaitable[StoredAnswer | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +168,7 @@ class IdempotencyKeys:
                 answer = await answer_of(tx, current)
                 if answer is None:
                     return False
-                await tx.idempotency.save(_finished(current, StoredAnswer(0, answer)))
+                await tx.idempotency.save(_finished(current, answer))
             await tx.commit()
         return True
 

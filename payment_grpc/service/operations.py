@@ -30,6 +30,23 @@ from payment_grpc.service.ports import (
 
 CAPTURE = "capture"
 CANCEL = "cancel"
+# Where the payment is once the operation happened (refunds may follow a capture).
+DONE_STATUSES = {
+    CAPTURE: frozenset(
+        {PaymentStatus.CAPTURED, PaymentStatus.PARTIALLY_REFUNDED, PaymentStatus.REFUNDED}
+    ),
+    CANCEL: frozenset({PaymentStatus.CANCELED}),
+}
+
+
+def outcome_of_released_claim(operation: str, payment: Payment) -> Payment | GatewayRejected:
+    """What a claim of `operation` came to once it is no longer on the payment: the payment
+    if the operation happened; else the gateway refused it (a claim is only ever released
+    with the change or because of a refusal). The refusal's code is not kept on the
+    payment, so this answer does not repeat it."""
+    if payment.status in DONE_STATUSES[operation]:
+        return payment
+    return GatewayRejected(operation, "")
 
 
 def capture_claim(amount_minor: int) -> str:
@@ -59,7 +76,7 @@ class Operations:
     ) -> Payment:
         checkpoint = checkpoint or no_checkpoint()
         if checkpoint.resumes_at(RecoveryPoint.OPERATION_CLAIMED):
-            return await self._resume_claim(payment_id, ctx, checkpoint)
+            return await self._resume_claim(payment_id, CAPTURE, ctx, checkpoint)
         async with self._deps.uow() as tx:
             payment = await tx.payments.get(payment_id, for_update=True)
             amount = amount or payment.amount
@@ -94,7 +111,7 @@ class Operations:
     ) -> Payment:
         checkpoint = checkpoint or no_checkpoint()
         if checkpoint.resumes_at(RecoveryPoint.OPERATION_CLAIMED):
-            return await self._resume_claim(payment_id, ctx, checkpoint)
+            return await self._resume_claim(payment_id, CANCEL, ctx, checkpoint)
         async with self._deps.uow() as tx:
             payment = await tx.payments.get(payment_id, for_update=True)
             payment.require(CANCEL, PaymentStatus.PENDING, PaymentStatus.AUTHORIZED)
@@ -141,18 +158,21 @@ class Operations:
         await tx.commit()
 
     async def _resume_claim(
-        self, payment_id: str, ctx: RequestContext, checkpoint: Checkpoint
+        self, payment_id: str, operation: str, ctx: RequestContext, checkpoint: Checkpoint
     ) -> Payment:
         """A retry after a crash: finish our claimed operation, or report its outcome."""
         async with self._deps.uow(read_only=True) as tx:
             payment = await tx.payments.get(payment_id)
-        operation = claimed_operation(payment.in_flight)
-        if operation == CAPTURE:
-            return await self.finish_capture(payment, ctx, checkpoint)
-        if operation == CANCEL:
+        if payment.in_flight and claimed_operation(payment.in_flight) == operation:
+            if operation == CAPTURE:
+                return await self.finish_capture(payment, ctx, checkpoint)
             return await self.finish_cancel(payment, ctx, checkpoint)
-        await self._deps.finish(checkpoint, payment)
-        return payment
+        outcome = outcome_of_released_claim(operation, payment)
+        if isinstance(outcome, GatewayRejected):
+            await self._deps.refuse(checkpoint, outcome)
+            raise outcome
+        await self._deps.finish(checkpoint, outcome)
+        return outcome
 
     async def _call(
         self, operation: str, payment: Payment, call: Awaitable[GatewayResult]

@@ -24,7 +24,12 @@ from payment_grpc.service.charging import Charging
 from payment_grpc.service.context import SYSTEM
 from payment_grpc.service.deps import Deps, authorize_key
 from payment_grpc.service.idempotency import IdempotencyKeys
-from payment_grpc.service.operations import CANCEL, Operations
+from payment_grpc.service.operations import (
+    CANCEL,
+    CAPTURE,
+    Operations,
+    outcome_of_released_claim,
+)
 from payment_grpc.service.ports import (
     AnswerEncoder,
     AuthorizationOutcome,
@@ -32,6 +37,7 @@ from payment_grpc.service.ports import (
     GatewayTimeout,
     KeyRecord,
     RecoveryPoint,
+    StoredAnswer,
     UnitOfWork,
 )
 
@@ -60,6 +66,7 @@ class Recovery:
         keys: IdempotencyKeys,
         stale_after: timedelta,
         encode_answer: AnswerEncoder,
+        encode_refusal: Callable[[DomainError], StoredAnswer],
     ) -> None:
         self._deps = deps
         self._charging = charging
@@ -67,6 +74,7 @@ class Recovery:
         self._keys = keys
         self._stale_after = stale_after
         self._encode_answer = encode_answer
+        self._encode_refusal = encode_refusal
         self._passes = 0
         self._pass_done = asyncio.Condition()
 
@@ -166,9 +174,13 @@ class Recovery:
     async def _key(self, record: KeyRecord) -> bool:
         return await self._keys.finish_abandoned(record, self._answer_of)
 
-    async def _answer_of(self, tx: UnitOfWork, record: KeyRecord) -> bytes | None:
+    async def _answer_of(self, tx: UnitOfWork, record: KeyRecord) -> StoredAnswer | None:
         result = await _settled_result(tx, record)
-        return None if result is None else self._encode_answer(record.method, result)
+        if result is None:
+            return None
+        if isinstance(result, DomainError):
+            return self._encode_refusal(result)
+        return StoredAnswer(0, self._encode_answer(record.method, result))
 
     async def _reap(self) -> bool:
         return await self._keys.reap() > 0
@@ -187,4 +199,12 @@ async def _settled_result(tx: UnitOfWork, record: KeyRecord) -> object | None:
     payment = await tx.payments.get(record.payment_id)
     if record.recovery_point is RecoveryPoint.PAYMENT_CREATED:
         return None if payment.status is PaymentStatus.PROCESSING else payment
-    return None if payment.in_flight else payment
+    if payment.in_flight:
+        return None
+    return outcome_of_released_claim(_claimed_operation(record), payment)
+
+
+def _claimed_operation(record: KeyRecord) -> str:
+    # A key at OPERATION_CLAIMED belongs to CapturePayment or CancelPayment; its method
+    # (the RPC's path) is the only record of which one once the claim is gone.
+    return CANCEL if record.method.endswith("/CancelPayment") else CAPTURE

@@ -210,6 +210,46 @@ async def test_an_abandoned_key_past_its_first_phase_gets_the_answer_a_retry_wou
     assert await replayed(again)
 
 
+@pytest.mark.parametrize("answered_by", ["recovery", "retry"])
+async def test_a_capture_the_gateway_refused_is_answered_as_refused(
+    app, bare, answered_by: str
+) -> None:
+    """The claim was released because the gateway refused (the authorization was voided on
+    its side), but the key lost its stored refusal (as when the recovery worker, which
+    holds no key, recorded it). Neither the worker nor the retry may call that a success."""
+    charged = await bare.Charge(charge_request(manual=True), metadata=keyed(uuid.uuid4().hex))
+    payment_id = charged.payment.payment_id
+    voided = await app.gateway.void(charged.payment.gateway_reference, uuid.uuid4().hex)
+    assert voided.succeeded
+    request, key = api.CapturePaymentRequest(payment_id=payment_id), uuid.uuid4().hex
+    first = await rpc_error(bare.CapturePayment(request, metadata=keyed(key)))
+    assert (first.code, first.info.reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "GATEWAY_REJECTED",
+    )
+    await abandon_key(
+        app, "CapturePayment", key, RecoveryPoint.OPERATION_CLAIMED, locked_at=_ago(LONG_AGO)
+    )
+    if answered_by == "recovery":
+        assert (await app.recovery.run_once()).keys == 1
+    answer = bare.CapturePayment(request, metadata=keyed(key))
+    refused = await rpc_error(answer)
+    assert (refused.code, refused.info.reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "GATEWAY_REJECTED",
+    ), refused.message
+    assert await replayed_error(answer) == (answered_by == "recovery")
+    again = bare.CapturePayment(request, metadata=keyed(key))
+    assert (await rpc_error(again)).info.reason == "GATEWAY_REJECTED"
+    assert await replayed_error(again)
+    payment = await bare.GetPayment(api.GetPaymentRequest(payment_id=payment_id))
+    assert payment.payment.status == S.PAYMENT_STATUS_AUTHORIZED
+
+
+async def replayed_error(call: Any) -> bool:
+    return dict(await call.trailing_metadata()).get("idempotent-replayed") == "true"
+
+
 async def test_two_replicas_answer_each_abandoned_key_once(
     database_url: str, tmp_path: pathlib.Path
 ) -> None:
