@@ -23,9 +23,9 @@ from payment_grpc.adapters.db.health import database_reachable
 from payment_grpc.adapters.faults import KillAtFaultPoint, NoFaults
 from payment_grpc.adapters.gateways.simulated import SimulatedGateway, SimulatedGatewayConfig
 from payment_grpc.api.interceptors.auth import AuthInterceptor
-from payment_grpc.api.interceptors.idempotency import IdempotencyInterceptor, refusal_answer
+from payment_grpc.api.interceptors.idempotency import IdempotencyInterceptor
 from payment_grpc.api.interceptors.rate_limit import RateLimitInterceptor, TokenBuckets
-from payment_grpc.api.responses import encode_answer
+from payment_grpc.api.responses import encode_answer, refusal_answer
 from payment_grpc.api.server import PaymentServer
 from payment_grpc.api.servicer import PaymentServicer
 from payment_grpc.config import Settings

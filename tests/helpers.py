@@ -210,6 +210,11 @@ async def replayed(call: Any) -> bool:
     return ("idempotent-replayed", "true") in list(metadata or ())
 
 
+async def replayed_error(call: Any) -> bool:
+    """Whether a failed unary call's trailers carried `idempotent-replayed: true`."""
+    return ("idempotent-replayed", "true") in list(await call.trailing_metadata() or ())
+
+
 CLIENT_ATTEMPTS = 20
 
 

@@ -1,6 +1,7 @@
 """The response of each money-moving RPC for its use case's result. The servicer sends
 it, and its deterministic serialization is the idempotency key's stored answer (written
-by the use case's checkpoint, or by the recovery worker when the caller is gone)."""
+by the use case's checkpoint, or by the recovery worker when the caller is gone); a
+business refusal is stored as its status code and google.rpc.Status."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ from google.protobuf.message import Message
 from payments.v1 import payment_service_pb2 as api
 
 from payment_grpc.api import convert
+from payment_grpc.api.errors import code_for, status_proto_for
+from payment_grpc.domain.errors import DomainError
 from payment_grpc.domain.payment import Payment
 from payment_grpc.domain.refund import Refund
+from payment_grpc.service.ports import StoredAnswer
 
 SERVICE = "/payments.v1.PaymentService/"
 
@@ -52,3 +56,8 @@ def encoded(build: Callable[[Any], Message]) -> Callable[[Any], bytes]:
 def encode_answer(method: str, result: object) -> bytes:
     """The stored answer of a keyed RPC for its result (the service's AnswerEncoder)."""
     return encoded(BUILDERS[method])(result)
+
+
+def refusal_answer(error: DomainError) -> StoredAnswer:
+    """A business refusal as the key's stored answer: its code and google.rpc.Status."""
+    return StoredAnswer(code_for(error).value[0], status_proto_for(error).SerializeToString())

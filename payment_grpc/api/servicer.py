@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from google.protobuf.message import Message
 from grpc import aio
@@ -20,20 +20,36 @@ from payment_grpc.api.responses import (
     encoded,
     refund_response,
 )
-from payment_grpc.domain.payment import Payment
-from payment_grpc.domain.refund import Refund, RefundReason
+from payment_grpc.domain.refund import RefundReason
 from payment_grpc.service.charging import Charging
 from payment_grpc.service.operations import Operations
 from payment_grpc.service.queries import Queries, SizeLimit
 
 Context = aio.ServicerContext[Any, Any]
+T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 # Room in a list response for next_page_token and each item's field tag and length.
 PAGE_ENVELOPE_BYTES = 4 * 1024
 ITEM_FRAMING_BYTES = 6
 
 
-def _wire_size(to_pb: Callable[[Any], Message]) -> Callable[[Any], int]:
-    return lambda item: to_pb(item).ByteSize() + ITEM_FRAMING_BYTES
+class _PagedItems(Generic[T, M]):
+    """Converts each listed item once: weighing it for the page's size limit and
+    sending it use the same message."""
+
+    def __init__(self, to_pb: Callable[[T], M], page_bytes: int) -> None:
+        self._to_pb = to_pb
+        self._converted: dict[int, M] = {}  # by id(): the items live for the whole call
+        self.limit: SizeLimit[T] = SizeLimit(self._wire_size, page_bytes)
+
+    def message(self, item: T) -> M:
+        converted = self._converted.get(id(item))
+        if converted is None:
+            converted = self._converted[id(item)] = self._to_pb(item)
+        return converted
+
+    def _wire_size(self, item: T) -> int:
+        return self.message(item).ByteSize() + ITEM_FRAMING_BYTES
 
 
 class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
@@ -49,13 +65,7 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
         self._charging = charging
         self._operations = operations
         self._queries = queries
-        page_bytes = max_message_bytes - PAGE_ENVELOPE_BYTES
-        self._payments_limit: SizeLimit[Payment] = SizeLimit(
-            _wire_size(convert.payment_to_pb), page_bytes
-        )
-        self._refunds_limit: SizeLimit[Refund] = SizeLimit(
-            _wire_size(convert.refund_to_pb), page_bytes
-        )
+        self._page_bytes = max_message_bytes - PAGE_ENVELOPE_BYTES
 
     async def Charge(self, request: api.ChargeRequest, context: Context) -> api.ChargeResponse:
         payment = await self._charging.charge(
@@ -103,15 +113,16 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
     async def ListPayments(
         self, request: api.ListPaymentsRequest, context: Context
     ) -> api.ListPaymentsResponse:
+        listed = _PagedItems(convert.payment_to_pb, self._page_bytes)
         page = await self._queries.list_payments(
             convert.payment_filter(request),
             request.page_size,
             request.page_token,
             request_context(context),
-            self._payments_limit,
+            listed.limit,
         )
         return api.ListPaymentsResponse(
-            payments=[convert.payment_to_pb(p) for p in page.items],
+            payments=[listed.message(p) for p in page.items],
             next_page_token=page.next_page_token,
         )
 
@@ -124,15 +135,16 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
     async def ListRefunds(
         self, request: api.ListRefundsRequest, context: Context
     ) -> api.ListRefundsResponse:
+        listed = _PagedItems(convert.refund_to_pb, self._page_bytes)
         page = await self._queries.list_refunds(
             request.payment_id,
             request.page_size,
             request.page_token,
             request_context(context),
-            self._refunds_limit,
+            listed.limit,
         )
         return api.ListRefundsResponse(
-            refunds=[convert.refund_to_pb(r) for r in page.items],
+            refunds=[listed.message(r) for r in page.items],
             next_page_token=page.next_page_token,
         )
 

@@ -48,8 +48,10 @@ TRANSITIONS: Mapping[PaymentStatus, frozenset[PaymentStatus]] = {
 # No further change is possible (REFUNDED) or expected without a refund (CAPTURED).
 FINAL_STATUSES = frozenset({S.FAILED, S.CANCELED, S.REFUNDED})
 SETTLED_STATUSES = FINAL_STATUSES | {S.CAPTURED, S.PARTIALLY_REFUNDED}
+# Statuses that hold a captured amount.
+CAPTURED_STATUSES = frozenset({S.CAPTURED, S.PARTIALLY_REFUNDED, S.REFUNDED})
 # Statuses in which the gateway holds (or held, then captured) the authorization.
-AUTHORIZED_STATUSES = frozenset({S.AUTHORIZED, S.CAPTURED, S.PARTIALLY_REFUNDED, S.REFUNDED})
+AUTHORIZED_STATUSES = CAPTURED_STATUSES | {S.AUTHORIZED}
 # Statuses that free the order for a new charge.
 INACTIVE_STATUSES = frozenset({S.FAILED, S.CANCELED})
 
@@ -192,10 +194,7 @@ class Payment:
             <= self.amount.amount_minor
         ):
             raise AssertionError(f"amount invariant broken for {self.payment_id}")
-        if (
-            self.status in {S.CAPTURED, S.PARTIALLY_REFUNDED, S.REFUNDED}
-            and not self.captured_minor
-        ):
+        if self.status in CAPTURED_STATUSES and not self.captured_minor:
             raise AssertionError(f"{self.status} without a captured amount")
         if self.status is S.REFUNDED and self.refunded_minor != self.captured_minor:
             raise AssertionError("REFUNDED must refund the whole captured amount")
@@ -204,10 +203,7 @@ class Payment:
             and not 0 < self.refunded_minor < self.captured_minor
         ):
             raise AssertionError("PARTIALLY_REFUNDED needs 0 < refunded < captured")
-        if (
-            self.status not in {S.CAPTURED, S.PARTIALLY_REFUNDED, S.REFUNDED}
-            and self.captured_minor
-        ):
+        if self.status not in CAPTURED_STATUSES and self.captured_minor:
             raise AssertionError(f"{self.status} cannot hold a captured amount")
 
     def require(self, action: str, *allowed: PaymentStatus) -> None:

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from payment_grpc.domain.errors import GatewayRejected, OutcomePending
 from payment_grpc.domain.money import Money
-from payment_grpc.domain.payment import Payment, PaymentStatus
+from payment_grpc.domain.payment import CAPTURED_STATUSES, Payment, PaymentStatus
 from payment_grpc.domain.refund import Refund, RefundReason, RefundStatus
 from payment_grpc.service.context import RequestContext
 from payment_grpc.service.deps import Deps, capture_key, new_id, void_key
@@ -31,12 +31,7 @@ from payment_grpc.service.ports import (
 CAPTURE = "capture"
 CANCEL = "cancel"
 # Where the payment is once the operation happened (refunds may follow a capture).
-DONE_STATUSES = {
-    CAPTURE: frozenset(
-        {PaymentStatus.CAPTURED, PaymentStatus.PARTIALLY_REFUNDED, PaymentStatus.REFUNDED}
-    ),
-    CANCEL: frozenset({PaymentStatus.CANCELED}),
-}
+DONE_STATUSES = {CAPTURE: CAPTURED_STATUSES, CANCEL: frozenset({PaymentStatus.CANCELED})}
 
 
 def outcome_of_released_claim(operation: str, payment: Payment) -> Payment | GatewayRejected:

@@ -33,7 +33,16 @@ from tests.e2e.server_process import (
     stored_money,
     stored_payments,
 )
-from tests.helpers import S, card, charge_request, client_metadata, rpc_error, usd
+from tests.helpers import (
+    S,
+    card,
+    charge_request,
+    client_metadata,
+    replayed,
+    replayed_error,
+    rpc_error,
+    usd,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -105,11 +114,6 @@ async def restarted_replica(
     finally:
         server.kill()
     assert "Traceback" not in server.log, server.log
-
-
-async def replayed(call: Any) -> bool:
-    metadata = await call.initial_metadata()
-    return metadata is not None and metadata.get("idempotent-replayed") == "true"
 
 
 @pytest.mark.parametrize("token", list(OUTCOMES))
@@ -338,7 +342,7 @@ async def test_a_gateway_refusal_is_the_answer_even_after_a_crash(
             grpc.StatusCode.FAILED_PRECONDITION,
             "GATEWAY_REJECTED",
         ), refused.message
-        assert dict(await retry.trailing_metadata()).get("idempotent-replayed") == "true"
+        assert await replayed_error(retry)
         fetched = await stub.GetPayment(api.GetPaymentRequest(payment_id=payment_id))
         assert fetched.payment.status == S.PAYMENT_STATUS_AUTHORIZED
     assert (await stored_money(database_url, payment_id)).in_flight == ""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import os
 import pathlib
 import uuid
@@ -25,7 +26,15 @@ from tests.e2e.server_process import (
     server_env,
     stored_payments,
 )
-from tests.helpers import RichError, S, card, charge_request, client_metadata
+from tests.helpers import (
+    RichError,
+    S,
+    call_like_a_client,
+    card,
+    charge_request,
+    client_metadata,
+    keyed,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -34,7 +43,6 @@ pytestmark = [
 
 Stub = payment_service_pb2_grpc.PaymentServiceStub
 CALL_TIMEOUT_S = 30
-CLIENT_ATTEMPTS = 20
 LOST_ANSWERS = {
     "GATEWAY_SUCCESS_RATE": "0",
     "GATEWAY_FAILURE_MIX": "declined=0,insufficient_funds=0,network_error=1,invalid_method=0",
@@ -101,15 +109,6 @@ async def stop_cleanly(servers: list[ServerProcess]) -> None:
         assert "Traceback" not in server.log, server.log
 
 
-def keyed(key: str) -> tuple[tuple[str, str]]:
-    return (("idempotency-key", key),)
-
-
-async def replayed(call: Any) -> bool:
-    metadata = await call.initial_metadata()
-    return metadata is not None and metadata.get("idempotent-replayed") == "true"
-
-
 async def charge_once(
     stub: Stub, request: api.ChargeRequest, key: str
 ) -> api.ChargeResponse | RichError:
@@ -120,22 +119,6 @@ async def charge_once(
     except aio.AioRpcError as error:
         return RichError(error)
     return response
-
-
-async def charge_like_a_client(
-    stub: Stub, request: api.ChargeRequest, key: str
-) -> tuple[api.ChargeResponse, bool]:
-    """(answer, replayed?); retries ABORTED after the server's RetryInfo delay."""
-    for _ in range(CLIENT_ATTEMPTS):
-        call = stub.Charge(request, metadata=keyed(key), timeout=CALL_TIMEOUT_S)
-        try:
-            return await call, await replayed(call)
-        except aio.AioRpcError as error:
-            rich = RichError(error)
-            if rich.code != grpc.StatusCode.ABORTED or not rich.has_retry:
-                raise
-            await asyncio.sleep(rich.retry.retry_delay.ToTimedelta().total_seconds())
-    raise AssertionError(f"still ABORTED after {CLIENT_ATTEMPTS} attempts")
 
 
 async def watch_to_end(stub: Stub, payment_id: str) -> list[Any]:
@@ -174,7 +157,11 @@ async def test_same_key_on_both_replicas_at_once_runs_once(
 
         for key in keys:
             for stub in stubs:
-                again, was_replayed = await charge_like_a_client(stub, requests[key], key)
+                again, was_replayed = await call_like_a_client(
+                    functools.partial(
+                        stub.Charge, requests[key], metadata=keyed(key), timeout=CALL_TIMEOUT_S
+                    )
+                )
                 assert was_replayed, (key, again)
                 assert again.payment.payment_id == payment_ids[key]
                 assert again.payment.status == S.PAYMENT_STATUS_CAPTURED
@@ -224,7 +211,11 @@ async def test_recovery_on_both_replicas_settles_each_lost_answer_once(
             assert sequences == sorted(set(sequences)), events
 
         for key, payment_id in zip(keys, payment_ids, strict=True):
-            answer, _ = await charge_like_a_client(stubs[1], requests[key], key)
+            answer, _ = await call_like_a_client(
+                functools.partial(
+                    stubs[1].Charge, requests[key], metadata=keyed(key), timeout=CALL_TIMEOUT_S
+                )
+            )
             assert answer.payment.payment_id == payment_id
             assert answer.payment.status == S.PAYMENT_STATUS_CAPTURED
 

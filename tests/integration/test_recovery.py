@@ -37,6 +37,7 @@ from tests.helpers import (
     keyed,
     refund_status,
     replayed,
+    replayed_error,
     row_counts,
     rpc_error,
     serving,
@@ -244,10 +245,6 @@ async def test_a_capture_the_gateway_refused_is_answered_as_refused(
     assert await replayed_error(again)
     payment = await bare.GetPayment(api.GetPaymentRequest(payment_id=payment_id))
     assert payment.payment.status == S.PAYMENT_STATUS_AUTHORIZED
-
-
-async def replayed_error(call: Any) -> bool:
-    return dict(await call.trailing_metadata()).get("idempotent-replayed") == "true"
 
 
 async def test_two_replicas_answer_each_abandoned_key_once(

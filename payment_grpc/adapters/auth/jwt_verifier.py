@@ -17,6 +17,8 @@ from payment_grpc.adapters.auth.keys import PublicKeys
 from payment_grpc.domain.errors import Unauthenticated
 from payment_grpc.service.ports import Principal
 
+CUSTOMER_SCOPES = frozenset({"payments.read"})  # a customer token reads, never moves money
+
 MAX_TOKEN_BYTES = 8 * 1024
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 
@@ -83,7 +85,7 @@ def principal_from_claims(claims: dict[str, Any]) -> Principal:
         customer = subject
     if customer is not None:
         customer = _non_blank(customer)
-        granted &= {"payments.read"}  # a customer token reads, never moves money
+        granted &= CUSTOMER_SCOPES
     return Principal(
         subject=subject,
         scopes=granted,

@@ -23,6 +23,7 @@ import grpc
 from auth.v1 import auth_service_pb2, auth_service_pb2_grpc
 from grpc import aio
 
+from payment_grpc.adapters.auth.jwt_verifier import CUSTOMER_SCOPES
 from payment_grpc.domain.errors import AuthUnavailable, Unauthenticated
 from payment_grpc.service.ports import Clock, Principal, TokenVerifier
 
@@ -41,7 +42,6 @@ REFUSED = frozenset(
     }
 )
 MAX_CACHED = 10_000
-CUSTOMER_SCOPES = frozenset({"payments.read"})
 Reply = TypeVar("Reply")
 
 

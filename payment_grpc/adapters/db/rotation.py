@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from payment_grpc.adapters.db.crypto import DecryptionError, FieldCipher
 from payment_grpc.adapters.db.engine import make_engine
 from payment_grpc.adapters.db.idempotency import RESPONSE_BODY
-from payment_grpc.adapters.db.rows import CARD_FINGERPRINT, METADATA_JSON, METHOD_TOKEN
+from payment_grpc.adapters.db.rows import ENCRYPTED_PAYMENT_COLUMNS
 from payment_grpc.adapters.db.tables import idempotency_keys, payments
 
 DEFAULT_BATCH_SIZE = 500
@@ -58,13 +58,12 @@ class KeyRotation:
         self._batch_size = batch_size
         prefix = cipher.current_prefix
         n = len(prefix)
+        # A NULL column (no card fingerprint) compares as unknown: never stale.
         self._stale_payment = sa.or_(
-            sa.func.substr(payments.c.method_token, 1, n) != prefix,
-            sa.func.substr(payments.c.metadata_json, 1, n) != prefix,
-            sa.and_(
-                payments.c.card_fingerprint.is_not(None),
-                sa.func.substr(payments.c.card_fingerprint, 1, n) != prefix,
-            ),
+            *(
+                sa.func.substr(payments.c[name], 1, n) != prefix
+                for name in ENCRYPTED_PAYMENT_COLUMNS
+            )
         )
         self._stale_answer = sa.and_(
             idempotency_keys.c.response_body.is_not(None),
@@ -109,9 +108,7 @@ class KeyRotation:
             sa.select(
                 payments.c.id,
                 payments.c.sequence,
-                payments.c.method_token,
-                payments.c.metadata_json,
-                payments.c.card_fingerprint,
+                *(payments.c[name] for name in ENCRYPTED_PAYMENT_COLUMNS),
             )
             .where(self._stale_payment, payments.c.id > after_id)
             .order_by(payments.c.id)
@@ -144,19 +141,11 @@ class KeyRotation:
         return rotated, len(updates) - rotated, unreadable
 
     def _reencrypted_payment(self, row: sa.RowMapping) -> dict[str, str | None]:
-        fingerprint = row["card_fingerprint"]
         return {
-            "method_token": self._cipher.reencrypt(
-                row["method_token"], column=METHOD_TOKEN, row_id=row["id"]
-            ),
-            "metadata_json": self._cipher.reencrypt(
-                row["metadata_json"], column=METADATA_JSON, row_id=row["id"]
-            ),
-            "card_fingerprint": self._cipher.reencrypt(
-                fingerprint, column=CARD_FINGERPRINT, row_id=row["id"]
-            )
-            if fingerprint is not None
-            else None,
+            name: None
+            if row[name] is None
+            else self._cipher.reencrypt(row[name], column=aad, row_id=row["id"])
+            for name, aad in ENCRYPTED_PAYMENT_COLUMNS.items()
         }
 
     # --- stored idempotent answers ------------------------------------------------------

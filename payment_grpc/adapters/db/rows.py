@@ -43,6 +43,12 @@ def _failure(row: RowMapping) -> Failure | None:
 METHOD_TOKEN = "payments.method_token"  # noqa: S105 - a column name, not a secret
 METADATA_JSON = "payments.metadata_json"
 CARD_FINGERPRINT = "payments.card_fingerprint"
+# Each encrypted column of `payments` and the name its AAD carries (rotate-keys walks them).
+ENCRYPTED_PAYMENT_COLUMNS = {
+    "method_token": METHOD_TOKEN,
+    "metadata_json": METADATA_JSON,
+    "card_fingerprint": CARD_FINGERPRINT,
+}
 
 
 def _encrypted_columns(p: Payment, cipher: FieldCipher) -> dict[str, Any]:

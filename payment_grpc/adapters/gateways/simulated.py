@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import random
-import sqlite3
 import uuid
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -93,7 +92,6 @@ class SimulatedGatewayConfig:
     seed: int | None = None
 
 
-_OPEN_ATTEMPTS = 20
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS ledger (
     key TEXT PRIMARY KEY,
@@ -112,16 +110,7 @@ CREATE TABLE IF NOT EXISTS ledger (
 async def _open_ledger(path: str) -> aiosqlite.Connection:
     db = await aiosqlite.connect(path, timeout=30, isolation_level=None)
     try:
-        # The first switch to WAL takes an exclusive lock that another replica's open may
-        # hold; sqlite's busy handler does not cover it, so the ledger waits on its own.
-        for attempt in range(_OPEN_ATTEMPTS):
-            try:
-                await (await db.execute("PRAGMA journal_mode=WAL")).close()
-                break
-            except sqlite3.OperationalError:
-                if attempt == _OPEN_ATTEMPTS - 1:
-                    raise
-                await asyncio.sleep(0.05 * (attempt + 1))
+        await (await db.execute("PRAGMA journal_mode=WAL")).close()
         await (await db.execute(_SCHEMA)).close()
         db.row_factory = aiosqlite.Row
     except BaseException:

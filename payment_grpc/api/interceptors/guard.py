@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
@@ -34,10 +33,8 @@ async def abort_with(context: aio.ServicerContext[Any, Any], status: grpc.Status
     raise AssertionError("abort_with_status returned")
 
 
-@dataclass(frozen=True, slots=True)
-class _Undecodable:
-    """Stands in for request bytes that do not parse, so the guard can answer them."""
-
+# Stands in for request bytes that do not parse, so the guard can answer them.
+_UNDECODABLE = object()
 
 UNDECODABLE_REQUEST = build_status(
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -53,13 +50,13 @@ def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
         try:
             return deserialize(data)
         except DecodeError:
-            return _Undecodable()
+            return _UNDECODABLE
 
     return deserialized
 
 
 async def _reject_invalid(request: Any, context: aio.ServicerContext[Any, Any]) -> None:
-    if isinstance(request, _Undecodable):
+    if request is _UNDECODABLE:
         await abort_with(context, UNDECODABLE_REQUEST)
     found = violations(request)
     if found:

@@ -20,7 +20,7 @@ from google.rpc import status_pb2
 from grpc import aio
 
 from payment_grpc.api.context import current_request
-from payment_grpc.api.errors import code_for, status_proto_for
+from payment_grpc.api.errors import code_for
 from payment_grpc.api.interceptors.guard import abort_with
 from payment_grpc.api.interceptors.wrapping import (
     ServerInterceptor,
@@ -28,7 +28,7 @@ from payment_grpc.api.interceptors.wrapping import (
     Unary,
     wrap_handler,
 )
-from payment_grpc.api.responses import BUILDERS
+from payment_grpc.api.responses import BUILDERS, refusal_answer
 from payment_grpc.domain.errors import DomainError, InvalidIdempotencyKey
 from payment_grpc.pan_masking import looks_like_card_number
 from payment_grpc.service.idempotency import Checkpoint, IdempotencyKeys
@@ -36,11 +36,7 @@ from payment_grpc.service.ports import KeyRecord, StoredAnswer
 
 HEADER = "idempotency-key"
 REPLAYED = (("idempotent-replayed", "true"),)
-
-
 KEYED_METHODS = frozenset(BUILDERS)
-
-
 # Retryable or caller-side failures are not the key's answer: a retry runs again.
 NOT_STORED = frozenset(
     {
@@ -67,11 +63,6 @@ class KeyedCall:
 _current_call: contextvars.ContextVar[KeyedCall | None] = contextvars.ContextVar(
     "keyed_call", default=None
 )
-
-
-def refusal_answer(error: DomainError) -> StoredAnswer:
-    """A business refusal as the key's stored answer: its code and google.rpc.Status."""
-    return StoredAnswer(code_for(error).value[0], status_proto_for(error).SerializeToString())
 
 
 def checkpoint_for(encode: Callable[[Any], bytes]) -> Checkpoint | None:
