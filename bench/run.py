@@ -1,15 +1,19 @@
-"""`python -m bench.run`: start the server on a fresh database, load it, report.
+"""`python -m bench.run`: the ceiling, then the service on fresh databases; report.
 
-For each (db, scenario): a fresh database, a server subprocess on a free 127.0.0.1
-port (gateway latency 0, success rate 1.0), `--processes` spawn workers with
-`--concurrency` coroutines each, a warm-up excluded from the stats, then SIGTERM.
-Prints one markdown row per run and writes JSON to bench/results/<timestamp>.json.
+First the bare grpc.aio ceiling (bench/ceiling.py, same process count as the service)
+is driven by the same client for each RPC the scenarios call. Then for each (db,
+scenario): a fresh database, a server subprocess on a free 127.0.0.1 port (gateway
+latency 0, success rate 1.0), `--processes` spawn workers with `--concurrency`
+coroutines each, a warm-up excluded from the stats, then SIGTERM. Prints one markdown
+row per run, with rps as a fraction of the ceiling's, and writes JSON to
+bench/results/<timestamp>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import multiprocessing
@@ -28,13 +32,14 @@ from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from bench.scenarios import SCENARIOS
+from bench.scenarios import SCENARIOS, Scenario, ideal_rps
 from bench.server import (
     STOP_TIMEOUT_S,
     RunningServer,
     ServerSecrets,
     fresh_database,
     machine_busy_seconds,
+    running_ceiling,
     running_server,
 )
 from bench.stats import (
@@ -46,26 +51,99 @@ from bench.stats import (
     summarize,
     to_json,
 )
+from bench.streams import StreamsSummary, run_streams
 from bench.worker import BARRIER_TIMEOUT_S, CALL_TIMEOUT_S, WorkerConfig, WorkerResult, run_worker
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 DBS = ("sqlite", "postgresql")
 COLLECT_SLACK_S = 60.0
 POLL_S = 1.0
+SLOW_GATEWAY_IN_FLIGHT = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    runs: tuple[tuple[str, str], ...]  # (db, scenario)
+    duration_s: float
+    warmup_s: float
+
+
+PROFILES = {
+    # `make bench`: a minute or two; every RPC once on PostgreSQL, Charge on SQLite
+    "short": Profile(
+        (
+            ("postgresql", "charge"),
+            ("postgresql", "get"),
+            ("postgresql", "refund"),
+            ("postgresql", "replay"),
+            ("sqlite", "charge"),
+        ),
+        duration_s=5.0,
+        warmup_s=1.0,
+    ),
+    # every scenario on PostgreSQL (the slow gateway with 1,000 in flight), Charge on SQLite
+    "full": Profile(
+        (
+            *((("postgresql", name) for name in SCENARIOS)),
+            ("sqlite", "charge"),
+            ("sqlite", "replay"),
+        ),
+        duration_s=15.0,
+        warmup_s=2.0,
+    ),
+}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
-    parser.add_argument("--db", choices=[*DBS, "both"], default="both")
-    parser.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="charge")
-    parser.add_argument("--duration", type=float, default=15.0, help="measured seconds")
-    parser.add_argument("--warmup", type=float, default=2.0, help="seconds excluded from stats")
+    parser.add_argument("--profile", choices=PROFILES, default="short")
+    parser.add_argument("--db", choices=[*DBS, "both"], help="only runs on this database")
+    parser.add_argument(
+        "--scenario", choices=[*SCENARIOS, "all"], help="these runs instead of the profile's"
+    )
+    parser.add_argument("--duration", type=float, help="measured seconds (profile's default)")
+    parser.add_argument("--warmup", type=float, help="seconds excluded from stats")
     parser.add_argument("--processes", type=int, default=2, help="load-generator processes")
     parser.add_argument("--concurrency", type=int, default=32, help="in-flight calls per process")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="server processes (WORKERS; SQLite: always 1)"
+    )
+    parser.add_argument("--no-ceiling", action="store_true", help="skip the ceiling runs")
+    parser.add_argument(
+        "--soak", type=float, metavar="SECONDS", help="one long Charge run on PostgreSQL: RSS"
+    )
+    parser.add_argument(
+        "--streams",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also: N WatchPaymentStatus streams on one PostgreSQL server process (RSS, fan-out)",
+    )
+    parser.add_argument(
+        "--stream-payments", type=int, default=100, help="payments the streams watch"
+    )
     args = parser.parse_args(argv)
+    profile = PROFILES[args.profile]
+    args.duration = args.soak or args.duration or profile.duration_s
+    args.warmup = profile.warmup_s if args.warmup is None else args.warmup
     if args.duration <= 0 or args.warmup < 0 or args.processes < 1 or args.concurrency < 1:
         parser.error("duration > 0, warmup >= 0, processes >= 1 and concurrency >= 1")
+    if args.workers < 1:
+        parser.error("workers >= 1")
+    args.runs = _runs(args, profile)
     return args
+
+
+def _runs(args: argparse.Namespace, profile: Profile) -> list[tuple[str, str]]:
+    if args.soak:
+        return [("postgresql", "charge")]
+    runs = list(profile.runs)
+    if args.scenario:
+        scenarios = tuple(SCENARIOS) if args.scenario == "all" else (args.scenario,)
+        runs = [(db, name) for db in DBS for name in scenarios]
+    if args.db and args.db != "both":
+        runs = [(db, name) for db, name in runs if db == args.db]
+    return runs
 
 
 def _collect(results: Any, workers: Sequence[BaseProcess], timeout_s: float) -> list[WorkerResult]:
@@ -125,26 +203,46 @@ def run_load(
     return collected, used
 
 
-def run_one(info: RunInfo, run_tag: str) -> Summary:
+def _measure(server: RunningServer, info: RunInfo, run_tag: str, jwt_secret: str) -> Summary:
+    config = WorkerConfig(
+        server.target,
+        info.scenario,
+        info.concurrency,
+        info.warmup_s,
+        info.duration_s,
+        run_tag,
+        jwt_secret,
+    )
+    rss_start = server.rss_bytes()
+    results, used = run_load(config, info.processes, server)
+    summary = summarize(info, results, used.server_s, used.wall_s)
+    summary.machine_busy_cpu_s = used.machine_s
+    summary.rss_start_bytes, summary.rss_end_bytes = rss_start, server.rss_bytes()
+    return summary
+
+
+def run_ceiling(info: RunInfo, run_tag: str) -> Summary:
+    """The same client against the bare grpc.aio server with canned answers."""
+    with tempfile.TemporaryDirectory(prefix="payment-grpc-bench-") as tmp:
+        workdir = pathlib.Path(tmp)
+        with running_ceiling(workdir, workers=info.workers) as server:
+            summary = _measure(server, info, run_tag, ServerSecrets.generate().jwt_secret)
+        summary.server_exit_code = server.exit_code
+        summary.server_killed = server.killed
+        return summary
+
+
+def run_one(info: RunInfo, run_tag: str, scenario: Scenario) -> Summary:
     with tempfile.TemporaryDirectory(prefix="payment-grpc-bench-") as tmp:
         workdir = pathlib.Path(tmp)
         run_secrets = ServerSecrets.generate()
         with (
             fresh_database(info.db, workdir) as url,
-            running_server(url, workdir, run_secrets) as server,
+            running_server(
+                url, workdir, run_secrets, workers=info.workers, extra_env=scenario.server_env
+            ) as server,
         ):
-            config = WorkerConfig(
-                server.target,
-                info.scenario,
-                info.concurrency,
-                info.warmup_s,
-                info.duration_s,
-                run_tag,
-                run_secrets.jwt_secret,
-            )
-            results, used = run_load(config, info.processes, server)
-            summary = summarize(info, results, used.server_s, used.wall_s)
-            summary.machine_busy_cpu_s = used.machine_s
+            summary = _measure(server, info, run_tag, run_secrets.jwt_secret)
         summary.server_exit_code = server.exit_code
         summary.server_killed = server.killed
         summary.server_log = server.log_messages()
@@ -162,7 +260,12 @@ def _keep_log(log_path: pathlib.Path, info: RunInfo, run_tag: str) -> pathlib.Pa
     return kept
 
 
-def _write_json(args: argparse.Namespace, summaries: list[Summary], started: str) -> pathlib.Path:
+def _write_json(
+    args: argparse.Namespace,
+    summaries: list[Summary],
+    started: str,
+    streams: StreamsSummary | None,
+) -> pathlib.Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{started}.json"
     document = {
@@ -170,6 +273,7 @@ def _write_json(args: argparse.Namespace, summaries: list[Summary], started: str
         "machine": {"cpus": os.cpu_count(), "python": sys.version, "platform": platform.platform()},
         "args": vars(args),
         "runs": [to_json(s) for s in summaries],
+        "streams": dataclasses.asdict(streams) if streams else None,
     }
     path.write_text(json.dumps(document, indent=2, default=str) + "\n")
     return path
@@ -198,23 +302,81 @@ def _report_problems(summary: Summary) -> None:
         print(f"  server exit code: {summary.server_exit_code}", file=sys.stderr)
 
 
+def _info(args: argparse.Namespace, db: str, name: str) -> RunInfo:
+    concurrency = args.concurrency
+    if not SCENARIOS[name].ceiling:  # the slow gateway: 1,000 calls in flight
+        concurrency = max(1, SLOW_GATEWAY_IN_FLIGHT // args.processes)
+    workers = 1 if db == "sqlite" else args.workers
+    duration = args.duration
+    return RunInfo(db, name, args.processes, concurrency, duration, args.warmup, workers)
+
+
+def _canonical(rpc: str) -> str:
+    """The first scenario calling `rpc`: what the ceiling is measured with for that RPC."""
+    return next(name for name, s in SCENARIOS.items() if s.rpc == rpc and s.ceiling)
+
+
+def _ceilings(args: argparse.Namespace) -> dict[tuple[str, int], Summary]:
+    """One ceiling run per (RPC, server processes) the chosen runs need."""
+    wanted = {
+        (SCENARIOS[name].rpc, _info(args, db, name).workers)
+        for db, name in args.runs
+        if SCENARIOS[name].ceiling
+    }
+    ceilings: dict[tuple[str, int], Summary] = {}
+    for rpc, workers in sorted(wanted):
+        info = RunInfo(
+            "ceiling",
+            _canonical(rpc),
+            args.processes,
+            args.concurrency,
+            args.duration,
+            args.warmup,
+            workers,
+        )
+        ceilings[rpc, workers] = _report(run_ceiling(info, uuid.uuid4().hex[:12]))
+    return ceilings
+
+
+def _report(summary: Summary) -> Summary:
+    print(markdown_row(summary), flush=True)
+    _report_problems(summary)
+    return summary
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-    dbs = DBS if args.db == "both" else (args.db,)
-    scenarios = tuple(SCENARIOS) if args.scenario == "all" else (args.scenario,)
-    summaries: list[Summary] = []
     print(TABLE_HEADER, flush=True)
-    for db in dbs:
-        for scenario in scenarios:
-            info = RunInfo(
-                db, scenario, args.processes, args.concurrency, args.duration, args.warmup
+    ceilings = {} if args.no_ceiling or args.soak else _ceilings(args)
+    summaries = list(ceilings.values())
+    for db, name in args.runs:
+        info, scenario = _info(args, db, name), SCENARIOS[name]
+        summary = run_one(info, uuid.uuid4().hex[:12], scenario)
+        ceiling = ceilings.get((scenario.rpc, info.workers))
+        summary.ceiling_rps = ceiling.rps if ceiling and scenario.ceiling else None
+        summary.ideal_rps = ideal_rps(scenario, info.processes * info.concurrency)
+        summaries.append(_report(summary))
+    streams = _streams(args) if args.streams else None
+    print(f"\nJSON: {_write_json(args, summaries, started, streams)}", flush=True)
+    failed = streams is not None and bool(streams.failures)
+    return 1 if failed or any(s.worker_failures for s in summaries) else 0
+
+
+def _streams(args: argparse.Namespace) -> StreamsSummary:
+    """N WatchPaymentStatus streams on one server process (WORKERS=1), PostgreSQL bus."""
+    with tempfile.TemporaryDirectory(prefix="payment-grpc-bench-") as tmp:
+        workdir = pathlib.Path(tmp)
+        run_secrets = ServerSecrets.generate()
+        with (
+            fresh_database("postgresql", workdir) as url,
+            running_server(url, workdir, run_secrets, workers=1) as server,
+        ):
+            summary = run_streams(
+                server, run_secrets.jwt_secret, args.streams, args.stream_payments, args.processes
             )
-            summaries.append(run_one(info, uuid.uuid4().hex[:12]))
-            print(markdown_row(summaries[-1]), flush=True)
-            _report_problems(summaries[-1])
-    print(f"\nJSON: {_write_json(args, summaries, started)}", flush=True)
-    return 1 if any(s.worker_failures for s in summaries) else 0
+    print(summary.row(), flush=True)
+    return summary
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""A fresh database and a `payment-grpc serve` subprocess on 127.0.0.1, for one run."""
+"""A fresh database and a `payment-grpc serve` subprocess on 127.0.0.1, for one run; or
+the ceiling (`bench.ceiling`) on the same terms."""
 
 from __future__ import annotations
 
@@ -76,12 +77,14 @@ class RunningServer:
         return f"{HOST}:{self.port}"
 
     def cpu_seconds(self) -> float:
-        """utime + stime of the server process (Linux /proc); 0.0 where unavailable."""
-        stat = pathlib.Path(f"/proc/{self.process.pid}/stat")
-        if not stat.exists():
-            return 0.0
-        fields = stat.read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """utime + stime of the server and its worker processes (Linux /proc)."""
+        ticks = sum(stat.cpu_ticks for stat in _process_tree(self.process.pid))
+        return ticks / os.sysconf("SC_CLK_TCK")
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server and its worker processes (Linux /proc)."""
+        pages = sum(stat.rss_pages for stat in _process_tree(self.process.pid))
+        return pages * os.sysconf("SC_PAGE_SIZE")
 
     def log_messages(self, limit: int = 10) -> dict[str, int]:
         """The most frequent WARNING+ lines, keyed by 'LEVEL logger: message' (no time)."""
@@ -91,6 +94,37 @@ class RunningServer:
             if len(words) > 3 and words[2] in LOG_LEVELS:
                 counts[f"{words[2]} {words[3][:MESSAGE_CHARS]}"] += 1
         return dict(counts.most_common(limit))
+
+
+@dataclass(frozen=True, slots=True)
+class _ProcStat:
+    pid: int
+    ppid: int
+    cpu_ticks: int  # utime + stime
+    rss_pages: int
+
+
+def _read_stat(path: pathlib.Path) -> _ProcStat | None:
+    try:
+        text = path.read_text()
+    except OSError:  # gone meanwhile
+        return None
+    fields = text.rsplit(")", 1)[1].split()
+    return _ProcStat(
+        int(path.parent.name), int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[21])
+    )
+
+
+def _process_tree(root: int) -> list[_ProcStat]:
+    """The process `root` and all its descendants (WORKERS > 1 forks server processes)."""
+    stats = [s for p in pathlib.Path("/proc").glob("[0-9]*") if (s := _read_stat(p / "stat"))]
+    children: dict[int, list[_ProcStat]] = {}
+    for stat in stats:
+        children.setdefault(stat.ppid, []).append(stat)
+    tree = [s for s in stats if s.pid == root]
+    for stat in tree:  # grows while iterating: breadth-first
+        tree.extend(children.get(stat.pid, []))
+    return tree
 
 
 def machine_busy_seconds() -> float:
@@ -178,16 +212,39 @@ def _stop(server: RunningServer) -> None:
 
 @contextlib.contextmanager
 def running_server(
-    database_url: str, workdir: pathlib.Path, run_secrets: ServerSecrets
+    database_url: str,
+    workdir: pathlib.Path,
+    run_secrets: ServerSecrets,
+    *,
+    workers: int = 1,
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[RunningServer]:
-    """Starts the server, waits for SERVING, and SIGTERMs it on exit."""
-    port = free_port()
-    env = {**os.environ, **SERVER_ENV, **run_secrets.env()}
-    env |= {"PORT": str(port), "DATABASE_URL": database_url}
+    """Starts the service with WORKERS=workers, waits for SERVING, SIGTERMs it on exit."""
+    env = {**os.environ, **SERVER_ENV, **run_secrets.env(), **(extra_env or {})}
+    env |= {"DATABASE_URL": database_url, "WORKERS": str(workers)}
     env["DATA_DIR"] = str(workdir / "data")
-    log_path = workdir / "server.log"
+    with _started([sys.executable, "-m", "payment_grpc", "serve"], env, workdir) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running_ceiling(workdir: pathlib.Path, *, workers: int) -> Iterator[RunningServer]:
+    """Starts the bare grpc.aio ceiling with `workers` processes on one port."""
+    command = [sys.executable, "-m", "bench.ceiling", "--workers", str(workers)]
+    with _started(command, dict(os.environ), workdir, port_flag=True) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def _started(
+    command: list[str], env: dict[str, str], workdir: pathlib.Path, *, port_flag: bool = False
+) -> Iterator[RunningServer]:
+    port = free_port()
+    if port_flag:
+        command = [*command, "--port", str(port)]
+    env = {**env, "PORT": str(port)}
+    log_path = workdir / f"server-{port}.log"
     with log_path.open("wb") as log:
-        command = [sys.executable, "-m", "payment_grpc", "serve"]
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     server = RunningServer(process, port, log_path)
     try:

@@ -11,9 +11,10 @@ from typing import Any
 from bench.worker import WorkerResult
 
 TABLE_HEADER = (
-    "| db | scenario | procs x conc | calls | rps | p50 ms | p95 ms | p99 ms "
-    "| errors | distinct payments | server CPU (1 core = 100%) |\n"
-    "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|"
+    "| db | scenario | procs x conc | calls | rps | x ceiling | p50 ms | p99 ms "
+    "| errors | distinct payments | server CPU ms/call | server CPU (1 core = 100%) "
+    "| server RSS MB start -> end |\n"
+    "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"
 )
 
 
@@ -25,6 +26,7 @@ class RunInfo:
     concurrency: int
     duration_s: float
     warmup_s: float
+    workers: int = 1
 
 
 @dataclass(slots=True)
@@ -47,6 +49,12 @@ class Summary:
     loadgen_cpu_s: float
     load_wall_s: float
     machine_busy_cpu_s: float = 0.0
+    # The yardstick: the ceiling's rps for this RPC and client in the same bench run, or
+    # (for a scenario the ceiling does not fit) the scenario's own ideal rps.
+    ceiling_rps: float | None = None
+    ideal_rps: float | None = None
+    rss_start_bytes: int = 0
+    rss_end_bytes: int = 0
     server_exit_code: int | None = None
     server_killed: bool = False
     server_log: dict[str, int] = field(default_factory=dict)
@@ -94,6 +102,20 @@ def _errors_cell(errors: dict[str, int]) -> str:
     return ", ".join(f"{code} {n}" for code, n in errors.items()) or "0"
 
 
+def ratio_cell(s: Summary) -> str:
+    if s.ceiling_rps:
+        return f"{s.rps / s.ceiling_rps:.3f}"
+    if s.ideal_rps:
+        return f"{s.rps / s.ideal_rps:.0%} of ideal {s.ideal_rps:.0f}"
+    return "-"
+
+
+def cpu_per_call_ms(s: Summary) -> float:
+    """Server CPU over the whole load phase (warm-up included) per call made in it."""
+    total_calls = s.calls + sum(s.warmup_codes.values())
+    return s.server_cpu_s * 1000 / total_calls if total_calls else math.nan
+
+
 def markdown_row(s: Summary) -> str:
     i = s.info
     cpu = s.server_cpu_s / s.load_wall_s if s.load_wall_s > 0 else math.nan
@@ -103,12 +125,14 @@ def markdown_row(s: Summary) -> str:
         f"{i.processes} x {i.concurrency}",
         str(s.calls),
         f"{s.rps:.0f}",
+        ratio_cell(s),
         f"{s.p50_ms:.1f}",
-        f"{s.p95_ms:.1f}",
         f"{s.p99_ms:.1f}",
         _errors_cell(s.errors),
         str(s.distinct_payment_ids),
+        f"{cpu_per_call_ms(s):.2f}",
         f"{cpu:.0%}",
+        f"{s.rss_start_bytes / 2**20:.0f} -> {s.rss_end_bytes / 2**20:.0f}",
     ]
     return "| " + " | ".join(cells) + " |"
 

@@ -1,4 +1,4 @@
-"""One load-generating process: one grpc.aio channel, N coroutines calling Charge.
+"""One load-generating process: one grpc.aio channel, N coroutines calling one RPC.
 
 Every coroutine stops starting calls at the end of the window and every call carries a
 deadline, so a worker always finishes within warmup + duration + CALL_TIMEOUT_S.
@@ -17,11 +17,10 @@ from typing import Any
 
 import grpc
 from grpc import aio
-from payments.v1 import payment_service_pb2 as api
 from payments.v1 import payment_service_pb2_grpc
 from payments.v1 import resources_pb2 as pb
 
-from bench.scenarios import SCENARIOS, Builder, WorkerIdentity
+from bench.scenarios import SCENARIOS, Builder, Scenario, WorkerIdentity, prepared_charge
 from payment_grpc.adapters.auth.tokens import mint_token
 
 CALL_TIMEOUT_S = 10.0
@@ -29,7 +28,8 @@ CONNECT_TIMEOUT_S = 15.0
 BARRIER_TIMEOUT_S = 60.0
 MESSAGE_CHARS = 160
 REPLAYED = "idempotent-replayed"
-CHARGE_SCOPE = "payments.charge"
+SCOPES = ("payments.charge", "payments.refund", "payments.read")
+PREPARE_IN_FLIGHT = 8
 JWT_AUDIENCE = "payment-service"  # the server's defaults (JWT_AUDIENCE, JWT_ISSUER)
 JWT_ISSUER = "payment-grpc"
 JWT_SUBJECT = "bench"
@@ -74,13 +74,13 @@ class Recorder:
         self.window = window
         self.result = WorkerResult()
 
-    def add(self, started: float, code: grpc.StatusCode, reply: api.ChargeResponse | None) -> None:
+    def add(self, started: float, code: grpc.StatusCode, reply: Any) -> None:
         if started < self.window.measure_from:
             self.result.warmup_codes[code.name] += 1
             return
         self.result.latencies_ms.append((time.perf_counter() - started) * 1000)
         self.result.codes[code.name] += 1
-        if reply is None:
+        if reply is None or not reply.HasField("payment"):
             return
         self.result.statuses[pb.PaymentStatus.Name(reply.payment.status)] += 1
         self.result.payment_ids.add(reply.payment.payment_id)
@@ -91,19 +91,29 @@ class Recorder:
             self.result.replayed += 1
 
 
-async def _client(
-    stub: payment_service_pb2_grpc.PaymentServiceAsyncStub,
-    build: Builder,
-    who: WorkerIdentity,
-    counter: itertools.count[int],
-    recorder: Recorder,
-    credentials: CallMetadata,
-) -> None:
+@dataclass(frozen=True, slots=True)
+class Load:
+    """What every client coroutine of a worker shares."""
+
+    method: Any  # the stub's multi-callable for the scenario's RPC
+    build: Builder
+    who: WorkerIdentity
+    prepared: tuple[str, ...]
+    credentials: CallMetadata
+
+
+def _metadata(credentials: CallMetadata, idempotency_key: str | None) -> CallMetadata:
+    if idempotency_key is None:
+        return credentials
+    return (*credentials, ("idempotency-key", idempotency_key))
+
+
+async def _client(load: Load, counter: itertools.count[int], recorder: Recorder) -> None:
     while time.perf_counter() < recorder.window.end:
-        call = build(who, next(counter))
-        metadata = (*credentials, ("idempotency-key", call.idempotency_key))
+        call = load.build(load.who, next(counter), load.prepared)
+        metadata = _metadata(load.credentials, call.idempotency_key)
         started = time.perf_counter()
-        rpc = stub.Charge(call.request, metadata=metadata, timeout=CALL_TIMEOUT_S)
+        rpc = load.method(call.request, metadata=metadata, timeout=CALL_TIMEOUT_S)
         try:
             reply = await rpc
         except aio.AioRpcError as exc:
@@ -114,33 +124,57 @@ async def _client(
             recorder.count_replay(started, await rpc.initial_metadata())
 
 
+async def _prepare(
+    stub: payment_service_pb2_grpc.PaymentServiceAsyncStub,
+    scenario: Scenario,
+    who: WorkerIdentity,
+    credentials: CallMetadata,
+) -> tuple[str, ...]:
+    """Charges the scenario's captured payments (a few at a time) before the barrier."""
+    limit = asyncio.Semaphore(PREPARE_IN_FLIGHT)
+    build = scenario.prepare or prepared_charge
+
+    async def one(n: int) -> str:
+        call = build(who, n, ())
+        async with limit:
+            reply = await stub.Charge(
+                call.charge,
+                metadata=_metadata(credentials, call.idempotency_key),
+                timeout=CALL_TIMEOUT_S,
+            )
+        if reply.payment.status != pb.PAYMENT_STATUS_CAPTURED:
+            raise RuntimeError(f"prepared payment not captured: {reply.payment.status}")
+        return str(reply.payment.payment_id)
+
+    return tuple(await asyncio.gather(*(one(n) for n in range(scenario.prepare_payments))))
+
+
 async def _load(config: WorkerConfig, barrier: Any) -> WorkerResult:
     async with aio.insecure_channel(config.target) as channel:
         await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)
+        stub = payment_service_pb2_grpc.PaymentServiceStub(channel)
+        scenario = SCENARIOS[config.scenario]
+        who = WorkerIdentity(os.getpid(), config.run_tag)
+        credentials = _credentials(config.jwt_secret)
+        prepared = await _prepare(stub, scenario, who, credentials)
+        load = Load(getattr(stub, scenario.rpc), scenario.build, who, prepared, credentials)
         await asyncio.to_thread(barrier.wait, BARRIER_TIMEOUT_S)
         start, cpu_start = time.perf_counter(), _cpu_seconds()
         window = Window(start + config.warmup_s, start + config.warmup_s + config.duration_s)
         recorder = Recorder(window)
-        stub = payment_service_pb2_grpc.PaymentServiceStub(channel)
-        who = WorkerIdentity(os.getpid(), config.run_tag)
-        build, counter = SCENARIOS[config.scenario].build, itertools.count()
-        credentials = _credentials(config.jwt_secret)
-        clients = [
-            _client(stub, build, who, counter, recorder, credentials)
-            for _ in range(config.concurrency)
-        ]
-        await asyncio.gather(*clients)
+        counter = itertools.count()
+        await asyncio.gather(*(_client(load, counter, recorder) for _ in range(config.concurrency)))
         recorder.result.cpu_s = _cpu_seconds() - cpu_start
         return recorder.result
 
 
 def _credentials(jwt_secret: str) -> CallMetadata:
-    """A bearer token with the Charge scope. All workers are one caller (one subject):
+    """A bearer token with the scopes of every scenario. All workers are one caller (one subject):
     idempotency keys are scoped per caller, and `storm` is one caller's duplicates."""
     token = mint_token(
         jwt_secret,
         subject=JWT_SUBJECT,
-        scopes=[CHARGE_SCOPE],
+        scopes=SCOPES,
         audience=JWT_AUDIENCE,
         issuer=JWT_ISSUER,
     )
