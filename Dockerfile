@@ -29,6 +29,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     HOST=0.0.0.0 \
     PORT=8009 \
+    WORKERS=auto \
     DATA_DIR=/var/lib/payment-grpc/data \
     LOG_FORMAT=json
 RUN groupadd --system --gid 10001 app \

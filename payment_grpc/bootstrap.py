@@ -64,7 +64,10 @@ class Application:
         self._recovery_task = asyncio.create_task(
             self.recovery.run_forever(self.settings.recovery_interval_seconds)
         )
-        log.info("payment-grpc listening", extra={"port": self.port})
+        log.info(
+            "payment-grpc listening",
+            extra={"port": self.port, "instance_id": self.settings.instance_id},
+        )
 
     async def stop(self) -> None:
         await self.server.stop(self.settings.shutdown_grace_seconds)
@@ -216,6 +219,7 @@ def build_application(settings: Settings) -> Application:
             *rate_limit(settings),
         ],
         inner_interceptors=[IdempotencyInterceptor(keys)],
+        reuse_port=settings.workers != 1,  # a worker of a supervisor (payment_grpc/workers.py)
     )
     app = Application(settings, engine, gateway, bus, keys, server, recovery, auth_client)
     app.port = server.bind(f"{settings.host}:{settings.port}", server_credentials(settings))

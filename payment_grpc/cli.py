@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Callable
 
 from payment_grpc.adapters.db.crypto import KeyConfigError
 from payment_grpc.config import Settings
@@ -15,11 +16,12 @@ from payment_grpc.logging_setup import configure_logging
 log = logging.getLogger("payment_grpc")
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings, on_ready: Callable[[], None]) -> None:
     from payment_grpc.bootstrap import build_application
 
     app = build_application(settings)
     await app.start()
+    on_ready()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -31,16 +33,30 @@ async def _serve(settings: Settings) -> None:
 
 
 def serve(settings: Settings) -> int:
+    from payment_grpc.workers import Supervisor, WorkersConfigError, worker_count
+
+    try:
+        workers = worker_count(settings)
+    except WorkersConfigError as exc:
+        print(f"payment-grpc: {exc}", file=sys.stderr)
+        return 2
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if settings.migrate_on_start:
         migrate(settings)
+    if workers == 1:
+        run_server(settings.model_copy(update={"workers": 1}))
+        return 0
+    return Supervisor(settings, workers).run()
+
+
+def run_server(settings: Settings, on_ready: Callable[[], None] = lambda: None) -> None:
+    """One server process until SIGTERM/SIGINT; `on_ready` once it serves."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(_serve(settings))
+        asyncio.run(_serve(settings, on_ready))
     else:
-        uvloop.run(_serve(settings))
-    return 0
+        uvloop.run(_serve(settings, on_ready))
 
 
 def migrate(settings: Settings) -> int:

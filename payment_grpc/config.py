@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import socket
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,6 +18,9 @@ class Settings(BaseSettings):
 
     host: str = "0.0.0.0"  # noqa: S104 - the pod IP must be reachable for k8s grpc probes
     port: int = Field(8009, ge=0, le=65535)
+    # Server processes on PORT (SO_REUSEPORT), worker i with INSTANCE_ID "<INSTANCE_ID>-w<i>";
+    # "auto" (the production profiles): one per available core on PostgreSQL, 1 on SQLite.
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
     database_url: str = "sqlite+aiosqlite:///./payments.db"
     db_pool_size: int = Field(10, ge=1)
     migrate_on_start: bool = True

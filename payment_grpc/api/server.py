@@ -40,9 +40,12 @@ class PaymentServer:
         max_metadata_bytes: int,
         extra_interceptors: Sequence[aio.ServerInterceptor[Any, Any]] = (),
         inner_interceptors: Sequence[aio.ServerInterceptor[Any, Any]] = (),
+        reuse_port: bool = False,
     ) -> None:
         """`extra_interceptors` run before validation (auth, rate limits);
-        `inner_interceptors` after it, next to the handler (idempotency)."""
+        `inner_interceptors` after it, next to the handler (idempotency). `reuse_port`:
+        sibling worker processes share the port (WORKERS > 1); otherwise a taken port is
+        an error, not a silent second server."""
         self.metrics = RpcMetrics()
         self.health = HealthServicer()
         self._dependencies_healthy = dependencies_healthy
@@ -53,7 +56,7 @@ class PaymentServer:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_metadata_size", max_metadata_bytes),
             ("grpc.absolute_max_metadata_size", max_metadata_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(reuse_port)),
         ]
         self.server = aio.server(
             interceptors=[
