@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from payment_grpc.adapters.auth.jwt_verifier import JwtVerifier
 from payment_grpc.adapters.auth.keys import JwksFileKeys, PublicKeys, RemoteKeys
 from payment_grpc.adapters.auth.secrets import load_or_create_secret
+from payment_grpc.adapters.auth.verified_cache import CachedVerifier
 from payment_grpc.adapters.bus.memory import InProcessStatusBus
 from payment_grpc.adapters.bus.postgres import PostgresStatusBus
 from payment_grpc.adapters.clients.auth_client import AuthServiceClient, AuthServiceVerifier
@@ -115,13 +116,16 @@ def build_auth_client(settings: Settings) -> AuthServiceClient | None:
 
 
 def build_verifier(settings: Settings, client: AuthServiceClient | None) -> TokenVerifier:
-    local = JwtVerifier(
-        algorithms=settings.algorithms(),
-        audience=settings.jwt_audience,
-        issuer=settings.jwt_issuer,
-        secret=jwt_secret(settings),
-        public_keys=public_keys(settings, client),
-        leeway_s=settings.jwt_leeway_seconds,
+    local = CachedVerifier(
+        JwtVerifier(
+            algorithms=settings.algorithms(),
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+            secret=jwt_secret(settings),
+            public_keys=public_keys(settings, client),
+            leeway_s=settings.jwt_leeway_seconds,
+        ),
+        SystemClock(),
     )
     if client is None:
         return local
