@@ -11,6 +11,7 @@ which drain like a single server; the supervisor exits when they have.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -27,6 +28,7 @@ from payment_grpc.config import Settings
 
 log = logging.getLogger("payment_grpc")
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 CGROUP_CPU_MAX = pathlib.Path("/sys/fs/cgroup/cpu.max")
 
 
@@ -78,11 +80,24 @@ def worker_settings(settings: Settings, index: int, count: int) -> Settings:
     )
 
 
-def _run_worker(settings: Settings, ready: Event) -> None:
+def _end_with_supervisor(supervisor_pid: int) -> None:
+    """Linux: SIGTERM this worker when the supervisor dies, even by SIGKILL, so no worker
+    outlives it (an orphan would keep serving the port and holding its keys)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the supervisor's SIGTERM still reaches us
+        return
+    if os.getppid() != supervisor_pid:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _run_worker(settings: Settings, ready: Event, supervisor_pid: int) -> None:
     """Entry point of a spawned worker process."""
     from payment_grpc.cli import run_server
     from payment_grpc.logging_setup import configure_logging
 
+    _end_with_supervisor(supervisor_pid)
     configure_logging(settings.log_level, settings.log_format)
     run_server(settings, on_ready=ready.set)
 
@@ -106,7 +121,9 @@ class Supervisor:
         ready = self._ctx.Event()
         settings = worker_settings(self._settings, index, self._count)
         process = self._ctx.Process(
-            target=_run_worker, args=(settings, ready), name=f"payment-grpc-worker-{index}"
+            target=_run_worker,
+            args=(settings, ready, os.getpid()),
+            name=f"payment-grpc-worker-{index}",
         )
         process.start()
         self._workers[index] = _Worker(index, process, ready)

@@ -128,6 +128,42 @@ async def test_two_workers_on_one_port_both_answer_and_a_dead_one_is_replaced(
         server.kill()
 
 
+async def process_exit(pid: int) -> None:
+    """Returns when process `pid` has ended (its pidfd becomes readable)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:  # already gone
+        return
+    ended = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_reader(fd, ended.set)
+    try:
+        await ended.wait()
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_workers_end_with_a_killed_supervisor(
+    database_url: str, tmp_path: pathlib.Path
+) -> None:
+    env = server_env(database_url, tmp_path, PORT=str(free_port()), WORKERS="2")
+    server = ServerProcess(env, cwd=tmp_path)
+    try:
+        await server.start()
+        if len(WORKER_LISTENING.findall(server.log)) < 2:
+            await server.wait_for_line(WORKER_LISTENING)
+        assert server.process is not None
+        workers = worker_pids(server.process.pid)
+        assert len(workers) == 2
+        server.kill()  # SIGKILL: the supervisor cannot pass anything on
+        assert await asyncio.wait_for(server.wait(), 60) == -signal.SIGKILL
+        await asyncio.wait_for(asyncio.gather(*(process_exit(pid) for pid in workers)), 60)
+    finally:
+        server.kill()
+
+
 def test_sqlite_refuses_more_than_one_worker(tmp_path: pathlib.Path) -> None:
     env = {
         **os.environ,
