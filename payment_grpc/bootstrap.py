@@ -7,6 +7,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Protocol
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -31,23 +32,38 @@ from payment_grpc.api.server import PaymentServer
 from payment_grpc.api.servicer import PaymentServicer
 from payment_grpc.config import Settings
 from payment_grpc.service.charging import Charging
-from payment_grpc.service.deps import Deps
+from payment_grpc.service.deps import Deps, Records
 from payment_grpc.service.idempotency import IdempotencyKeys, IdempotencyPolicy
 from payment_grpc.service.operations import Operations
-from payment_grpc.service.ports import TokenVerifier
+from payment_grpc.service.ports import (
+    GatewayNews,
+    Lifecycle,
+    PaymentGateway,
+    StatusBus,
+    TokenVerifier,
+)
 from payment_grpc.service.queries import Queries
 from payment_grpc.service.recovery import Recovery
+from payment_grpc.service.settlements import Settlements
 from payment_grpc.tls import server_credentials
 
 log = logging.getLogger(__name__)
+
+
+class GatewayAdapter(PaymentGateway, Lifecycle, Protocol):
+    """A gateway adapter as the composition root holds it: the port plus its lifecycle."""
+
+
+class BusAdapter(StatusBus, Lifecycle, Protocol):
+    """A status bus adapter as the composition root holds it."""
 
 
 @dataclass
 class Application:
     settings: Settings
     engine: AsyncEngine
-    gateway: SimulatedGateway
-    bus: InProcessStatusBus | PostgresStatusBus
+    gateway: GatewayAdapter
+    bus: BusAdapter
     keys: IdempotencyKeys
     server: PaymentServer
     recovery: Recovery
@@ -55,12 +71,16 @@ class Application:
     port: int = 0
     _recovery_task: asyncio.Task[None] | None = None
 
+    def _adapters(self) -> list[Lifecycle]:
+        """Started in this order before serving, closed in the reverse after."""
+        return [self.bus, self.gateway]
+
     async def start(self) -> None:
         released = await self.keys.release_own_locks()
         if released:
             log.warning("released %d idempotency keys held by this replica before", released)
-        if isinstance(self.bus, PostgresStatusBus):
-            await self.bus.start()
+        for adapter in self._adapters():
+            await adapter.start()
         await self.server.start()
         self._recovery_task = asyncio.create_task(
             self.recovery.run_forever(self.settings.recovery_interval_seconds)
@@ -76,15 +96,14 @@ class Application:
             self._recovery_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._recovery_task
-        await self.gateway.close()
+        for adapter in reversed(self._adapters()):
+            await adapter.close()
         if self.auth_client is not None:
             await self.auth_client.close()
-        if isinstance(self.bus, PostgresStatusBus):
-            await self.bus.close()
         await self.engine.dispose()
 
 
-def build_gateway(settings: Settings) -> SimulatedGateway:
+def build_gateway(settings: Settings, news: GatewayNews) -> GatewayAdapter:
     ledger = settings.ledger_path()
     ledger.parent.mkdir(parents=True, exist_ok=True)
     return SimulatedGateway(
@@ -96,7 +115,8 @@ def build_gateway(settings: Settings) -> SimulatedGateway:
             latency_ms_max=settings.gateway_latency_ms_max,
             async_settle_ms=settings.gateway_async_settle_ms,
             seed=settings.gateway_seed,
-        )
+        ),
+        news,
     )
 
 
@@ -170,7 +190,7 @@ def build_cipher(settings: Settings) -> FieldCipher:
     return FieldCipher([generated_key(load_or_create_secret(path), source=str(path))])
 
 
-def build_bus(settings: Settings) -> InProcessStatusBus | PostgresStatusBus:
+def build_bus(settings: Settings) -> BusAdapter:
     """LISTEN/NOTIFY reaches watchers on every replica; SQLite has only this process."""
     if is_sqlite(settings.database_url):
         return InProcessStatusBus()
@@ -187,18 +207,21 @@ def idempotency_policy(settings: Settings) -> IdempotencyPolicy:
 
 def build_application(settings: Settings) -> Application:
     engine = make_engine(settings.database_url, settings.db_pool_size)
-    gateway = build_gateway(settings)
     bus = build_bus(settings)
     uow = SqlUnitOfWorkFactory(engine, build_cipher(settings))
     faults = KillAtFaultPoint(settings.fault_point) if settings.fault_point else NoFaults()
     clock = SystemClock()
-    deps = Deps(uow=uow, gateway=gateway, bus=bus, clock=clock, faults=faults)
+    records = Records(uow=uow, bus=bus, clock=clock, faults=faults)
+    settlements = Settlements(records)  # the inbound port, given to the gateway adapter
+    gateway = build_gateway(settings, settlements)
+    deps = Deps(uow=uow, bus=bus, clock=clock, faults=faults, gateway=gateway)
     keys = IdempotencyKeys(uow, clock, idempotency_policy(settings))
-    charging = Charging(deps)
+    charging = Charging(deps, settlements)
     operations = Operations(deps)
     recovery = Recovery(
         deps,
         charging,
+        settlements,
         operations,
         keys,
         timedelta(seconds=settings.recovery_stale_seconds),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import grpc
@@ -10,14 +11,19 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from payment_grpc.domain import errors as e
+from payment_grpc.service import errors as s
+from payment_grpc.service import ports as gateway
+
+log = logging.getLogger(__name__)
 
 DOMAIN = "payments.v1"
 
-# (status code, retry delay in seconds or None). Order matters only for subclasses.
-ERROR_TABLE: dict[type[e.DomainError], tuple[grpc.StatusCode, float | None]] = {
+# (status code, retry delay in seconds or None), looked up along the error's MRO: the
+# most specific mapped class wins. tests/unit/test_error_table.py checks that every
+# ReportableError of the package resolves to an entry here.
+ERROR_TABLE: dict[type[e.ReportableError], tuple[grpc.StatusCode, float | None]] = {
     e.InvalidAmount: (grpc.StatusCode.INVALID_ARGUMENT, None),
     e.CurrencyMismatch: (grpc.StatusCode.INVALID_ARGUMENT, None),
-    e.InvalidPageToken: (grpc.StatusCode.INVALID_ARGUMENT, None),
     e.PaymentNotFound: (grpc.StatusCode.NOT_FOUND, None),
     e.RefundNotFound: (grpc.StatusCode.NOT_FOUND, None),
     e.IllegalTransition: (grpc.StatusCode.FAILED_PRECONDITION, None),
@@ -25,18 +31,24 @@ ERROR_TABLE: dict[type[e.DomainError], tuple[grpc.StatusCode, float | None]] = {
     e.CaptureExceedsAuthorized: (grpc.StatusCode.FAILED_PRECONDITION, None),
     e.GatewayRejected: (grpc.StatusCode.FAILED_PRECONDITION, None),
     e.ActivePaymentExists: (grpc.StatusCode.ALREADY_EXISTS, None),
-    e.InvalidIdempotencyKey: (grpc.StatusCode.INVALID_ARGUMENT, None),
-    e.IdempotencyKeyReused: (grpc.StatusCode.FAILED_PRECONDITION, None),
-    e.IdempotencyKeyInUse: (grpc.StatusCode.ABORTED, 0.5),
-    e.Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, None),
-    e.PermissionDenied: (grpc.StatusCode.PERMISSION_DENIED, None),
-    e.AuthUnavailable: (grpc.StatusCode.UNAVAILABLE, 1.0),
     e.OperationInProgress: (grpc.StatusCode.ABORTED, 1.0),
-    e.ConcurrentModification: (grpc.StatusCode.ABORTED, 0.1),
-    e.OutcomePending: (grpc.StatusCode.UNAVAILABLE, 5.0),
-    e.StorageUnavailable: (grpc.StatusCode.UNAVAILABLE, 1.0),
-    e.GatewayUnavailable: (grpc.StatusCode.UNAVAILABLE, 1.0),
+    s.InvalidPageToken: (grpc.StatusCode.INVALID_ARGUMENT, None),
+    s.InvalidIdempotencyKey: (grpc.StatusCode.INVALID_ARGUMENT, None),
+    s.IdempotencyKeyReused: (grpc.StatusCode.FAILED_PRECONDITION, None),
+    s.IdempotencyKeyInUse: (grpc.StatusCode.ABORTED, 0.5),
+    s.Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, None),
+    s.PermissionDenied: (grpc.StatusCode.PERMISSION_DENIED, None),
+    s.AuthUnavailable: (grpc.StatusCode.UNAVAILABLE, 1.0),
+    s.ConcurrentModification: (grpc.StatusCode.ABORTED, 0.1),
+    s.OutcomePending: (grpc.StatusCode.UNAVAILABLE, 5.0),
+    s.StorageUnavailable: (grpc.StatusCode.UNAVAILABLE, 1.0),
+    # A gateway call error that reaches the caller: unknown outcome and nothing sent
+    # are retryable (the key resumes); a refused call is our fault, not the caller's.
+    gateway.GatewayTimeout: (grpc.StatusCode.UNAVAILABLE, 1.0),
+    gateway.GatewayUnreachable: (grpc.StatusCode.UNAVAILABLE, 1.0),
+    gateway.GatewayRefused: (grpc.StatusCode.INTERNAL, None),
 }
+UNMAPPED = (grpc.StatusCode.INTERNAL, None)
 
 
 def _pack(message: object) -> any_pb2.Any:
@@ -85,16 +97,27 @@ def build_status_proto(
     return status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
 
 
-def _entry(error: e.DomainError) -> tuple[grpc.StatusCode, float | None]:
-    return ERROR_TABLE.get(type(error), (grpc.StatusCode.INTERNAL, None))
+_resolved: dict[type[e.ReportableError], tuple[grpc.StatusCode, float | None]] = {}
 
 
-def code_for(error: e.DomainError) -> grpc.StatusCode:
-    return _entry(error)[0]
+def entry_for(error_class: type[e.ReportableError]) -> tuple[grpc.StatusCode, float | None]:
+    """The table's entry for the most specific mapped class in the MRO. An unmapped class
+    is a bug (it falls through to INTERNAL): logged once per class, at ERROR."""
+    entry = _resolved.get(error_class)
+    if entry is None:
+        mapped = next((c for c in error_class.__mro__ if c in ERROR_TABLE), None)
+        if mapped is None:
+            log.error("%s has no entry in the error table: INTERNAL", error_class.__name__)
+        entry = _resolved[error_class] = ERROR_TABLE[mapped] if mapped else UNMAPPED
+    return entry
 
 
-def status_proto_for(error: e.DomainError) -> status_pb2.Status:
-    code, retry = _entry(error)
+def code_for(error: e.ReportableError) -> grpc.StatusCode:
+    return entry_for(type(error))[0]
+
+
+def status_proto_for(error: e.ReportableError) -> status_pb2.Status:
+    code, retry = entry_for(type(error))
     if code is grpc.StatusCode.INTERNAL:
         return build_status_proto(code, "internal error", "INTERNAL")
     violations = [(error.field, error.message)] if error.field else []
@@ -108,7 +131,7 @@ def status_proto_for(error: e.DomainError) -> status_pb2.Status:
     )
 
 
-def status_for(error: e.DomainError) -> grpc.Status:
+def status_for(error: e.ReportableError) -> grpc.Status:
     return rpc_status.to_status(status_proto_for(error))
 
 

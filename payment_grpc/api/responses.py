@@ -13,7 +13,7 @@ from payments.v1 import payment_service_pb2 as api
 
 from payment_grpc.api import convert
 from payment_grpc.api.errors import code_for, status_proto_for
-from payment_grpc.domain.errors import DomainError
+from payment_grpc.domain.errors import ReportableError
 from payment_grpc.domain.payment import Payment
 from payment_grpc.domain.refund import Refund
 from payment_grpc.service.ports import StoredAnswer
@@ -58,6 +58,6 @@ def encode_answer(method: str, result: object) -> bytes:
     return encoded(BUILDERS[method])(result)
 
 
-def refusal_answer(error: DomainError) -> StoredAnswer:
+def refusal_answer(error: ReportableError) -> StoredAnswer:
     """A business refusal as the key's stored answer: its code and google.rpc.Status."""
     return StoredAnswer(code_for(error).value[0], status_proto_for(error).SerializeToString())

@@ -1,19 +1,31 @@
-"""Domain errors. Each carries a stable machine-readable reason and safe metadata.
+"""Business errors: what the payment rules refuse. Each carries a stable machine-readable
+reason and safe metadata.
 
-The api layer maps each class to a gRPC status code in one table; nothing here knows gRPC.
+`ReportableError` is the shape every error the api may report has (domain errors here,
+service errors in service/errors.py); the api layer maps each class to a gRPC status
+code in one table, resolved along the class's MRO. Nothing here knows gRPC.
 """
 
 from __future__ import annotations
 
 
-class DomainError(Exception):
-    reason: str = "PAYMENT_ERROR"
+class ReportableError(Exception):
+    """An error a caller may be told about: a stable reason and safe metadata (never card
+    data). Subclasses are mapped to a status code by the api's one error table."""
+
+    reason: str = "ERROR"
     field: str | None = None  # the request field at fault, when there is one
 
     def __init__(self, message: str, **metadata: str) -> None:
         super().__init__(message)
         self.message = message
         self.metadata = metadata
+
+
+class DomainError(ReportableError):
+    """A payment rule refused the request."""
+
+    reason = "PAYMENT_ERROR"
 
 
 class InvalidAmount(DomainError):
@@ -92,26 +104,6 @@ class ActivePaymentExists(DomainError):
         )
 
 
-class InvalidPageToken(DomainError):
-    reason = "INVALID_PAGE_TOKEN"
-    field = "page_token"
-
-    def __init__(self) -> None:
-        super().__init__("page_token is invalid or does not match the request's filters")
-
-
-class StorageUnavailable(DomainError):
-    """The database cannot be reached; the caller may retry."""
-
-    reason = "STORAGE_UNAVAILABLE"
-
-
-class GatewayUnavailable(DomainError):
-    """The gateway could not be reached before anything was sent; safe to retry."""
-
-    reason = "GATEWAY_UNAVAILABLE"
-
-
 class OperationInProgress(DomainError):
     """Another capture/cancel of the same payment is at the gateway; retry shortly."""
 
@@ -125,12 +117,6 @@ class OperationInProgress(DomainError):
         )
 
 
-class ConcurrentModification(DomainError):
-    """The row changed under us (optimistic check); the caller may retry."""
-
-    reason = "CONCURRENT_MODIFICATION"
-
-
 class GatewayRejected(DomainError):
     """The gateway refused a capture, void or refund of an existing payment."""
 
@@ -138,68 +124,3 @@ class GatewayRejected(DomainError):
 
     def __init__(self, operation: str, code: str) -> None:
         super().__init__(f"the gateway rejected the {operation}: {code}", failureCode=code)
-
-
-class OutcomePending(DomainError):
-    """The gateway did not answer in time; the operation finishes in the background."""
-
-    reason = "GATEWAY_OUTCOME_PENDING"
-
-    def __init__(self, operation: str, payment_id: str) -> None:
-        super().__init__(
-            f"the gateway has not confirmed the {operation} yet; it will be completed",
-            paymentId=payment_id,
-        )
-
-
-class IdempotencyKeyReused(DomainError):
-    """The key was used before with a different request."""
-
-    reason = "IDEMPOTENCY_KEY_REUSED"
-
-    def __init__(self) -> None:
-        super().__init__("this idempotency-key was already used with a different request")
-
-
-class IdempotencyKeyInUse(DomainError):
-    """The first request with this key is still running; retry after it finishes."""
-
-    reason = "IDEMPOTENCY_KEY_IN_USE"
-
-    def __init__(self) -> None:
-        super().__init__("a request with this idempotency-key is still in progress; retry")
-
-
-class InvalidIdempotencyKey(DomainError):
-    reason = "INVALID_IDEMPOTENCY_KEY"
-    field = "idempotency-key"
-
-    def __init__(self) -> None:
-        super().__init__("metadata idempotency-key is required: 1-255 printable ASCII characters")
-
-
-class Unauthenticated(DomainError):
-    """Deliberately vague: nothing here helps an attacker tell why a token failed."""
-
-    reason = "UNAUTHENTICATED"
-
-    def __init__(self) -> None:
-        super().__init__("missing or invalid credentials")
-
-
-class PermissionDenied(DomainError):
-    reason = "PERMISSION_DENIED"
-
-    def __init__(self, required_scope: str) -> None:
-        super().__init__(
-            f"the token lacks the scope {required_scope}", requiredScope=required_scope
-        )
-
-
-class AuthUnavailable(DomainError):
-    """The auth service cannot be reached and no cached answer exists: fail closed."""
-
-    reason = "AUTH_UNAVAILABLE"
-
-    def __init__(self) -> None:
-        super().__init__("token verification is unavailable; retry")

@@ -2,38 +2,30 @@
 
 Phases (each one transaction): 1. insert PENDING -> PROCESSING; 2. authorize at the
 gateway with a key derived from the payment id (the gateway dedupes on it); 3. record
-the outcome. A crash or timeout between 1 and 3 leaves the payment PROCESSING and the
-recovery worker (or a retry) finishes it with the same gateway key.
+the outcome (service/settlements.py: the same use case takes the gateway's own news).
+A crash or timeout between 1 and 3 leaves the payment PROCESSING and the recovery
+worker (or a retry) finishes it with the same gateway key.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from datetime import datetime
+from dataclasses import dataclass, field
 
 from payment_grpc.domain.money import Money
 from payment_grpc.domain.payment import (
     CaptureMethod,
     Payment,
-    PaymentEvent,
     PaymentMethod,
     PaymentMethodType,
     PaymentStatus,
 )
-from payment_grpc.service.context import GATEWAY_CALLBACK, RequestContext
+from payment_grpc.service.context import RequestContext
 from payment_grpc.service.deps import Deps, authorize_key, new_id
 from payment_grpc.service.idempotency import Checkpoint, no_checkpoint
-from payment_grpc.service.ports import (
-    Authorization,
-    AuthorizationOutcome,
-    AuthorizationRequest,
-    GatewayDown,
-    GatewayTimeout,
-    RecoveryPoint,
-    Settlement,
-)
+from payment_grpc.service.ports import NO_ANSWER, AuthorizationRequest, RecoveryPoint
+from payment_grpc.service.settlements import Settlements
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +42,9 @@ class ChargeCommand:
 
 
 class Charging:
-    def __init__(self, deps: Deps) -> None:
+    def __init__(self, deps: Deps, settlements: Settlements) -> None:
         self._deps = deps
-        deps.gateway.on_settlement(self._on_settlement)
+        self._settlements = settlements
 
     async def charge(
         self, command: ChargeCommand, ctx: RequestContext, checkpoint: Checkpoint | None = None
@@ -121,37 +113,11 @@ class Charging:
         )
         try:
             authorization = await self._deps.gateway.authorize(request)
-        except (GatewayTimeout, GatewayDown) as exc:
+        except NO_ANSWER as exc:
             log.warning("gateway did not answer for %s: %s", payment.payment_id, type(exc).__name__)
             return payment  # stays PROCESSING; the key stays open for a retry to resume
         self._deps.faults.hit("charge.after_gateway")
-        return await self.record(payment.payment_id, authorization, ctx, checkpoint)
-
-    async def record(
-        self,
-        payment_id: str,
-        authorization: Authorization,
-        ctx: RequestContext,
-        checkpoint: Checkpoint | None = None,
-    ) -> Payment:
-        """Phase 3: apply the gateway's answer, once. A second answer changes nothing."""
-        checkpoint = checkpoint or no_checkpoint()
-        async with self._deps.uow() as tx:
-            current = await tx.payments.get(payment_id, for_update=True)
-            if current.status is not PaymentStatus.PROCESSING:
-                await checkpoint.finish(tx, current)
-                await tx.commit()
-                return current
-            after, events = _apply(current, authorization, ctx, self._deps.clock.now())
-            await tx.payments.save(current, after, events)
-            await checkpoint.finish(tx, after)
-            await tx.commit()
-        self._deps.faults.hit("charge.after_commit")
-        await self._deps.announce(events)
-        return after
-
-    async def _on_settlement(self, settlement: Settlement) -> None:
-        await self.record(settlement.payment_id, settlement.authorization, GATEWAY_CALLBACK)
+        return await self._settlements.record(payment.payment_id, authorization, ctx, checkpoint)
 
 
 def _captures_now(payment: Payment) -> bool:
@@ -159,31 +125,3 @@ def _captures_now(payment: Payment) -> bool:
         payment.capture_method is CaptureMethod.AUTOMATIC
         and payment.method.type is not PaymentMethodType.COD
     )
-
-
-_OUTCOME_STATUS = {
-    AuthorizationOutcome.AUTHORIZED: PaymentStatus.AUTHORIZED,
-    AuthorizationOutcome.CAPTURED: PaymentStatus.CAPTURED,
-    AuthorizationOutcome.DECLINED: PaymentStatus.FAILED,
-}
-
-
-def _apply(
-    current: Payment, authorization: Authorization, ctx: RequestContext, now: datetime
-) -> tuple[Payment, list[PaymentEvent]]:
-    if authorization.outcome is AuthorizationOutcome.PENDING:
-        return replace(current, gateway_reference=authorization.reference), []
-    to = _OUTCOME_STATUS[authorization.outcome]
-    captured = current.amount.amount_minor if to is PaymentStatus.CAPTURED else 0
-    after, event = current.transition(
-        to,
-        action="authorize",
-        actor=ctx.subject,
-        trace_id=ctx.trace_id,
-        at=now,
-        gateway_reference=authorization.reference,
-        card=authorization.card or current.card,
-        failure=authorization.failure,
-        captured_minor=captured,
-    )
-    return after, [event]

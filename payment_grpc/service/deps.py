@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from payment_grpc.domain.errors import DomainError
+from payment_grpc.domain.errors import ReportableError
 from payment_grpc.domain.payment import PaymentEvent
 from payment_grpc.service.idempotency import Checkpoint
 from payment_grpc.service.ports import (
@@ -23,9 +23,11 @@ def new_id(prefix: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class Deps:
+class Records:
+    """What recording a change needs: no gateway, so the inbound side (GatewayNews) can
+    be built before the gateway adapter that delivers to it."""
+
     uow: UnitOfWorkFactory
-    gateway: PaymentGateway
     bus: StatusBus
     clock: Clock
     faults: Faults
@@ -41,11 +43,18 @@ class Deps:
             await checkpoint.finish(tx, result)
             await tx.commit()
 
-    async def refuse(self, checkpoint: Checkpoint, refusal: DomainError) -> None:
+    async def refuse(self, checkpoint: Checkpoint, refusal: ReportableError) -> None:
         """Store a refusal that was already settled as the execution's answer."""
         async with self.uow() as tx:
             await checkpoint.refuse(tx, refusal)
             await tx.commit()
+
+
+@dataclass(frozen=True, slots=True)
+class Deps(Records):
+    """What the outbound use cases share: the records plus the gateway they call."""
+
+    gateway: PaymentGateway
 
 
 def authorize_key(payment_id: str) -> str:

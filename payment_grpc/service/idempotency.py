@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from payment_grpc.domain.errors import DomainError, IdempotencyKeyInUse, IdempotencyKeyReused
+from payment_grpc.domain.errors import ReportableError
+from payment_grpc.service.errors import IdempotencyKeyInUse, IdempotencyKeyReused
 from payment_grpc.service.ports import (
     Clock,
     KeyRecord,
@@ -207,7 +208,7 @@ class Checkpoint:
         self,
         record: KeyRecord | None,
         encode: Callable[[Any], bytes],
-        encode_refusal: Callable[[DomainError], StoredAnswer],
+        encode_refusal: Callable[[ReportableError], StoredAnswer],
     ) -> None:
         self._record = record
         self._encode = encode
@@ -250,7 +251,7 @@ class Checkpoint:
             self._record = _finished(self._record, StoredAnswer(0, self._encode(result)))
             await tx.idempotency.save(self._record)
 
-    async def refuse(self, tx: UnitOfWork, refusal: DomainError) -> None:
+    async def refuse(self, tx: UnitOfWork, refusal: ReportableError) -> None:
         """Store a business refusal as the answer, in the transaction that made it final:
         a crash before the caller hears it must not turn it into another answer."""
         self.finished = True

@@ -13,17 +13,17 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from dataclasses import replace
 
-from payment_grpc.domain.errors import GatewayRejected, OutcomePending
+from payment_grpc.domain.errors import GatewayRejected
 from payment_grpc.domain.money import Money
 from payment_grpc.domain.payment import CAPTURED_STATUSES, Payment, PaymentStatus
 from payment_grpc.domain.refund import Refund, RefundReason, RefundStatus
 from payment_grpc.service.context import RequestContext
 from payment_grpc.service.deps import Deps, capture_key, new_id, void_key
+from payment_grpc.service.errors import OutcomePending
 from payment_grpc.service.idempotency import Checkpoint, no_checkpoint
 from payment_grpc.service.ports import (
-    GatewayDown,
+    NO_ANSWER,
     GatewayResult,
-    GatewayTimeout,
     RecoveryPoint,
     UnitOfWork,
 )
@@ -174,7 +174,7 @@ class Operations:
     ) -> GatewayResult:
         try:
             return await call
-        except (GatewayTimeout, GatewayDown) as exc:
+        except NO_ANSWER as exc:
             raise OutcomePending(operation, payment.payment_id) from exc
 
     async def _settle_claim(
@@ -273,7 +273,7 @@ class Operations:
             result = await self._deps.gateway.refund(
                 payment.gateway_reference, refund.amount, refund.refund_id
             )
-        except (GatewayTimeout, GatewayDown):
+        except NO_ANSWER:
             return refund, payment  # stays PENDING; a retry or the recovery worker finishes it
         self._deps.faults.hit("refund.after_gateway")
         return await self._record_refund(refund, result, ctx, checkpoint or no_checkpoint())

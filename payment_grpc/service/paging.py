@@ -7,7 +7,7 @@ import hashlib
 import json
 from datetime import UTC, datetime
 
-from payment_grpc.domain.errors import InvalidPageToken
+from payment_grpc.service.errors import InvalidPageToken
 from payment_grpc.service.ports import PageCursor
 
 DEFAULT_PAGE_SIZE = 50

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,16 +19,40 @@ from payment_grpc.domain.payment import (
     PaymentStatus,
 )
 from payment_grpc.domain.refund import Refund
+from payment_grpc.service.errors import ServiceError
 
 # ---------------------------------------------------------------- gateway
 
 
-class GatewayTimeout(Exception):
-    """The request may have reached the gateway; its outcome is unknown."""
+class GatewayError(ServiceError):
+    """A gateway call failed as a call (a business answer such as a decline is a result,
+    not an error). Adapters raise only this family, mapped once at their edge."""
+
+    reason = "GATEWAY_ERROR"
 
 
-class GatewayDown(Exception):
-    """Nothing was sent: the gateway refused the connection. Safe to retry."""
+class GatewayTimeout(GatewayError):
+    """The request may have reached the gateway; its outcome is unknown. Repeat it with
+    the same idempotency key, or look it up."""
+
+    reason = "GATEWAY_TIMEOUT"
+
+
+class GatewayUnreachable(GatewayError):
+    """Nothing was sent (connection refused, gateway down): safe to retry."""
+
+    reason = "GATEWAY_UNAVAILABLE"
+
+
+class GatewayRefused(GatewayError):
+    """The gateway refused the call itself (invalid request, bad credentials): it did
+    nothing, and repeating the same call will not help."""
+
+    reason = "GATEWAY_REFUSED"
+
+
+# The gateway did not say what happened: the change stays open for a retry or recovery.
+NO_ANSWER = (GatewayTimeout, GatewayUnreachable)
 
 
 class AuthorizationOutcome(enum.StrEnum):
@@ -70,10 +94,17 @@ class Settlement:
     authorization: Authorization
 
 
-SettlementHandler = Callable[[Settlement], Awaitable[None]]
+class GatewayNews(Protocol):
+    """Inbound port: what a gateway tells us on its own (an asynchronous method settled;
+    later webhooks). Adapters that receive news are given it; a use case implements it."""
+
+    async def settled(self, settlement: Settlement) -> None: ...
 
 
 class PaymentGateway(Protocol):
+    """Outbound only: the calls we make. What the gateway tells us arrives through
+    GatewayNews."""
+
     async def authorize(self, request: AuthorizationRequest) -> Authorization: ...
 
     async def capture(
@@ -90,11 +121,14 @@ class PaymentGateway(Protocol):
         """The authorization recorded under our key, or None if the gateway never saw it."""
         ...
 
-    def on_settlement(self, handler: SettlementHandler) -> None:
-        """Register the service's callback for asynchronous outcomes."""
-        ...
-
     async def healthy(self) -> bool: ...
+
+
+class Lifecycle(Protocol):
+    """What the composition root starts before serving and closes after: adapters that
+    hold connections or tasks (gateways, buses) share it instead of type checks."""
+
+    async def start(self) -> None: ...
 
     async def close(self) -> None: ...
 

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from payment_grpc.domain.errors import DomainError
+from payment_grpc.domain.errors import ReportableError
 from payment_grpc.domain.payment import Payment, PaymentStatus
 from payment_grpc.domain.refund import Refund, RefundStatus
 from payment_grpc.service.charging import Charging
@@ -33,13 +33,12 @@ from payment_grpc.service.operations import (
 from payment_grpc.service.ports import (
     AnswerEncoder,
     AuthorizationOutcome,
-    GatewayDown,
-    GatewayTimeout,
     KeyRecord,
     RecoveryPoint,
     StoredAnswer,
     UnitOfWork,
 )
+from payment_grpc.service.settlements import Settlements
 
 log = logging.getLogger(__name__)
 BATCH = 100
@@ -62,14 +61,16 @@ class Recovery:
         self,
         deps: Deps,
         charging: Charging,
+        settlements: Settlements,
         operations: Operations,
         keys: IdempotencyKeys,
         stale_after: timedelta,
         encode_answer: AnswerEncoder,
-        encode_refusal: Callable[[DomainError], StoredAnswer],
+        encode_refusal: Callable[[ReportableError], StoredAnswer],
     ) -> None:
         self._deps = deps
         self._charging = charging
+        self._settlements = settlements
         self._operations = operations
         self._keys = keys
         self._stale_after = stale_after
@@ -122,7 +123,7 @@ class Recovery:
     async def _attempt(self, item: _Item) -> int:
         try:
             return int(await item.work())
-        except (GatewayTimeout, GatewayDown, DomainError) as exc:
+        except ReportableError as exc:  # gateway errors too: retried next pass
             log.info("recovery: %s not finished yet: %s", item.label, exc)
         except Exception:
             log.exception("recovery: %s failed; trying again next pass", item.label)
@@ -157,7 +158,7 @@ class Recovery:
         if known is None:
             await self._charging.authorize(payment, SYSTEM)  # never reached the gateway
         elif known.outcome is not AuthorizationOutcome.PENDING:
-            await self._charging.record(payment.payment_id, known, SYSTEM)
+            await self._settlements.record(payment.payment_id, known, SYSTEM)
 
     async def _refund(self, refund: Refund) -> bool:
         await self._operations.finish_refund(refund, SYSTEM)
@@ -178,7 +179,7 @@ class Recovery:
         result = await _settled_result(tx, record)
         if result is None:
             return None
-        if isinstance(result, DomainError):
+        if isinstance(result, ReportableError):
             return self._encode_refusal(result)
         return StoredAnswer(0, self._encode_answer(record.method, result))
 

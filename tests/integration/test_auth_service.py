@@ -24,7 +24,7 @@ from payments.v1 import payment_service_pb2_grpc
 from payment_grpc.adapters.auth.jwt_verifier import JwtVerifier
 from payment_grpc.adapters.clients.auth_client import AuthServiceClient, AuthServiceVerifier
 from payment_grpc.bootstrap import Application, build_application
-from payment_grpc.domain.errors import Unauthenticated
+from payment_grpc.service.errors import Unauthenticated
 from tests.conftest import make_settings
 from tests.helpers import (
     TEST_JWT_SECRET,

@@ -6,7 +6,7 @@ import pytest
 from payments.v1 import payment_service_pb2 as api
 
 from payment_grpc.api.interceptors.idempotency import fingerprint, valid_key
-from payment_grpc.domain.errors import InvalidIdempotencyKey
+from payment_grpc.service.errors import InvalidIdempotencyKey
 
 
 @pytest.mark.parametrize("key", ["a", "order-42:charge:1", "~" * 255, " spaced key "])

@@ -15,7 +15,6 @@ from payments.v1 import resources_pb2 as pb
 from payments.v1 import rules_pb2
 
 from payment_grpc.api.interceptors.idempotency import valid_key
-from payment_grpc.domain.errors import InvalidIdempotencyKey
 from payment_grpc.logging_setup import JsonFormatter, TextFormatter
 from payment_grpc.pan_masking import (
     CARD_NUMBER_PATTERN,
@@ -24,6 +23,7 @@ from payment_grpc.pan_masking import (
     luhn_valid,
     mask_pans,
 )
+from payment_grpc.service.errors import InvalidIdempotencyKey
 
 VISA, AMEX, MASTERCARD = "4242424242424242", "378282246310005", "5555555555554444"
 VISA_MASKED, AMEX_MASKED, MC_MASKED = "424242******4242", "378282*****0005", "555555******4444"

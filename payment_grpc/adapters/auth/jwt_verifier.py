@@ -14,7 +14,7 @@ from typing import Any
 import jwt
 
 from payment_grpc.adapters.auth.keys import PublicKeys
-from payment_grpc.domain.errors import Unauthenticated
+from payment_grpc.service.errors import Unauthenticated
 from payment_grpc.service.ports import Principal
 
 CUSTOMER_SCOPES = frozenset({"payments.read"})  # a customer token reads, never moves money

@@ -10,7 +10,7 @@ from typing import Protocol
 
 import jwt
 
-from payment_grpc.domain.errors import AuthUnavailable
+from payment_grpc.service.errors import AuthUnavailable
 from payment_grpc.service.ports import Clock
 
 NEVER = datetime.min.replace(tzinfo=UTC)

@@ -31,6 +31,12 @@ class InProcessStatusBus:
         self._idle = asyncio.Event()
         self._idle.set()
 
+    async def start(self) -> None:
+        """Nothing to start: watchers live in this process."""
+
+    async def close(self) -> None:
+        """Nothing to close."""
+
     async def publish(self, payment_id: str, sequence: int) -> None:
         self.wake(payment_id)
 

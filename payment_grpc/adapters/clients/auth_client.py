@@ -24,7 +24,7 @@ from auth.v1 import auth_service_pb2, auth_service_pb2_grpc
 from grpc import aio
 
 from payment_grpc.adapters.auth.jwt_verifier import CUSTOMER_SCOPES
-from payment_grpc.domain.errors import AuthUnavailable, Unauthenticated
+from payment_grpc.service.errors import AuthUnavailable, Unauthenticated
 from payment_grpc.service.ports import Clock, Principal, TokenVerifier
 
 TRANSIENT = frozenset(

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from payment_grpc.adapters.db.crypto import FieldCipher
 from payment_grpc.adapters.db.idempotency import SqlIdempotencyRepository
 from payment_grpc.adapters.db.repositories import SqlPaymentRepository, SqlRefundRepository
-from payment_grpc.domain.errors import StorageUnavailable
+from payment_grpc.service.errors import StorageUnavailable
 
 SQLITE_BUSY_TIMEOUT_S = 30
 

@@ -20,14 +20,10 @@ from payment_grpc.adapters.db.rows import (
     row_to_refund,
 )
 from payment_grpc.adapters.db.tables import payment_events, payments, refunds
-from payment_grpc.domain.errors import (
-    ActivePaymentExists,
-    ConcurrentModification,
-    PaymentNotFound,
-    RefundNotFound,
-)
+from payment_grpc.domain.errors import ActivePaymentExists, PaymentNotFound, RefundNotFound
 from payment_grpc.domain.payment import INACTIVE_STATUSES, Payment, PaymentEvent, PaymentStatus
 from payment_grpc.domain.refund import Refund, RefundStatus
+from payment_grpc.service.errors import ConcurrentModification
 from payment_grpc.service.ports import PageCursor, PaymentFilter
 
 _INACTIVE = [s.value for s in INACTIVE_STATUSES]

@@ -3,17 +3,22 @@
 Stripe-style test tokens give fixed outcomes; any other token is decided by a seedable
 RNG with a configurable success rate and failure mix. The ledger lives in its own SQLite
 file (outside the service's memory), every call is idempotent by key, and UPI, net
-banking and PayPal settle later through the registered settlement callback.
+banking and PayPal settle later: their outcome is delivered to the GatewayNews port.
+The ledger's own errors (sqlite3) are the simulated gateway's failures: they leave
+through `_ledger_errors`, mapped to the GatewayError family, never raw.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import random
+import sqlite3
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -31,10 +36,11 @@ from payment_grpc.service.ports import (
     Authorization,
     AuthorizationOutcome,
     AuthorizationRequest,
+    GatewayNews,
     GatewayResult,
     GatewayTimeout,
+    GatewayUnreachable,
     Settlement,
-    SettlementHandler,
 )
 
 log = logging.getLogger(__name__)
@@ -119,15 +125,27 @@ async def _open_ledger(path: str) -> aiosqlite.Connection:
     return db
 
 
+@contextlib.contextmanager
+def _ledger_errors(*, writing: bool) -> Iterator[None]:
+    """The one place the ledger's errors become gateway errors. A failed read changed
+    nothing (unreachable: retry); a failed write may or may not have landed (timeout:
+    the outcome is unknown, so it is looked up or repeated with the same key)."""
+    try:
+        yield
+    except (sqlite3.Error, ValueError) as exc:  # aiosqlite: ValueError once closed
+        error = GatewayTimeout if writing else GatewayUnreachable
+        raise error(f"simulated gateway ledger failed: {type(exc).__name__}") from exc
+
+
 class SimulatedGateway:
-    def __init__(self, config: SimulatedGatewayConfig) -> None:
+    def __init__(self, config: SimulatedGatewayConfig, news: GatewayNews | None = None) -> None:
         self._config = config
         self._rng = random.Random(config.seed)
         self._db: aiosqlite.Connection | None = None
         # One statement at a time on the shared connection: a half-read cursor of one
         # coroutine would hold a snapshot that makes another's write fail with "locked".
         self._using = asyncio.Lock()
-        self._handler: SettlementHandler | None = None
+        self._news = news
         self._timers: set[asyncio.Task[None]] = set()
 
     # ---------------------------------------------------------------- lifecycle
@@ -140,25 +158,30 @@ class SimulatedGateway:
 
     async def _query(self, sql: str, parameters: tuple[Any, ...] = ()) -> list[aiosqlite.Row]:
         async with self._using:
-            db = await self._ledger()
-            async with db.execute(sql, parameters) as cursor:
-                return list(await cursor.fetchall())
+            with _ledger_errors(writing=False):
+                db = await self._ledger()
+                async with db.execute(sql, parameters) as cursor:
+                    return list(await cursor.fetchall())
 
     async def _write(self, sql: str, parameters: tuple[Any, ...]) -> None:
         async with self._using:
-            db = await self._ledger()
-            # IMMEDIATE takes the write lock up front, so sqlite's busy timeout covers
-            # another replica's writer instead of failing on a stale read snapshot.
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                await db.execute(sql, parameters)
-            except BaseException:
-                await db.rollback()
-                raise
-            await db.commit()
+            with _ledger_errors(writing=True):
+                await self._write_now(await self._ledger(), sql, parameters)
 
-    def on_settlement(self, handler: SettlementHandler) -> None:
-        self._handler = handler
+    @staticmethod
+    async def _write_now(db: aiosqlite.Connection, sql: str, parameters: tuple[Any, ...]) -> None:
+        # IMMEDIATE takes the write lock up front, so sqlite's busy timeout covers
+        # another replica's writer instead of failing on a stale read snapshot.
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            await db.execute(sql, parameters)
+        except BaseException:
+            await db.rollback()
+            raise
+        await db.commit()
+
+    async def start(self) -> None:
+        """Nothing to start: the ledger opens on first use."""
 
     async def healthy(self) -> bool:
         await self._query("SELECT 1")
@@ -265,10 +288,10 @@ class SimulatedGateway:
     async def _settle_later(self, payment_id: str, key: str) -> None:
         await asyncio.sleep(self._config.async_settle_ms / 1000)
         stored = await self._find(key)
-        if stored is None or self._handler is None:
+        if stored is None or self._news is None:
             return
         try:
-            await self._handler(Settlement(payment_id, await self._settled(stored)))
+            await self._news.settled(Settlement(payment_id, await self._settled(stored)))
         except Exception:
             log.exception("settlement callback failed for %s; recovery will retry", payment_id)
 

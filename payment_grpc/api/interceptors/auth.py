@@ -23,7 +23,8 @@ from payment_grpc.api.interceptors.wrapping import (
     Unary,
     wrap_handler,
 )
-from payment_grpc.domain.errors import DomainError, PermissionDenied, Unauthenticated
+from payment_grpc.domain.errors import DomainError
+from payment_grpc.service.errors import PermissionDenied, Unauthenticated
 from payment_grpc.service.ports import Principal, TokenVerifier
 
 ADMIN = "payments.admin"

@@ -1,5 +1,5 @@
 """Validates every request before a use case runs, and turns every failure into a
-clear gRPC status: domain errors through the error table, anything unexpected into a
+clear gRPC status: reportable errors through the error table, anything unexpected into a
 bare INTERNAL (logged here, never sent to the caller)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc import aio
 
-from payment_grpc.api.errors import INTERNAL, build_status, invalid_argument, status_for
+from payment_grpc.api.errors import INTERNAL, build_status, code_for, invalid_argument, status_for
 from payment_grpc.api.interceptors.wrapping import (
     ServerInterceptor,
     Streaming,
@@ -21,7 +21,7 @@ from payment_grpc.api.interceptors.wrapping import (
     wrap_handler,
 )
 from payment_grpc.api.validation import violations
-from payment_grpc.domain.errors import DomainError
+from payment_grpc.domain.errors import ReportableError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,9 @@ async def _reject_invalid(request: Any, context: aio.ServicerContext[Any, Any]) 
 
 
 async def _abort_for(exc: BaseException, context: aio.ServicerContext[Any, Any]) -> NoReturn:
-    if isinstance(exc, DomainError):
+    if isinstance(exc, ReportableError):
+        if code_for(exc) is grpc.StatusCode.INTERNAL:  # our fault: the caller hears no more
+            log.error("%s in handler: %s", type(exc).__name__, exc, exc_info=exc)
         await abort_with(context, status_for(exc))
     log.error("unexpected error in handler", exc_info=exc)
     await abort_with(context, INTERNAL)

@@ -29,8 +29,9 @@ from payment_grpc.api.interceptors.wrapping import (
     wrap_handler,
 )
 from payment_grpc.api.responses import BUILDERS, refusal_answer
-from payment_grpc.domain.errors import DomainError, InvalidIdempotencyKey
+from payment_grpc.domain.errors import ReportableError
 from payment_grpc.pan_masking import looks_like_card_number
+from payment_grpc.service.errors import InvalidIdempotencyKey
 from payment_grpc.service.idempotency import Checkpoint, IdempotencyKeys
 from payment_grpc.service.ports import KeyRecord, StoredAnswer
 
@@ -155,7 +156,7 @@ class IdempotencyInterceptor(ServerInterceptor):
         token = _current_call.set(call)
         try:
             response = await behavior(request, context)
-        except DomainError as error:
+        except ReportableError as error:
             await asyncio.shield(self._after_error(call, error))
             raise
         except BaseException:
@@ -167,7 +168,7 @@ class IdempotencyInterceptor(ServerInterceptor):
             await asyncio.shield(self._keys.release(call.record))  # outcome still pending
         return response
 
-    async def _after_error(self, call: KeyedCall, error: DomainError) -> None:
+    async def _after_error(self, call: KeyedCall, error: ReportableError) -> None:
         if call.checkpoint is not None and call.checkpoint.finished:
             return  # the use case stored this refusal with its final change
         if code_for(error) in NOT_STORED:
