@@ -23,7 +23,7 @@ from payment_grpc.api.interceptors.wrapping import (
     Unary,
     wrap_handler,
 )
-from payment_grpc.domain.errors import DomainError
+from payment_grpc.domain.errors import ReportableError
 from payment_grpc.service.errors import PermissionDenied, Unauthenticated
 from payment_grpc.service.ports import Principal, TokenVerifier
 
@@ -78,7 +78,7 @@ class AuthInterceptor(ServerInterceptor):
             try:
                 principal = await self._verifier.verify(bearer_token(metadata))
                 authorize(principal, method)
-            except DomainError as error:
+            except ReportableError as error:
                 await abort_with(context, status_for(error))
             current_request.set(
                 dataclasses.replace(
