@@ -79,7 +79,8 @@ def make_settings(database_url: str, tmp_path: pathlib.Path, **overrides: object
         "gateway_ledger_path": tmp_path / "gateway.db",
         "gateway_latency_ms_min": 0,
         "gateway_latency_ms_max": 0,
-        "gateway_async_settle_ms": 50,
+        # Long enough that a loaded machine records the charge before the settlement lands.
+        "gateway_async_settle_ms": 1000,
         "gateway_seed": 7,
         "recovery_interval_seconds": 3600,
         "recovery_stale_seconds": 0,
