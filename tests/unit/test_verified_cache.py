@@ -10,7 +10,7 @@ import pytest
 
 from payment_grpc.adapters.auth.jwt_verifier import JwtVerifier
 from payment_grpc.adapters.auth.verified_cache import CachedVerifier
-from payment_grpc.domain.errors import Unauthenticated
+from payment_grpc.service.errors import Unauthenticated
 from payment_grpc.service.ports import Principal
 from tests.helpers import TEST_JWT_SECRET, SettableClock, token_with_claims
 
