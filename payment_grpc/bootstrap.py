@@ -20,10 +20,14 @@ from payment_grpc.adapters.bus.postgres import PostgresStatusBus
 from payment_grpc.adapters.clients.auth_client import AuthServiceClient, AuthServiceVerifier
 from payment_grpc.adapters.clock import SystemClock
 from payment_grpc.adapters.db.crypto import FieldCipher, generated_key
-from payment_grpc.adapters.db.engine import SqlUnitOfWorkFactory, is_sqlite, make_engine
+from payment_grpc.adapters.db.engine import SqlUnitOfWorkFactory, make_engine
 from payment_grpc.adapters.db.health import database_reachable
 from payment_grpc.adapters.faults import KillAtFaultPoint, NoFaults
-from payment_grpc.adapters.gateways.simulated import SimulatedGateway, SimulatedGatewayConfig
+from payment_grpc.adapters.gateways.simulated import (
+    FailureMix,
+    SimulatedGateway,
+    SimulatedGatewayConfig,
+)
 from payment_grpc.api.interceptors.auth import AuthInterceptor
 from payment_grpc.api.interceptors.idempotency import IdempotencyInterceptor
 from payment_grpc.api.interceptors.rate_limit import RateLimitInterceptor, TokenBuckets
@@ -83,15 +87,15 @@ class Application:
             await adapter.start()
         await self.server.start()
         self._recovery_task = asyncio.create_task(
-            self.recovery.run_forever(self.settings.recovery_interval_seconds)
+            self.recovery.run_forever(self.settings.recovery.interval_seconds)
         )
         log.info(
             "payment-grpc listening",
-            extra={"port": self.port, "instance_id": self.settings.instance_id},
+            extra={"port": self.port, "instance_id": self.settings.server.instance_id},
         )
 
     async def stop(self) -> None:
-        await self.server.stop(self.settings.shutdown_grace_seconds)
+        await self.server.stop(self.settings.server.shutdown_grace_seconds)
         if self._recovery_task is not None:
             self._recovery_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -106,15 +110,16 @@ class Application:
 def build_gateway(settings: Settings, news: GatewayNews) -> GatewayAdapter:
     ledger = settings.ledger_path()
     ledger.parent.mkdir(parents=True, exist_ok=True)
+    gateway = settings.gateway
     return SimulatedGateway(
         SimulatedGatewayConfig(
             ledger_path=str(ledger),
-            success_rate=settings.gateway_success_rate,
-            failure_mix=settings.failure_mix(),
-            latency_ms_min=settings.gateway_latency_ms_min,
-            latency_ms_max=settings.gateway_latency_ms_max,
-            async_settle_ms=settings.gateway_async_settle_ms,
-            seed=settings.gateway_seed,
+            success_rate=gateway.success_rate,
+            failure_mix=FailureMix(**gateway.failure_mix.model_dump()),
+            latency_ms_min=gateway.latency_ms_min,
+            latency_ms_max=gateway.latency_ms_max,
+            async_settle_ms=gateway.async_settle_ms,
+            seed=gateway.seed,
         ),
         news,
     )
@@ -122,28 +127,29 @@ def build_gateway(settings: Settings, news: GatewayNews) -> GatewayAdapter:
 
 def jwt_secret(settings: Settings) -> str | None:
     """The HS256 secret: configured, or generated once into DATA_DIR (embedded default)."""
-    if settings.jwt_secret_key is not None:
-        return settings.jwt_secret_key.get_secret_value()
-    if settings.jwt_jwks_file is not None:
+    if settings.jwt.secret_key is not None:
+        return settings.jwt.secret_key.get_secret_value()
+    if settings.jwt.jwks_file is not None:
         return None  # public keys only
-    return load_or_create_secret(settings.data_dir / "jwt_secret")
+    return load_or_create_secret(settings.storage.data_dir / "jwt_secret")
 
 
 def build_auth_client(settings: Settings) -> AuthServiceClient | None:
-    if not settings.auth_service_addr:
+    auth = settings.auth_service
+    if not auth.addr:
         return None
-    return AuthServiceClient(settings.auth_service_addr, timeout_s=settings.auth_timeout_seconds)
+    return AuthServiceClient(auth.addr, timeout_s=auth.timeout_seconds)
 
 
 def build_verifier(settings: Settings, client: AuthServiceClient | None) -> TokenVerifier:
     local = CachedVerifier(
         JwtVerifier(
-            algorithms=settings.algorithms(),
-            audience=settings.jwt_audience,
-            issuer=settings.jwt_issuer,
+            algorithms=settings.jwt.algorithms,
+            audience=settings.jwt.audience,
+            issuer=settings.jwt.issuer,
             secret=jwt_secret(settings),
             public_keys=public_keys(settings, client),
-            leeway_s=settings.jwt_leeway_seconds,
+            leeway_s=settings.jwt.leeway_seconds,
         ),
         SystemClock(),
     )
@@ -151,65 +157,67 @@ def build_verifier(settings: Settings, client: AuthServiceClient | None) -> Toke
         return local
     return AuthServiceVerifier(
         client,
-        audience=settings.jwt_audience,
+        audience=settings.jwt.audience,
         local=local,
-        cache_ttl=timedelta(seconds=settings.auth_cache_ttl_seconds),
+        cache_ttl=timedelta(seconds=settings.auth_service.cache_ttl_seconds),
         clock=SystemClock(),
     )
 
 
 def public_keys(settings: Settings, auth: AuthServiceClient | None) -> PublicKeys | None:
     """RS256/ES256 keys: the JWKS file if configured, else the auth service's, else none."""
-    if settings.jwt_jwks_file is not None:
-        return JwksFileKeys(settings.jwt_jwks_file)
+    if settings.jwt.jwks_file is not None:
+        return JwksFileKeys(settings.jwt.jwks_file)
     if auth is None:
         return None
     return RemoteKeys(
         auth,
         clock=SystemClock(),
-        refresh_interval=timedelta(seconds=settings.auth_keys_refresh_seconds),
-        max_age=timedelta(seconds=settings.auth_keys_max_age_seconds),
+        refresh_interval=timedelta(seconds=settings.auth_service.keys_refresh_seconds),
+        max_age=timedelta(seconds=settings.auth_service.keys_max_age_seconds),
     )
 
 
 def rate_limit(settings: Settings) -> list[RateLimitInterceptor]:
-    if not settings.rate_limit_per_second:
+    limit = settings.rate_limit
+    if not limit.per_second:
         return []
-    buckets = TokenBuckets(settings.rate_limit_per_second, settings.rate_limit_burst)
+    buckets = TokenBuckets(limit.per_second, limit.burst)
     return [RateLimitInterceptor(buckets)]
 
 
 def build_cipher(settings: Settings) -> FieldCipher:
     """Column encryption at rest: ENCRYPTION_KEYS (newest first), or one key generated once
     into DATA_DIR (embedded default, kid `local`). Raises KeyConfigError when malformed."""
-    if settings.encryption_keys is not None:
-        return FieldCipher.from_spec(settings.encryption_keys.get_secret_value())
-    path = settings.data_dir / "encryption_key"
-    if not is_sqlite(settings.database_url):
+    if settings.storage.encryption_keys is not None:
+        return FieldCipher.from_spec(settings.storage.encryption_keys.get_secret_value())
+    path = settings.storage.data_dir / "encryption_key"
+    if not settings.database.is_sqlite:
         log.warning("ENCRYPTION_KEYS unset: every replica must share %s", path)
     return FieldCipher([generated_key(load_or_create_secret(path), source=str(path))])
 
 
 def build_bus(settings: Settings) -> BusAdapter:
     """LISTEN/NOTIFY reaches watchers on every replica; SQLite has only this process."""
-    if is_sqlite(settings.database_url):
+    if settings.database.is_sqlite:
         return InProcessStatusBus()
-    return PostgresStatusBus(settings.database_url)
+    return PostgresStatusBus(settings.database.url)
 
 
 def idempotency_policy(settings: Settings) -> IdempotencyPolicy:
     return IdempotencyPolicy(
-        owner=settings.instance_id,
-        retention=timedelta(hours=settings.idempotency_retention_hours),
-        lock_timeout=timedelta(seconds=settings.idempotency_lock_timeout_seconds),
+        owner=settings.server.instance_id,
+        retention=timedelta(hours=settings.idempotency.retention_hours),
+        lock_timeout=timedelta(seconds=settings.idempotency.lock_timeout_seconds),
     )
 
 
 def build_application(settings: Settings) -> Application:
-    engine = make_engine(settings.database_url, settings.db_pool_size)
+    engine = make_engine(settings.database.url, settings.database.pool_size)
     bus = build_bus(settings)
     uow = SqlUnitOfWorkFactory(engine, build_cipher(settings))
-    faults = KillAtFaultPoint(settings.fault_point) if settings.fault_point else NoFaults()
+    fault_point = settings.recovery.fault_point
+    faults = KillAtFaultPoint(fault_point) if fault_point else NoFaults()
     clock = SystemClock()
     records = Records(uow=uow, bus=bus, clock=clock, faults=faults)
     settlements = Settlements(records)  # the inbound port, given to the gateway adapter
@@ -224,30 +232,33 @@ def build_application(settings: Settings) -> Application:
         settlements,
         operations,
         keys,
-        timedelta(seconds=settings.recovery_stale_seconds),
+        timedelta(seconds=settings.recovery.stale_seconds),
         encode_answer,
         refusal_answer,
     )
 
     async def healthy() -> bool:
-        return await database_reachable(engine, settings.database_url)
+        return await database_reachable(engine, settings.database.url)
 
     auth_client = build_auth_client(settings)
+    limits = settings.server
     server = PaymentServer(
         PaymentServicer(
-            charging, operations, Queries(deps), max_message_bytes=settings.max_message_bytes
+            charging, operations, Queries(deps), max_message_bytes=limits.max_message_bytes
         ),
         dependencies_healthy=healthy,
-        health_interval_s=settings.health_check_interval_seconds,
-        max_message_bytes=settings.max_message_bytes,
-        max_metadata_bytes=settings.max_metadata_bytes,
+        health_interval_s=limits.health_check_interval_seconds,
+        max_message_bytes=limits.max_message_bytes,
+        max_metadata_bytes=limits.max_metadata_bytes,
         extra_interceptors=[
             AuthInterceptor(build_verifier(settings, auth_client)),
             *rate_limit(settings),
         ],
         inner_interceptors=[IdempotencyInterceptor(keys)],
-        reuse_port=settings.workers != 1,  # a worker of a supervisor (payment_grpc/workers.py)
+        reuse_port=settings.server.workers
+        != 1,  # a worker of a supervisor (payment_grpc/workers.py)
     )
     app = Application(settings, engine, gateway, bus, keys, server, recovery, auth_client)
-    app.port = server.bind(f"{settings.host}:{settings.port}", server_credentials(settings))
+    address = f"{settings.server.host}:{settings.server.port}"
+    app.port = server.bind(address, server_credentials(settings))
     return app

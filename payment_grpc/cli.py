@@ -40,11 +40,11 @@ def serve(settings: Settings) -> int:
     except WorkersConfigError as exc:
         print(f"payment-grpc: {exc}", file=sys.stderr)
         return 2
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    if settings.migrate_on_start:
+    settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
+    if settings.database.migrate_on_start:
         migrate(settings)
     if workers == 1:
-        run_server(settings.model_copy(update={"workers": 1}))
+        run_server(settings.replace({"WORKERS": 1}))
         return 0
     return Supervisor(settings, workers).run()
 
@@ -62,7 +62,7 @@ def run_server(settings: Settings, on_ready: Callable[[], None] = lambda: None) 
 def migrate(settings: Settings) -> int:
     from payment_grpc.adapters.db.migrate import upgrade
 
-    upgrade(settings.database_url)
+    upgrade(settings.database.url)
     log.info("database migrated to head")
     return 0
 
@@ -100,8 +100,8 @@ def token(settings: Settings, args: argparse.Namespace) -> int:
             secret,
             subject=args.subject,
             scopes=args.scope or ["payments.read"],
-            audience=settings.jwt_audience,
-            issuer=settings.jwt_issuer,
+            audience=settings.jwt.audience,
+            issuer=settings.jwt.issuer,
             ttl_s=args.ttl,
             customer_id=args.customer,
         )
@@ -119,7 +119,7 @@ def rotate_keys(settings: Settings, args: argparse.Namespace) -> int:
         print("--batch-size must be at least 1", file=sys.stderr)
         return 2
     cipher = build_cipher(settings)
-    reports = asyncio.run(rotate_database(settings.database_url, cipher, args.batch_size))
+    reports = asyncio.run(rotate_database(settings.database.url, cipher, args.batch_size))
     for report in reports:
         print(report.summary(cipher.current_kid))
         if report.unreadable:
@@ -161,7 +161,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = Settings()
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log.level, settings.log.format)
     if args.command == "token":
         return token(settings, args)
     try:

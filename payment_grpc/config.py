@@ -1,91 +1,333 @@
-"""Settings: every knob is an environment variable (documented in the README)."""
+"""Settings: every knob is an environment variable (documented in the README).
+
+The settings are grouped by concern (`settings.database.url`, `settings.jwt.algorithms`,
+...), but the environment stays flat: each field names its variable in `validation_alias`
+(`DATABASE_URL`, `JWT_ALGORITHMS`), read case-insensitively. Every group is a
+`BaseSettings` of its own that reads just its variables, so values are parsed and checked
+when the settings load, and an error names the variable.
+
+To add a setting: a field in the group it belongs to (or a new group, listed in
+`Settings`), `validation_alias` = its environment variable, a docstring under it, and a
+row in the README's settings table.
+"""
 
 from __future__ import annotations
 
 import os
 import pathlib
 import socket
-from typing import Annotated, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
-from payment_grpc.adapters.gateways.simulated import FailureMix
+# The drivers this service runs on, by the bare scheme an operator may write instead.
+DATABASE_DRIVERS = {
+    "sqlite": "sqlite+aiosqlite",
+    "postgres": "postgresql+psycopg",
+    "postgresql": "postgresql+psycopg",
+}
+# Every JWT algorithm the verifier knows; `none` is never among them.
+JWT_ALGORITHMS = frozenset(
+    {"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512"}
+)
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+class _Group(BaseSettings):
+    """One group of settings, read from its own flat environment variables."""
 
-    host: str = "0.0.0.0"  # noqa: S104 - the pod IP must be reachable for k8s grpc probes
-    port: int = Field(8009, ge=0, le=65535)
-    # Server processes on PORT (SO_REUSEPORT), worker i with INSTANCE_ID "<INSTANCE_ID>-w<i>";
-    # "auto" (the production profiles): one per available core on PostgreSQL, 1 on SQLite.
-    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
-    database_url: str = "sqlite+aiosqlite:///./payments.db"
-    db_pool_size: int = Field(10, ge=1)
-    migrate_on_start: bool = True
-    data_dir: pathlib.Path = pathlib.Path(".data")
-    shutdown_grace_seconds: float = Field(10.0, ge=0)
-    log_level: str = "INFO"
-    log_format: Literal["json", "text"] = "text"
-    health_check_interval_seconds: float = Field(2.0, gt=0)
-    recovery_interval_seconds: float = Field(5.0, gt=0)
-    recovery_stale_seconds: float = Field(30.0, ge=0)
-    max_message_bytes: int = Field(1024 * 1024, ge=1024)
-    # Large enough that a hostile 100 KB token reaches auth and gets UNAUTHENTICATED;
-    # anything larger is refused by gRPC with RESOURCE_EXHAUSTED before any handler runs.
-    max_metadata_bytes: int = Field(128 * 1024, ge=8 * 1024)
-    # Identity of this replica for idempotency-key locks; must be unique per live process
-    # and stable across its restarts (the pod name in Kubernetes).
-    instance_id: str = Field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
-    idempotency_retention_hours: float = Field(72.0, gt=0)
-    idempotency_lock_timeout_seconds: float = Field(60.0, gt=0)
-    fault_point: str = ""  # crash tests only: SIGKILL at this phase boundary
-    # Column encryption at rest: "kid:base64key,kid:base64key" (32-byte AES-256 keys),
-    # newest first: the first encrypts, all decrypt. Unset: one key generated into DATA_DIR.
-    encryption_keys: SecretStr | None = None
-
-    rate_limit_per_second: float = Field(200.0, ge=0)  # per caller (JWT subject); 0: off
-    rate_limit_burst: int = Field(400, ge=1)
-
-    jwt_secret_key: SecretStr | None = None  # HS256; unset: generated into DATA_DIR
-    jwt_algorithms: str = "HS256"  # comma-separated allow-list, e.g. "RS256,ES256"
-    jwt_jwks_file: pathlib.Path | None = None  # public keys for RS256/ES256, by kid
-    jwt_audience: str = "payment-service"
-    jwt_issuer: str = "payment-grpc"
-    jwt_leeway_seconds: float = Field(30.0, ge=0, le=300)
-    auth_service_addr: str | None = None  # host:port of auth.v1.AuthService
-    auth_cache_ttl_seconds: float = Field(60.0, ge=0)
-    auth_timeout_seconds: float = Field(1.0, gt=0)
-    # RS256/ES256 keys from the auth service (when set and JWT_JWKS_FILE is not): kept at
-    # most this long, and refetched for an unknown kid at most once per refresh interval.
-    auth_keys_max_age_seconds: float = Field(300.0, gt=0)
-    auth_keys_refresh_seconds: float = Field(10.0, ge=0)
-
-    # TLS (payment_grpc/tls.py): cert + key make the port TLS-only; a client CA makes it mTLS.
-    tls_cert_file: pathlib.Path | None = None  # PEM chain, server certificate first
-    tls_key_file: pathlib.Path | None = None  # PEM private key
-    tls_client_ca_file: pathlib.Path | None = None  # set: clients need a cert from this CA
-    tls_ca_file: pathlib.Path | None = None  # `probe`: CA of the server cert (unset: pin cert)
-    tls_server_name: str = "localhost"  # `probe`: name checked in the server certificate
-
-    gateway: Literal["simulated"] = "simulated"
-    gateway_ledger_path: pathlib.Path | None = None
-    gateway_success_rate: float = Field(0.95, ge=0, le=1)
-    gateway_failure_mix: str = (
-        "declined=60,insufficient_funds=10,network_error=20,invalid_method=10"
+    model_config = SettingsConfigDict(
+        case_sensitive=False,
+        extra="forbid",
+        frozen=True,
+        validate_by_name=True,  # Group(url=...) as well as Group(DATABASE_URL=...)
+        use_attribute_docstrings=True,
     )
-    gateway_latency_ms_min: int = Field(20, ge=0)
-    gateway_latency_ms_max: int = Field(120, ge=0)
-    gateway_async_settle_ms: int = Field(2000, ge=0)
-    gateway_seed: int | None = None
 
-    def algorithms(self) -> list[str]:
-        return [name.strip() for name in self.jwt_algorithms.split(",") if name.strip()]
+
+class ServerSettings(_Group):
+    host: str = Field("0.0.0.0", validation_alias="HOST")  # noqa: S104 - k8s probes the pod IP
+    """Listen address; Kubernetes gRPC probes need the pod IP, so not 127.0.0.1 there."""
+    port: int = Field(8009, ge=0, le=65535, validation_alias="PORT")
+    """gRPC port; 0 picks a free one (logged)."""
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(1, validation_alias="WORKERS")
+    """Server processes on PORT (SO_REUSEPORT), worker i with INSTANCE_ID "<INSTANCE_ID>-w<i>";
+    "auto" (the production profiles): one per available core on PostgreSQL, 1 on SQLite."""
+    max_message_bytes: int = Field(1024 * 1024, ge=1024, validation_alias="MAX_MESSAGE_BYTES")
+    """Largest request and response; list pages stop short of it."""
+    max_metadata_bytes: int = Field(128 * 1024, ge=8 * 1024, validation_alias="MAX_METADATA_BYTES")
+    """Largest request metadata. Large enough that a hostile 100 KB token reaches auth and
+    gets UNAUTHENTICATED; anything larger is RESOURCE_EXHAUSTED before any handler runs."""
+    shutdown_grace_seconds: float = Field(10.0, ge=0, validation_alias="SHUTDOWN_GRACE_SECONDS")
+    """On SIGTERM, how long in-flight calls may finish."""
+    health_check_interval_seconds: float = Field(
+        2.0, gt=0, validation_alias="HEALTH_CHECK_INTERVAL_SECONDS"
+    )
+    """How often the database is probed for the gRPC health service."""
+    instance_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}",
+        min_length=1,
+        validation_alias="INSTANCE_ID",
+    )
+    """Identity of this replica for idempotency-key locks: unique per live process and stable
+    across its restarts (the pod name in Kubernetes)."""
+
+
+class LogSettings(_Group):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", validation_alias="LOG_LEVEL"
+    )
+    """Root log level; DEBUG also logs every RPC start."""
+    format: Literal["json", "text"] = Field("text", validation_alias="LOG_FORMAT")
+    """`json`: one JSON object per line."""
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+
+def _driver_url(value: object) -> object:
+    """`postgres://` and `postgresql://` mean psycopg, `sqlite://` aiosqlite; a URL naming
+    another driver is refused."""
+    if not isinstance(value, str):
+        return value
+    try:
+        url = make_url(value)
+    except ArgumentError as exc:
+        raise ValueError(f"not a database URL: {exc}") from None
+    driver = DATABASE_DRIVERS.get(url.drivername, url.drivername)
+    if driver not in DATABASE_DRIVERS.values():
+        known = ", ".join(sorted(DATABASE_DRIVERS))
+        raise ValueError(f"unsupported database {url.drivername!r} (use one of: {known})")
+    return url.set(drivername=driver).render_as_string(hide_password=False)
+
+
+class DatabaseSettings(_Group):
+    url: Annotated[str, BeforeValidator(_driver_url)] = Field(
+        "sqlite+aiosqlite:///./payments.db", validation_alias="DATABASE_URL"
+    )
+    """SQLite (embedded) or PostgreSQL; `postgres://` and `postgresql://` mean psycopg."""
+    pool_size: int = Field(10, ge=1, validation_alias="DB_POOL_SIZE")
+    """PostgreSQL connection pool size (and as much overflow)."""
+    migrate_on_start: bool = Field(True, validation_alias="MIGRATE_ON_START")
+    """Run Alembic to head before serving."""
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.url.startswith("sqlite")
+
+
+class StorageSettings(_Group):
+    data_dir: pathlib.Path = Field(pathlib.Path(".data"), validation_alias="DATA_DIR")
+    """Local state: generated JWT secret and encryption key, the simulated gateway ledger."""
+    encryption_keys: SecretStr | None = Field(None, validation_alias="ENCRYPTION_KEYS")
+    """Column encryption at rest: "kid:base64key,kid:base64key" (32-byte AES-256 keys), newest
+    first: the first encrypts, all decrypt. Unset: one key generated into DATA_DIR."""
+
+
+class IdempotencySettings(_Group):
+    retention_hours: float = Field(72.0, gt=0, validation_alias="IDEMPOTENCY_RETENTION_HOURS")
+    """How long a key and its stored answer are kept."""
+    lock_timeout_seconds: float = Field(
+        60.0, gt=0, validation_alias="IDEMPOTENCY_LOCK_TIMEOUT_SECONDS"
+    )
+    """After this, another replica may take over an unfinished key."""
+
+
+class RecoverySettings(_Group):
+    interval_seconds: float = Field(5.0, gt=0, validation_alias="RECOVERY_INTERVAL_SECONDS")
+    """Period of the recovery worker."""
+    stale_seconds: float = Field(30.0, ge=0, validation_alias="RECOVERY_STALE_SECONDS")
+    """Unfinished work older than this is finished by the recovery worker."""
+    fault_point: str = Field("", validation_alias="FAULT_POINT")
+    """Crash tests only: SIGKILL at this phase boundary (e.g. `charge.after_gateway`)."""
+
+
+class RateLimitSettings(_Group):
+    per_second: float = Field(200.0, ge=0, validation_alias="RATE_LIMIT_PER_SECOND")
+    """Calls per second per caller (JWT subject); 0 turns the limit off."""
+    burst: int = Field(400, ge=1, validation_alias="RATE_LIMIT_BURST")
+    """Calls a caller may make at once before the rate applies."""
+
+
+def _comma_list(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class JwtSettings(_Group):
+    secret_key: SecretStr | None = Field(None, validation_alias="JWT_SECRET_KEY")
+    """HS256 secret; unset: generated once into DATA_DIR/jwt_secret."""
+    algorithms: Annotated[list[str], NoDecode, BeforeValidator(_comma_list)] = Field(
+        ["HS256"], min_length=1, validation_alias="JWT_ALGORITHMS"
+    )
+    """Comma-separated allow-list, e.g. "RS256,ES256"; `none` is never accepted."""
+    jwks_file: pathlib.Path | None = Field(None, validation_alias="JWT_JWKS_FILE")
+    """Public keys (JWKS) for RS256/ES256, by kid."""
+    audience: str = Field("payment-service", validation_alias="JWT_AUDIENCE")
+    """Required `aud` claim."""
+    issuer: str = Field("payment-grpc", validation_alias="JWT_ISSUER")
+    """Required `iss` claim."""
+    leeway_seconds: float = Field(30.0, ge=0, le=300, validation_alias="JWT_LEEWAY_SECONDS")
+    """Clock skew allowed on `exp`, `nbf`, `iat`."""
+
+    @field_validator("algorithms")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        unknown = [name for name in names if name not in JWT_ALGORITHMS]
+        if unknown:
+            known = ",".join(sorted(JWT_ALGORITHMS))
+            raise ValueError(f"unsupported algorithm {unknown[0]!r} (known: {known})")
+        return names
+
+
+class AuthServiceSettings(_Group):
+    addr: str | None = Field(None, validation_alias="AUTH_SERVICE_ADDR")
+    """host:port of auth.v1.AuthService (introspection, and RS256/ES256 keys)."""
+    cache_ttl_seconds: float = Field(60.0, ge=0, validation_alias="AUTH_CACHE_TTL_SECONDS")
+    """An introspection answer is kept until min(token exp, this)."""
+    timeout_seconds: float = Field(1.0, gt=0, validation_alias="AUTH_TIMEOUT_SECONDS")
+    """Deadline of each auth-service call."""
+    keys_max_age_seconds: float = Field(300.0, gt=0, validation_alias="AUTH_KEYS_MAX_AGE_SECONDS")
+    """Keys from the auth service (when JWT_JWKS_FILE is unset) are kept at most this long."""
+    keys_refresh_seconds: float = Field(10.0, ge=0, validation_alias="AUTH_KEYS_REFRESH_SECONDS")
+    """An unknown kid refetches the keys at most once per this interval."""
+
+
+class TlsSettings(_Group):
+    """TLS (payment_grpc/tls.py): cert + key make the port TLS-only; a client CA makes it mTLS."""
+
+    cert_file: pathlib.Path | None = Field(None, validation_alias="TLS_CERT_FILE")
+    """PEM chain, server certificate first."""
+    key_file: pathlib.Path | None = Field(None, validation_alias="TLS_KEY_FILE")
+    """PEM private key of the server certificate."""
+    client_ca_file: pathlib.Path | None = Field(None, validation_alias="TLS_CLIENT_CA_FILE")
+    """Set: mutual TLS, clients need a certificate from this CA."""
+    ca_file: pathlib.Path | None = Field(None, validation_alias="TLS_CA_FILE")
+    """`payment-grpc probe` only: CA of the server certificate (unset: pin TLS_CERT_FILE)."""
+    server_name: str = Field("localhost", validation_alias="TLS_SERVER_NAME")
+    """`payment-grpc probe` only: the name checked in the server certificate."""
+
+
+class FailureMix(BaseModel):
+    """Relative weights of the simulated gateway's failure kinds, written
+    "declined=60,insufficient_funds=10,network_error=20,invalid_method=10"."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    declined: NonNegativeInt = 60
+    insufficient_funds: NonNegativeInt = 10
+    network_error: NonNegativeInt = 20
+    invalid_method: NonNegativeInt = 10
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        weights: dict[str, str] = {}
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            name, equals, weight = part.partition("=")
+            if not equals:
+                raise ValueError(f"{part!r} is not kind=weight")
+            weights[name.strip()] = weight.strip()
+        return weights
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> Self:
+        if not any(self.model_dump().values()):
+            raise ValueError("at least one failure kind needs a positive weight")
+        return self
+
+
+class GatewaySettings(_Group):
+    kind: Literal["simulated"] = Field("simulated", validation_alias="GATEWAY")
+    """The gateway adapter."""
+    ledger_path: pathlib.Path | None = Field(None, validation_alias="GATEWAY_LEDGER_PATH")
+    """The simulated gateway's own ledger (SQLite); unset: DATA_DIR/simulated_gateway.db."""
+    success_rate: float = Field(0.95, ge=0, le=1, validation_alias="GATEWAY_SUCCESS_RATE")
+    """Success probability for card tokens without a fixed outcome."""
+    failure_mix: Annotated[FailureMix, NoDecode] = Field(
+        default_factory=FailureMix, validation_alias="GATEWAY_FAILURE_MIX"
+    )
+    """Relative weights of the failures, "declined=60,insufficient_funds=10,..."."""
+    latency_ms_min: int = Field(20, ge=0, validation_alias="GATEWAY_LATENCY_MS_MIN")
+    """Shortest simulated gateway latency."""
+    latency_ms_max: int = Field(120, ge=0, validation_alias="GATEWAY_LATENCY_MS_MAX")
+    """Longest simulated gateway latency."""
+    async_settle_ms: int = Field(2000, ge=0, validation_alias="GATEWAY_ASYNC_SETTLE_MS")
+    """Delay before UPI / net banking / PayPal payments settle."""
+    seed: int | None = Field(None, validation_alias="GATEWAY_SEED")
+    """Seed of the simulated gateway's RNG (reproducible runs)."""
+
+    @model_validator(mode="after")
+    def _latency_range(self) -> Self:
+        if self.latency_ms_min > self.latency_ms_max:
+            raise ValueError("GATEWAY_LATENCY_MS_MIN is above GATEWAY_LATENCY_MS_MAX")
+        return self
+
+
+class Settings(BaseModel):
+    """All settings, by group; each group reads its environment variables when built."""
+
+    model_config = ConfigDict(frozen=True)
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    idempotency: IdempotencySettings = Field(default_factory=IdempotencySettings)
+    recovery: RecoverySettings = Field(default_factory=RecoverySettings)
+    rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
+    jwt: JwtSettings = Field(default_factory=JwtSettings)
+    auth_service: AuthServiceSettings = Field(default_factory=AuthServiceSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+
+    @classmethod
+    def from_names(cls, values: Mapping[str, object]) -> Settings:
+        """Settings with these values, keyed by environment variable name (any case), over
+        the environment and the defaults. Tests build their settings this way."""
+        return cls().replace(values)
+
+    def replace(self, values: Mapping[str, object]) -> Settings:
+        """A copy with these values (keyed by environment variable name, any case), each
+        changed group validated again."""
+        changes: dict[str, dict[str, object]] = {}
+        for name, value in values.items():
+            group, field = _locate(name)
+            changes.setdefault(group, {})[field] = value
+        groups: dict[str, Any] = {}
+        for group, fields in changes.items():
+            current: _Group = getattr(self, group)
+            groups[group] = type(current)(**{**dict(current), **fields})
+        return self.model_copy(update=groups)
 
     def ledger_path(self) -> pathlib.Path:
-        return self.gateway_ledger_path or self.data_dir / "simulated_gateway.db"
+        """Where the simulated gateway keeps its ledger."""
+        return self.gateway.ledger_path or self.storage.data_dir / "simulated_gateway.db"
 
-    def failure_mix(self) -> FailureMix:
-        weights = dict(part.split("=") for part in self.gateway_failure_mix.split(",") if part)
-        return FailureMix(**{name.strip(): int(value) for name, value in weights.items()})
+
+def _locate(name: str) -> tuple[str, str]:
+    """(group, field) of the setting read from environment variable `name`."""
+    wanted = name.upper()
+    for group, info in Settings.model_fields.items():
+        model: type[BaseModel] = info.annotation  # type: ignore[assignment]
+        for field, field_info in model.model_fields.items():
+            if field_info.validation_alias == wanted:
+                return group, field
+    raise KeyError(f"no setting is read from {wanted}")

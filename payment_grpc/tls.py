@@ -26,11 +26,11 @@ def _read(path: pathlib.Path) -> bytes:
 def _cert_and_key(settings: Settings) -> tuple[pathlib.Path, pathlib.Path] | None:
     """The server's cert and key when TLS is on; a half configuration is an error, never a
     silent plaintext port."""
-    cert, key = settings.tls_cert_file, settings.tls_key_file
+    cert, key = settings.tls.cert_file, settings.tls.key_file
     if (cert is None) != (key is None):
         raise ValueError("TLS_CERT_FILE and TLS_KEY_FILE must be set together")
     if cert is None or key is None:
-        if settings.tls_client_ca_file is not None:
+        if settings.tls.client_ca_file is not None:
             raise ValueError("TLS_CLIENT_CA_FILE (mutual TLS) needs TLS_CERT_FILE and TLS_KEY_FILE")
         return None
     return cert, key
@@ -42,7 +42,7 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     if pair is None:
         return None
     cert, key = pair
-    client_ca = settings.tls_client_ca_file
+    client_ca = settings.tls.client_ca_file
     return grpc.ssl_server_credentials(
         [(_read(key), _read(cert))],
         root_certificates=_read(client_ca) if client_ca is not None else None,
@@ -52,16 +52,16 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 def probe_channel(settings: Settings) -> grpc.Channel:
     """A channel to this server on 127.0.0.1, speaking what the server speaks."""
-    target = f"127.0.0.1:{settings.port}"
+    target = f"127.0.0.1:{settings.server.port}"
     pair = _cert_and_key(settings)
     if pair is None:
         return grpc.insecure_channel(target)
     cert, key = pair
-    mutual = settings.tls_client_ca_file is not None
+    mutual = settings.tls.client_ca_file is not None
     credentials = grpc.ssl_channel_credentials(
-        root_certificates=_read(settings.tls_ca_file or cert),
+        root_certificates=_read(settings.tls.ca_file or cert),
         private_key=_read(key) if mutual else None,
         certificate_chain=_read(cert) if mutual else None,
     )
-    options = [("grpc.ssl_target_name_override", settings.tls_server_name)]
+    options = [("grpc.ssl_target_name_override", settings.tls.server_name)]
     return grpc.secure_channel(target, credentials, options=options)

@@ -23,7 +23,6 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
 from typing import Any
 
-from payment_grpc.adapters.db.engine import is_sqlite
 from payment_grpc.config import Settings
 
 log = logging.getLogger("payment_grpc")
@@ -52,30 +51,30 @@ class WorkersConfigError(ValueError):
 def worker_count(settings: Settings) -> int:
     """The number of server processes WORKERS asks for ("auto": one per core on
     PostgreSQL, 1 on SQLite). Raises WorkersConfigError for what cannot work."""
-    sqlite = is_sqlite(settings.database_url)
-    if settings.workers == "auto":
+    sqlite, workers = settings.database.is_sqlite, settings.server.workers
+    if workers == "auto":
         return 1 if sqlite else available_cores()
-    if settings.workers > 1 and sqlite:
+    if workers > 1 and sqlite:
         raise WorkersConfigError(
-            f"WORKERS={settings.workers} needs PostgreSQL: SQLite's status bus is in-process,"
+            f"WORKERS={workers} needs PostgreSQL: SQLite's status bus is in-process,"
             " so watchers on one worker would miss the others' changes (set WORKERS=1)"
         )
-    if settings.workers > 1 and settings.port == 0:
+    if workers > 1 and settings.server.port == 0:
         raise WorkersConfigError(
-            f"WORKERS={settings.workers} needs a fixed PORT: with PORT=0 each worker would"
+            f"WORKERS={workers} needs a fixed PORT: with PORT=0 each worker would"
             " listen on a different random port"
         )
-    return settings.workers
+    return workers
 
 
 def worker_settings(settings: Settings, index: int, count: int) -> Settings:
     """Worker `index`'s settings: its own INSTANCE_ID, WORKERS resolved (so the server
     binds with SO_REUSEPORT), no migration (the supervisor did it)."""
-    return settings.model_copy(
-        update={
-            "instance_id": f"{settings.instance_id}-w{index}",
-            "workers": count,
-            "migrate_on_start": False,
+    return settings.replace(
+        {
+            "INSTANCE_ID": f"{settings.server.instance_id}-w{index}",
+            "WORKERS": count,
+            "MIGRATE_ON_START": False,
         }
     )
 
@@ -98,7 +97,7 @@ def _run_worker(settings: Settings, ready: Event, supervisor_pid: int) -> None:
     from payment_grpc.logging_setup import configure_logging
 
     _end_with_supervisor(supervisor_pid)
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log.level, settings.log.format)
     run_server(settings, on_ready=ready.set)
 
 
@@ -142,7 +141,7 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._on_signal)
         for index in range(self._count):
             self._start(index)
-        log.info("supervising %d workers", self._count, extra={"port": self._settings.port})
+        log.info("supervising %d workers", self._count, extra={"port": self._settings.server.port})
         exit_code = 0
         while self._workers:
             sentinels = {w.process.sentinel: w for w in self._workers.values()}

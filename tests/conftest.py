@@ -91,7 +91,7 @@ def make_settings(database_url: str, tmp_path: pathlib.Path, **overrides: object
         "rate_limit_per_second": 0,  # on in test_rate_limit.py; off so bursts of calls stay simple
     }
     values.update(overrides)
-    return Settings(**values)  # type: ignore[arg-type]
+    return Settings.from_names(values)
 
 
 @pytest.fixture

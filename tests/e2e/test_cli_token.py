@@ -36,10 +36,10 @@ async def test_generated_secret_is_private_and_minted_tokens_work(
     app = build_application(settings)
     await app.start()
     try:
-        secret = settings.data_dir / "jwt_secret"
+        secret = settings.storage.data_dir / "jwt_secret"
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600
-        reader = await _mint(settings.data_dir, "--scope", "payments.read")
-        customer = await _mint(settings.data_dir, "--customer", "cus_9", "--ttl", "60")
+        reader = await _mint(settings.storage.data_dir, "--scope", "payments.read")
+        customer = await _mint(settings.storage.data_dir, "--customer", "cus_9", "--ttl", "60")
         async with aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
             stub = payment_service_pb2_grpc.PaymentServiceStub(channel)
             auth = (("authorization", f"Bearer {reader}"),)

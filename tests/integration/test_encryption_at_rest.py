@@ -100,9 +100,9 @@ async def rotate_cli(settings: Settings, keys: str, *args: str) -> tuple[int, st
     the server in it) keeps running meanwhile."""
     env = {
         **os.environ,
-        "DATABASE_URL": settings.database_url,
+        "DATABASE_URL": settings.database.url,
         "ENCRYPTION_KEYS": keys,
-        "DATA_DIR": str(settings.data_dir),
+        "DATA_DIR": str(settings.storage.data_dir),
         "LOG_LEVEL": "WARNING",
     }
     process = await asyncio.create_subprocess_exec(
@@ -171,7 +171,7 @@ async def test_embedded_default_generates_its_key_once_into_data_dir(
         reply = await stub.Charge(charge_request(method=upi(), currency="INR", metadata=METADATA))
         row = (await raw_payments(app))[reply.payment.payment_id]
         assert row["method_token"].startswith("enc:v1:local:")
-    key_file = settings.data_dir / "encryption_key"
+    key_file = settings.storage.data_dir / "encryption_key"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     async with serving(settings) as (app, stub):  # a restart reuses the same key
         again = await stub.GetPayment(api.GetPaymentRequest(payment_id=reply.payment.payment_id))

@@ -566,7 +566,7 @@ class Probe:
 
     async def typed(self, rpc: str, request: Message) -> list[str]:
         method = METHODS[rpc]
-        too_big = request.ByteSize() > self.app.settings.max_message_bytes
+        too_big = request.ByteSize() > self.app.settings.server.max_message_bytes
 
         def library_rejection(error: RichError) -> bool:
             # Above grpc.max_receive_message_length gRPC core refuses the message before

@@ -238,22 +238,20 @@ async def test_mtls_accepts_a_ca_signed_client_certificate(mtls_app: Application
 
 
 async def test_probe_speaks_tls(tls_app: Application, capsys: pytest.CaptureFixture[str]) -> None:
-    settings = tls_app.settings.model_copy(update={"port": tls_app.port})
+    settings = tls_app.settings.replace({"port": tls_app.port})
     assert await asyncio.to_thread(cli.probe, settings) == 0
     # Without TLS_CA_FILE the probe pins the server's own certificate (TLS_CERT_FILE).
-    pinned = settings.model_copy(update={"tls_ca_file": None})
+    pinned = settings.replace({"tls_ca_file": None})
     assert await asyncio.to_thread(cli.probe, pinned) == 0
-    plaintext = settings.model_copy(
-        update={"tls_cert_file": None, "tls_key_file": None, "tls_ca_file": None}
-    )
+    plaintext = settings.replace({"tls_cert_file": None, "tls_key_file": None, "tls_ca_file": None})
     assert await asyncio.to_thread(cli.probe, plaintext) == 1
     assert "SERVING" in capsys.readouterr().out
 
 
 async def test_probe_speaks_mutual_tls(mtls_app: Application) -> None:
-    settings = mtls_app.settings.model_copy(update={"port": mtls_app.port})
+    settings = mtls_app.settings.replace({"port": mtls_app.port})
     assert await asyncio.to_thread(cli.probe, settings) == 0
-    wrong_name = settings.model_copy(update={"tls_server_name": "payments.example"})
+    wrong_name = settings.replace({"tls_server_name": "payments.example"})
     assert await asyncio.to_thread(cli.probe, wrong_name) == 1
 
 

@@ -160,7 +160,7 @@ def test_malformed_keys_are_rejected_with_a_clear_message(spec: str, message: st
 
 
 def _settings(tmp_path: pathlib.Path, **values: object) -> Settings:
-    return Settings(data_dir=tmp_path / "data", **values)  # type: ignore[arg-type]
+    return Settings.from_names({"data_dir": tmp_path / "data", **values})
 
 
 def test_embedded_default_generates_one_key_in_data_dir(tmp_path: pathlib.Path) -> None:
