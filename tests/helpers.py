@@ -23,9 +23,10 @@ from payments.v1 import resources_pb2 as pb
 from payment_grpc.adapters.auth.tokens import mint_token
 from payment_grpc.adapters.db.engine import SqlUnitOfWorkFactory
 from payment_grpc.adapters.db.tables import idempotency_keys, payment_events, payments, refunds
+from payment_grpc.api.responses import OPERATIONS
 from payment_grpc.bootstrap import Application, build_application, build_cipher
 from payment_grpc.config import Settings
-from payment_grpc.service.ports import KeyRecord, RecoveryPoint
+from payment_grpc.service.ports import KeyRecord, Operation, RecoveryPoint
 
 S = pb.PaymentStatus
 
@@ -120,15 +121,18 @@ async def expire_idempotency_keys(app: Application) -> None:
         await conn.execute(idempotency_keys.update().values(expires_at=past))
 
 
+def operation_of(rpc: str) -> Operation:
+    """The keyed operation an RPC of PaymentService (by its name) runs."""
+    return OPERATIONS[f"/payments.v1.PaymentService/{rpc}"]
+
+
 async def stored_key(
     app: Application, rpc: str, key: str, subject: str = "svc-tests"
 ) -> KeyRecord | None:
     """The key's record read through the real repository (its answer decrypted)."""
     uow = SqlUnitOfWorkFactory(app.engine, build_cipher(app.settings))
     async with uow(read_only=True) as tx:
-        return await tx.idempotency.get_for_update(
-            subject, f"/payments.v1.PaymentService/{rpc}", key
-        )
+        return await tx.idempotency.get_for_update(subject, operation_of(rpc), key)
 
 
 async def abandon_key(
@@ -140,7 +144,7 @@ async def abandon_key(
         await conn.execute(
             idempotency_keys.update()
             .where(
-                idempotency_keys.c.method == f"/payments.v1.PaymentService/{rpc}",
+                idempotency_keys.c.operation == operation_of(rpc).value,
                 idempotency_keys.c.key == key,
             )
             .values(

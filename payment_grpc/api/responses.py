@@ -1,7 +1,8 @@
 """The response of each money-moving RPC for its use case's result. The servicer sends
 it, and its deterministic serialization is the idempotency key's stored answer (written
-by the use case's checkpoint, or by the recovery worker when the caller is gone); a
-business refusal is stored as its status code and google.rpc.Status."""
+by the use case's checkpoint through api/context.Response, which converts once, or by
+the recovery worker when the caller is gone); a business refusal is stored as its status
+code and google.rpc.Status."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from payment_grpc.api.errors import code_for, status_proto_for
 from payment_grpc.domain.errors import ReportableError
 from payment_grpc.domain.payment import Payment
 from payment_grpc.domain.refund import Refund
-from payment_grpc.service.ports import StoredAnswer
+from payment_grpc.service.ports import Operation, StoredAnswer
 
 SERVICE = "/payments.v1.PaymentService/"
 
@@ -40,22 +41,25 @@ def refund_response(result: tuple[Refund, Payment]) -> api.RefundResponse:
     )
 
 
-# The keyed RPCs (those that need an idempotency-key) and their response builders.
-BUILDERS: dict[str, Callable[[Any], Message]] = {
-    f"{SERVICE}Charge": charge_response,
-    f"{SERVICE}CapturePayment": capture_response,
-    f"{SERVICE}CancelPayment": cancel_response,
-    f"{SERVICE}Refund": refund_response,
+# The keyed RPCs (those that need an idempotency-key): the operation each one is.
+OPERATIONS: dict[str, Operation] = {
+    f"{SERVICE}Charge": Operation.CHARGE,
+    f"{SERVICE}CapturePayment": Operation.CAPTURE,
+    f"{SERVICE}CancelPayment": Operation.CANCEL,
+    f"{SERVICE}Refund": Operation.REFUND,
+}
+# Each operation's response builder: the RPC's response for the use case's result.
+BUILDERS: dict[Operation, Callable[[Any], Message]] = {
+    Operation.CHARGE: charge_response,
+    Operation.CAPTURE: capture_response,
+    Operation.CANCEL: cancel_response,
+    Operation.REFUND: refund_response,
 }
 
 
-def encoded(build: Callable[[Any], Message]) -> Callable[[Any], bytes]:
-    return lambda result: build(result).SerializeToString(deterministic=True)
-
-
-def encode_answer(method: str, result: object) -> bytes:
-    """The stored answer of a keyed RPC for its result (the service's AnswerEncoder)."""
-    return encoded(BUILDERS[method])(result)
+def encode_answer(operation: Operation, result: object) -> bytes:
+    """The stored answer of a keyed operation for its result (the service's AnswerEncoder)."""
+    return BUILDERS[operation](result).SerializeToString(deterministic=True)
 
 
 def refusal_answer(error: ReportableError) -> StoredAnswer:

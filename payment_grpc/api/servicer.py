@@ -11,13 +11,11 @@ from payments.v1 import payment_service_pb2 as api
 from payments.v1 import payment_service_pb2_grpc
 
 from payment_grpc.api import convert
-from payment_grpc.api.context import request_context
-from payment_grpc.api.interceptors.idempotency import checkpoint_for
+from payment_grpc.api.context import keyed_execution, request_context
 from payment_grpc.api.responses import (
     cancel_response,
     capture_response,
     charge_response,
-    encoded,
     refund_response,
 )
 from payment_grpc.domain.refund import RefundReason
@@ -68,41 +66,43 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
         self._page_bytes = max_message_bytes - PAGE_ENVELOPE_BYTES
 
     async def Charge(self, request: api.ChargeRequest, context: Context) -> api.ChargeResponse:
+        keyed = keyed_execution()
         payment = await self._charging.charge(
-            convert.charge_command(request),
-            request_context(context),
-            checkpoint_for(encoded(charge_response)),
+            convert.charge_command(request), request_context(context), keyed.checkpoint
         )
-        return charge_response(payment)
+        return keyed.response.message(charge_response, payment)
 
     async def CapturePayment(
         self, request: api.CapturePaymentRequest, context: Context
     ) -> api.CapturePaymentResponse:
+        keyed = keyed_execution()
         payment = await self._operations.capture(
             request.payment_id,
             convert.optional_amount(request),
             request_context(context),
-            checkpoint_for(encoded(capture_response)),
+            keyed.checkpoint,
         )
-        return capture_response(payment)
+        return keyed.response.message(capture_response, payment)
 
     async def CancelPayment(
         self, request: api.CancelPaymentRequest, context: Context
     ) -> api.CancelPaymentResponse:
+        keyed = keyed_execution()
         payment = await self._operations.cancel(
-            request.payment_id, request_context(context), checkpoint_for(encoded(cancel_response))
+            request.payment_id, request_context(context), keyed.checkpoint
         )
-        return cancel_response(payment)
+        return keyed.response.message(cancel_response, payment)
 
     async def Refund(self, request: api.RefundRequest, context: Context) -> api.RefundResponse:
+        keyed = keyed_execution()
         result = await self._operations.refund(
             request.payment_id,
             convert.optional_amount(request),
             convert.REASON_FROM_PB.get(request.reason, RefundReason.UNSPECIFIED),
             request_context(context),
-            checkpoint_for(encoded(refund_response)),
+            keyed.checkpoint,
         )
-        return refund_response(result)
+        return keyed.response.message(refund_response, result)
 
     async def GetPayment(
         self, request: api.GetPaymentRequest, context: Context

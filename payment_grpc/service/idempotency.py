@@ -21,6 +21,7 @@ from payment_grpc.service.errors import IdempotencyKeyInUse, IdempotencyKeyReuse
 from payment_grpc.service.ports import (
     Clock,
     KeyRecord,
+    Operation,
     RecoveryPoint,
     StoredAnswer,
     UnitOfWork,
@@ -46,7 +47,7 @@ class IdempotencyKeys:
         self._policy = policy
 
     async def begin(
-        self, scope: str, method: str, key: str, fingerprint: str
+        self, scope: str, operation: Operation, key: str, fingerprint: str
     ) -> KeyRecord | StoredAnswer:
         """Claim the key for this execution, or return the stored answer.
 
@@ -54,7 +55,7 @@ class IdempotencyKeys:
         IdempotencyKeyInUse while another execution holds it.
         """
         now = self._clock.now()
-        fresh = self._new_record(scope, method, key, fingerprint, now)
+        fresh = self._new_record(scope, operation, key, fingerprint, now)
         async with self._uow() as tx:
             outcome = await self._claim(tx, fresh, now)
             await tx.commit()
@@ -86,8 +87,8 @@ class IdempotencyKeys:
         return await self._existing(tx, winner, fresh, now)
 
     async def _current(self, tx: UnitOfWork, record: KeyRecord) -> KeyRecord | None:
-        """The stored row of the record's (scope, method, key), under its row lock."""
-        return await tx.idempotency.get_for_update(record.scope, record.method, record.key)
+        """The stored row of the record's (scope, operation, key), under its row lock."""
+        return await tx.idempotency.get_for_update(record.scope, record.operation, record.key)
 
     async def _existing(
         self, tx: UnitOfWork, existing: KeyRecord, fresh: KeyRecord, now: datetime
@@ -108,12 +109,12 @@ class IdempotencyKeys:
         return record.locked_at is not None and record.locked_at > now - self._policy.lock_timeout
 
     def _new_record(
-        self, scope: str, method: str, key: str, fingerprint: str, now: datetime
+        self, scope: str, operation: Operation, key: str, fingerprint: str, now: datetime
     ) -> KeyRecord:
         return KeyRecord(
             record_id=f"idk_{uuid.uuid4().hex}",
             scope=scope,
-            method=method,
+            operation=operation,
             key=key,
             fingerprint=fingerprint,
             recovery_point=RecoveryPoint.STARTED,
@@ -132,7 +133,7 @@ class IdempotencyKeys:
     async def release(self, record: KeyRecord) -> None:
         """Give the key back after a retryable failure: a retry runs (or resumes) again."""
         async with self._uow() as tx:
-            current = await tx.idempotency.get_for_update(record.scope, record.method, record.key)
+            current = await self._current(tx, record)
             if current is None or current.recovery_point is RecoveryPoint.FINISHED:
                 return
             if current.recovery_point is RecoveryPoint.STARTED:
@@ -202,7 +203,8 @@ def _finished(record: KeyRecord, answer: StoredAnswer) -> KeyRecord:
 
 class Checkpoint:
     """One keyed execution as the use case sees it: where to resume, and how to record
-    progress inside the use case's own transactions."""
+    progress inside the use case's own transactions. The transport reads back only
+    `answer`: what the execution stored as the key's final answer, if anything."""
 
     def __init__(
         self,
@@ -213,7 +215,13 @@ class Checkpoint:
         self._record = record
         self._encode = encode
         self._encode_refusal = encode_refusal
-        self.finished = False
+        self._answer: StoredAnswer | None = None
+
+    @property
+    def answer(self) -> StoredAnswer | None:
+        """The final answer this execution stored; None while the key is left open (the
+        outcome is pending) or for an execution without a key."""
+        return self._answer
 
     @property
     def payment_id(self) -> str | None:
@@ -246,18 +254,20 @@ class Checkpoint:
 
     async def finish(self, tx: UnitOfWork, result: object) -> None:
         """Store the answer in the same transaction as the final change."""
-        self.finished = True
         if self._record is not None:
-            self._record = _finished(self._record, StoredAnswer(0, self._encode(result)))
-            await tx.idempotency.save(self._record)
+            await self._store(tx, StoredAnswer(0, self._encode(result)))
 
     async def refuse(self, tx: UnitOfWork, refusal: ReportableError) -> None:
         """Store a business refusal as the answer, in the transaction that made it final:
         a crash before the caller hears it must not turn it into another answer."""
-        self.finished = True
         if self._record is not None:
-            self._record = _finished(self._record, self._encode_refusal(refusal))
-            await tx.idempotency.save(self._record)
+            await self._store(tx, self._encode_refusal(refusal))
+
+    async def _store(self, tx: UnitOfWork, answer: StoredAnswer) -> None:
+        assert self._record is not None
+        self._record = _finished(self._record, answer)
+        await tx.idempotency.save(self._record)
+        self._answer = answer
 
 
 def no_checkpoint() -> Checkpoint:

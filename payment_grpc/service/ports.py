@@ -217,6 +217,16 @@ class UnitOfWorkFactory(Protocol):
 # ---------------------------------------------------------------- idempotency
 
 
+class Operation(enum.StrEnum):
+    """What a keyed execution does: a key is scoped to (caller, operation, key), and the
+    recovery worker finishes an abandoned key by what its operation was."""
+
+    CHARGE = "CHARGE"
+    CAPTURE = "CAPTURE"
+    CANCEL = "CANCEL"
+    REFUND = "REFUND"
+
+
 class RecoveryPoint(enum.StrEnum):
     STARTED = "STARTED"
     PAYMENT_CREATED = "PAYMENT_CREATED"
@@ -229,7 +239,7 @@ class RecoveryPoint(enum.StrEnum):
 class KeyRecord:
     record_id: str
     scope: str
-    method: str
+    operation: Operation
     key: str
     fingerprint: str
     recovery_point: RecoveryPoint
@@ -253,10 +263,12 @@ class StoredAnswer:
 
 class IdempotencyRepository(Protocol):
     async def insert_if_absent(self, record: KeyRecord) -> bool:
-        """Insert; False if (scope, method, key) exists already."""
+        """Insert; False if (scope, operation, key) exists already."""
         ...
 
-    async def get_for_update(self, scope: str, method: str, key: str) -> KeyRecord | None: ...
+    async def get_for_update(
+        self, scope: str, operation: Operation, key: str
+    ) -> KeyRecord | None: ...
 
     async def save(self, record: KeyRecord) -> None: ...
 
@@ -274,9 +286,9 @@ class IdempotencyRepository(Protocol):
 
 
 class AnswerEncoder(Protocol):
-    def __call__(self, method: str, result: object) -> bytes:
-        """The stored answer for a finished execution of `method`: the response bytes the
-        RPC would have sent for `result` (a Payment, or a (Refund, Payment) pair)."""
+    def __call__(self, operation: Operation, result: object) -> bytes:
+        """The stored answer for a finished execution of `operation`: the response bytes
+        the call would have sent for `result` (a Payment, or a (Refund, Payment) pair)."""
         ...
 
 

@@ -34,6 +34,7 @@ from payment_grpc.service.ports import (
     AnswerEncoder,
     AuthorizationOutcome,
     KeyRecord,
+    Operation,
     RecoveryPoint,
     StoredAnswer,
     UnitOfWork,
@@ -181,7 +182,7 @@ class Recovery:
             return None
         if isinstance(result, ReportableError):
             return self._encode_refusal(result)
-        return StoredAnswer(0, self._encode_answer(record.method, result))
+        return StoredAnswer(0, self._encode_answer(record.operation, result))
 
     async def _reap(self) -> bool:
         return await self._keys.reap() > 0
@@ -202,10 +203,9 @@ async def _settled_result(tx: UnitOfWork, record: KeyRecord) -> object | None:
         return None if payment.status is PaymentStatus.PROCESSING else payment
     if payment.in_flight:
         return None
-    return outcome_of_released_claim(_claimed_operation(record), payment)
+    # A key at OPERATION_CLAIMED belongs to a capture or a cancel; once the claim is gone,
+    # the key's operation is the only record of which one.
+    return outcome_of_released_claim(_CLAIMS[record.operation], payment)
 
 
-def _claimed_operation(record: KeyRecord) -> str:
-    # A key at OPERATION_CLAIMED belongs to CapturePayment or CancelPayment; its method
-    # (the RPC's path) is the only record of which one once the claim is gone.
-    return CANCEL if record.method.endswith("/CancelPayment") else CAPTURE
+_CLAIMS = {Operation.CAPTURE: CAPTURE, Operation.CANCEL: CANCEL}

@@ -24,7 +24,7 @@ from payments.v1 import payment_service_pb2_grpc
 from payment_grpc.adapters.db.tables import idempotency_keys, payments
 from payment_grpc.api.interceptors.idempotency import fingerprint
 from payment_grpc.bootstrap import Application
-from payment_grpc.service.ports import KeyRecord, RecoveryPoint
+from payment_grpc.service.ports import KeyRecord, Operation, RecoveryPoint
 from tests.conftest import make_settings
 from tests.helpers import (
     S,
@@ -140,7 +140,7 @@ async def bare(app, bare_channel) -> payment_service_pb2_grpc.PaymentServiceStub
 async def test_a_key_stuck_at_its_claim_is_released_and_a_retry_runs_fresh(app, bare) -> None:
     request, key = charge_request(), uuid.uuid4().hex
     # Claimed by a replica that died before creating anything.
-    claimed = await app.keys.begin(SUBJECT, CHARGE, key, fingerprint(CHARGE, request))
+    claimed = await app.keys.begin(SUBJECT, Operation.CHARGE, key, fingerprint(CHARGE, request))
     assert isinstance(claimed, KeyRecord)
     await abandon_key(app, "Charge", key, RecoveryPoint.STARTED, locked_at=_ago(LONG_AGO))
     report = await app.recovery.run_once()
@@ -155,7 +155,7 @@ async def test_a_key_stuck_at_its_claim_is_released_and_a_retry_runs_fresh(app, 
 
 async def test_a_key_held_by_a_live_execution_is_left_alone(app, bare) -> None:
     request, key = charge_request(), uuid.uuid4().hex
-    claimed = await app.keys.begin(SUBJECT, CHARGE, key, fingerprint(CHARGE, request))
+    claimed = await app.keys.begin(SUBJECT, Operation.CHARGE, key, fingerprint(CHARGE, request))
     assert isinstance(claimed, KeyRecord)
     report = await app.recovery.run_once()
     assert report.keys == 0

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from payment_grpc.adapters.db.crypto import FieldCipher
 from payment_grpc.adapters.db.tables import idempotency_keys as keys
-from payment_grpc.service.ports import KeyRecord, RecoveryPoint
+from payment_grpc.service.ports import KeyRecord, Operation, RecoveryPoint
 
 RESPONSE_BODY = "idempotency_keys.response_body"  # AAD: column name + record id
 
@@ -26,7 +26,7 @@ def _to_row(record: KeyRecord, cipher: FieldCipher) -> dict[str, Any]:
     return {
         "id": record.record_id,
         "scope": record.scope,
-        "method": record.method,
+        "operation": record.operation.value,
         "key": record.key,
         "fingerprint": record.fingerprint,
         "recovery_point": record.recovery_point.value,
@@ -50,7 +50,7 @@ def _from_row(row: RowMapping, cipher: FieldCipher) -> KeyRecord:
     return KeyRecord(
         record_id=row["id"],
         scope=row["scope"],
-        method=row["method"],
+        operation=Operation(row["operation"]),
         key=row["key"],
         fingerprint=row["fingerprint"],
         recovery_point=RecoveryPoint(row["recovery_point"]),
@@ -76,7 +76,7 @@ _CLAIM = {
 }
 _BY_KEY = sa.select(keys).where(
     keys.c.scope == sa.bindparam("b_scope"),
-    keys.c.method == sa.bindparam("b_method"),
+    keys.c.operation == sa.bindparam("b_operation"),
     keys.c.key == sa.bindparam("b_key"),
 )
 _LOCK_BY_KEY = _BY_KEY.with_for_update()
@@ -93,9 +93,9 @@ class SqlIdempotencyRepository:
         claim = _CLAIM["postgresql" if self._conn.dialect.name == "postgresql" else "sqlite"]
         return (await self._conn.execute(claim, _to_row(record, self._cipher))).first() is not None
 
-    async def get_for_update(self, scope: str, method: str, key: str) -> KeyRecord | None:
+    async def get_for_update(self, scope: str, operation: Operation, key: str) -> KeyRecord | None:
         query = _LOCK_BY_KEY if self._row_locks else _BY_KEY
-        by_key = {"b_scope": scope, "b_method": method, "b_key": key}
+        by_key = {"b_scope": scope, "b_operation": operation.value, "b_key": key}
         row = (await self._conn.execute(query, by_key)).mappings().first()
         return _from_row(row, self._cipher) if row else None
 

@@ -143,7 +143,7 @@ idempotency_keys = sa.Table(
     metadata,
     sa.Column("id", sa.String(64), primary_key=True),
     sa.Column("scope", sa.String(255), nullable=False),
-    sa.Column("method", sa.String(128), nullable=False),
+    sa.Column("operation", sa.String(16), nullable=False),  # service.ports.Operation
     sa.Column("key", sa.String(255), nullable=False),
     sa.Column("fingerprint", sa.String(64), nullable=False),
     sa.Column("recovery_point", sa.String(32), nullable=False),
@@ -155,7 +155,7 @@ idempotency_keys = sa.Table(
     sa.Column("response_body", sa.LargeBinary),
     sa.Column("created_at", UtcDateTime, nullable=False),
     sa.Column("expires_at", UtcDateTime, nullable=False),
-    sa.UniqueConstraint("scope", "method", "key"),
+    sa.UniqueConstraint("scope", "operation", "key"),
     sa.Index("ix_idempotency_keys_expires", "expires_at"),
     # The recovery worker's scan for abandoned keys: only the few unfinished ones.
     sa.Index(

@@ -2,14 +2,16 @@
 
 Validates the `idempotency-key` metadata, fingerprints the request (SHA-256 of its
 deterministic serialization), then claims the key, replays the stored answer, or rejects.
-The use case records progress and stores the answer (see service/idempotency.py); this
-layer stores business errors and gives the key back after retryable failures.
+For a claimed key it builds the call's Checkpoint and publishes it read-only
+(api/context.py) for the servicer to hand to the use case, which records progress and
+stores the answer (service/idempotency.py). Afterwards the checkpoint's `answer` says
+what was stored: this layer sends that answer, stores a business error nothing stored,
+and gives the key back after retryable failures or while the outcome is pending.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ import grpc
 from google.rpc import status_pb2
 from grpc import aio
 
-from payment_grpc.api.context import current_request
+from payment_grpc.api.context import KeyedExecution, Response, current_execution, current_request
 from payment_grpc.api.errors import code_for
 from payment_grpc.api.interceptors.guard import abort_with
 from payment_grpc.api.interceptors.wrapping import (
@@ -28,7 +30,7 @@ from payment_grpc.api.interceptors.wrapping import (
     Unary,
     wrap_handler,
 )
-from payment_grpc.api.responses import BUILDERS, refusal_answer
+from payment_grpc.api.responses import BUILDERS, OPERATIONS, refusal_answer
 from payment_grpc.domain.errors import ReportableError
 from payment_grpc.pan_masking import looks_like_card_number
 from payment_grpc.service.errors import InvalidIdempotencyKey
@@ -37,7 +39,6 @@ from payment_grpc.service.ports import KeyRecord, StoredAnswer
 
 HEADER = "idempotency-key"
 REPLAYED = (("idempotent-replayed", "true"),)
-KEYED_METHODS = frozenset(BUILDERS)
 # Retryable or caller-side failures are not the key's answer: a retry runs again.
 NOT_STORED = frozenset(
     {
@@ -51,28 +52,6 @@ NOT_STORED = frozenset(
         grpc.StatusCode.INTERNAL,
     }
 )
-
-
-@dataclass
-class KeyedCall:
-    """The claimed key of the current call; the servicer attaches its checkpoint."""
-
-    record: KeyRecord
-    checkpoint: Checkpoint | None = None
-
-
-_current_call: contextvars.ContextVar[KeyedCall | None] = contextvars.ContextVar(
-    "keyed_call", default=None
-)
-
-
-def checkpoint_for(encode: Callable[[Any], bytes]) -> Checkpoint | None:
-    """The servicer's view: a checkpoint for the claimed key, None for an unkeyed call."""
-    call = _current_call.get()
-    if call is None:
-        return None
-    call.checkpoint = Checkpoint(call.record, encode, refusal_answer)
-    return call.checkpoint
 
 
 def valid_key(value: object) -> str:
@@ -125,19 +104,26 @@ class IdempotencyInterceptor(ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(details)
-        if handler is None or details.method not in KEYED_METHODS:
+        if handler is None or details.method not in OPERATIONS:
             return handler
         method = details.method
+        operation = OPERATIONS[method]
         raw_key = dict(details.invocation_metadata or ()).get(HEADER)
 
         def unary(behavior: Unary) -> Unary:
             async def keyed(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
                 key = valid_key(raw_key)
                 scope = current_request.get().subject
-                claimed = await self._keys.begin(scope, method, key, fingerprint(method, request))
+                claimed = await self._keys.begin(
+                    scope, operation, key, fingerprint(method, request)
+                )
                 if isinstance(claimed, StoredAnswer):
                     return await _replay(claimed, context)
-                return await self._execute(KeyedCall(claimed), behavior, request, context)
+                response = Response(BUILDERS[operation])
+                execution = KeyedExecution(
+                    Checkpoint(claimed, response.encode, refusal_answer), response
+                )
+                return await self._execute(claimed, execution, behavior, request, context)
 
             return keyed
 
@@ -148,30 +134,35 @@ class IdempotencyInterceptor(ServerInterceptor):
 
     async def _execute(
         self,
-        call: KeyedCall,
+        claimed: KeyRecord,
+        execution: KeyedExecution,
         behavior: Unary,
         request: Any,
         context: aio.ServicerContext[Any, Any],
     ) -> Any:
-        token = _current_call.set(call)
+        token = current_execution.set(execution)
         try:
             response = await behavior(request, context)
         except ReportableError as error:
-            await asyncio.shield(self._after_error(call, error))
+            await asyncio.shield(self._after_error(claimed, execution.checkpoint, error))
             raise
         except BaseException:
-            await asyncio.shield(self._keys.release(call.record))
+            await asyncio.shield(self._keys.release(claimed))
             raise
         finally:
-            _current_call.reset(token)
-        if call.checkpoint is None or not call.checkpoint.finished:
-            await asyncio.shield(self._keys.release(call.record))  # outcome still pending
-        return response
+            current_execution.reset(token)
+        stored = execution.checkpoint.answer
+        if stored is None:
+            await asyncio.shield(self._keys.release(claimed))  # outcome still pending
+            return response
+        return stored.body  # the stored bytes: what a replay sends, serialized once
 
-    async def _after_error(self, call: KeyedCall, error: ReportableError) -> None:
-        if call.checkpoint is not None and call.checkpoint.finished:
+    async def _after_error(
+        self, claimed: KeyRecord, checkpoint: Checkpoint, error: ReportableError
+    ) -> None:
+        if checkpoint.answer is not None:
             return  # the use case stored this refusal with its final change
         if code_for(error) in NOT_STORED:
-            await self._keys.release(call.record)
+            await self._keys.release(claimed)
             return
-        await self._keys.store_answer(call.record, refusal_answer(error))
+        await self._keys.store_answer(claimed, refusal_answer(error))
