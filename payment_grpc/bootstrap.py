@@ -215,7 +215,7 @@ def idempotency_policy(settings: Settings) -> IdempotencyPolicy:
 def build_application(settings: Settings) -> Application:
     engine = make_engine(settings.database.url, settings.database.pool_size)
     bus = build_bus(settings)
-    uow = SqlUnitOfWorkFactory(engine, build_cipher(settings))
+    uow = SqlUnitOfWorkFactory(engine, build_cipher(settings), bus)
     fault_point = settings.recovery.fault_point
     faults = KillAtFaultPoint(fault_point) if fault_point else NoFaults()
     clock = SystemClock()

@@ -21,6 +21,7 @@ from payment_grpc.domain.payment import (
     PaymentMethodType,
     PaymentStatus,
 )
+from payment_grpc.service.changes import Change, Changes
 from payment_grpc.service.context import RequestContext
 from payment_grpc.service.deps import Deps, authorize_key, new_id
 from payment_grpc.service.idempotency import Checkpoint, no_checkpoint
@@ -45,6 +46,7 @@ class Charging:
     def __init__(self, deps: Deps, settlements: Settlements) -> None:
         self._deps = deps
         self._settlements = settlements
+        self._changes = Changes(deps.uow, deps.faults)
 
     async def charge(
         self, command: ChargeCommand, ctx: RequestContext, checkpoint: Checkpoint | None = None
@@ -64,7 +66,7 @@ class Charging:
             payment = await tx.payments.get(payment_id)
         if payment.status is PaymentStatus.PROCESSING:
             return await self.authorize(payment, ctx, checkpoint)
-        await self._deps.finish(checkpoint, payment)
+        await self._changes.finish(checkpoint, payment)
         return payment
 
     async def create(
@@ -91,13 +93,11 @@ class Charging:
             trace_id=ctx.trace_id,
             at=now,
         )
+        reached = checkpoint.reaching(
+            RecoveryPoint.PAYMENT_CREATED, payment_id=processing.payment_id
+        )
         async with self._deps.uow() as tx:
-            await tx.payments.add(processing, [created, sent])
-            await checkpoint.reached(
-                tx, RecoveryPoint.PAYMENT_CREATED, payment_id=processing.payment_id
-            )
-            await tx.commit()
-        await self._deps.announce([created, sent])
+            await self._changes.commit(tx, Change(processing, events=[created, sent]), reached)
         return processing
 
     async def authorize(
@@ -117,7 +117,9 @@ class Charging:
             log.warning("gateway did not answer for %s: %s", payment.payment_id, type(exc).__name__)
             return payment  # stays PROCESSING; the key stays open for a retry to resume
         self._deps.faults.hit("charge.after_gateway")
-        return await self._settlements.record(payment.payment_id, authorization, ctx, checkpoint)
+        return await self._settlements.record(
+            payment.payment_id, authorization, ctx, checkpoint, known=payment
+        )
 
 
 def _captures_now(payment: Payment) -> bool:

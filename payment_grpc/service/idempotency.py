@@ -31,6 +31,8 @@ from payment_grpc.service.ports import (
 # Reads the answer of an abandoned key from the current state, in the key's transaction;
 # None while the money side is not settled yet.
 AnswerReader = Callable[[UnitOfWork, KeyRecord], Awaitable[StoredAnswer | None]]
+# A checkpoint's step inside a use case's transaction (see service/changes.py).
+Mark = Callable[[UnitOfWork], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,40 +236,58 @@ class Checkpoint:
     def resumes_at(self, point: RecoveryPoint) -> bool:
         return self._record is not None and self._record.recovery_point is point
 
-    async def reached(
-        self,
-        tx: UnitOfWork,
-        point: RecoveryPoint,
-        *,
-        payment_id: str | None = None,
-        refund_id: str | None = None,
-    ) -> None:
+    def answer_for(self, outcome: object) -> StoredAnswer | None:
+        """The key's answer for an outcome (a result, or a refusal), encoded now: call it
+        before the transaction that stores it, never under its write lock. None without
+        a key (nothing is encoded then)."""
         if self._record is None:
-            return
-        self._record = replace(
-            self._record,
-            recovery_point=point,
-            payment_id=payment_id or self._record.payment_id,
-            refund_id=refund_id or self._record.refund_id,
-        )
-        await tx.idempotency.save(self._record)
+            return None
+        if isinstance(outcome, ReportableError):
+            return self._encode_refusal(outcome)
+        return StoredAnswer(0, self._encode(outcome))
 
-    async def finish(self, tx: UnitOfWork, result: object) -> None:
-        """Store the answer in the same transaction as the final change."""
-        if self._record is not None:
-            await self._store(tx, StoredAnswer(0, self._encode(result)))
+    def reaching(
+        self, point: RecoveryPoint, *, payment_id: str | None = None, refund_id: str | None = None
+    ) -> Mark:
+        """The mark that records progress to `point` in a use case's transaction."""
 
-    async def refuse(self, tx: UnitOfWork, refusal: ReportableError) -> None:
-        """Store a business refusal as the answer, in the transaction that made it final:
-        a crash before the caller hears it must not turn it into another answer."""
-        if self._record is not None:
-            await self._store(tx, self._encode_refusal(refusal))
+        async def reach(tx: UnitOfWork) -> None:
+            if self._record is not None:
+                progressed = replace(
+                    self._record,
+                    recovery_point=point,
+                    payment_id=payment_id or self._record.payment_id,
+                    refund_id=refund_id or self._record.refund_id,
+                )
+                await self._stage(tx, progressed, None)
 
-    async def _store(self, tx: UnitOfWork, answer: StoredAnswer) -> None:
-        assert self._record is not None
-        self._record = _finished(self._record, answer)
-        await tx.idempotency.save(self._record)
-        self._answer = answer
+        return reach
+
+    def finishing(self, answer: StoredAnswer | None) -> Mark:
+        """The mark that stores `answer` (from answer_for) as the key's final answer, in
+        the transaction of the final change: a crash before the caller hears it must not
+        turn it into another answer."""
+
+        async def finish(tx: UnitOfWork) -> None:
+            if self._record is not None and answer is not None:
+                await self._stage(tx, _finished(self._record, answer), answer)
+
+        return finish
+
+    async def _stage(self, tx: UnitOfWork, record: KeyRecord, answer: StoredAnswer | None) -> None:
+        """Save `record` in `tx`; it becomes this checkpoint's state once `tx` commits."""
+        await tx.idempotency.save(record)
+
+        def committed() -> None:
+            self._record = record
+            if answer is not None:
+                self._answer = answer
+
+        tx.on_commit(committed)
+
+
+async def untouched(tx: UnitOfWork) -> None:
+    """The mark of a transaction that does not move the key."""
 
 
 def no_checkpoint() -> Checkpoint:

@@ -13,10 +13,19 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from dataclasses import replace
 
-from payment_grpc.domain.errors import GatewayRejected
+from payment_grpc.domain.errors import GatewayRejected, OperationInProgress
 from payment_grpc.domain.money import Money
 from payment_grpc.domain.payment import CAPTURED_STATUSES, Payment, PaymentStatus
 from payment_grpc.domain.refund import Refund, RefundReason, RefundStatus
+from payment_grpc.service.changes import (
+    NO_CHANGE,
+    Change,
+    Changes,
+    Decision,
+    Snapshot,
+    payment_reader,
+    refund_reader,
+)
 from payment_grpc.service.context import RequestContext
 from payment_grpc.service.deps import Deps, capture_key, new_id, void_key
 from payment_grpc.service.errors import OutcomePending
@@ -59,6 +68,7 @@ def claimed_operation(claim: str) -> str:
 class Operations:
     def __init__(self, deps: Deps) -> None:
         self._deps = deps
+        self._changes = Changes(deps.uow, deps.faults)
 
     # ------------------------------------------------------------ capture
 
@@ -110,28 +120,37 @@ class Operations:
         async with self._deps.uow() as tx:
             payment = await tx.payments.get(payment_id, for_update=True)
             payment.require(CANCEL, PaymentStatus.PENDING, PaymentStatus.AUTHORIZED)
-            if payment.status is PaymentStatus.PENDING:
-                return await self._cancel_unsent(tx, payment, ctx, checkpoint)
-            claimed = payment.claim(CANCEL)
-            await self._save_claim(tx, payment, claimed, checkpoint)
+            if payment.status is not PaymentStatus.PENDING:
+                claimed = payment.claim(CANCEL)
+                await self._save_claim(tx, payment, claimed, checkpoint)
+        if payment.status is PaymentStatus.PENDING:
+            return await self._cancel_unsent(payment, ctx, checkpoint)
         self._deps.faults.hit("cancel.before_gateway")
         return await self.finish_cancel(claimed, ctx, checkpoint)
 
     async def _cancel_unsent(
-        self, tx: UnitOfWork, payment: Payment, ctx: RequestContext, checkpoint: Checkpoint
+        self, payment: Payment, ctx: RequestContext, checkpoint: Checkpoint
     ) -> Payment:
-        canceled, event = payment.transition(
-            PaymentStatus.CANCELED,
-            action=CANCEL,
-            actor=ctx.subject,
-            trace_id=ctx.trace_id,
-            at=self._deps.clock.now(),
+        """Nothing reached the gateway yet: cancel at once (its answer encoded first)."""
+        now = self._deps.clock.now()
+
+        def decide(snapshot: Snapshot) -> Decision[Payment]:
+            current = snapshot.payment
+            current.require(CANCEL, PaymentStatus.PENDING, PaymentStatus.AUTHORIZED)
+            if current.status is not PaymentStatus.PENDING:
+                raise OperationInProgress(current.payment_id, CANCEL)  # moved on meanwhile
+            canceled, event = current.transition(
+                PaymentStatus.CANCELED,
+                action=CANCEL,
+                actor=ctx.subject,
+                trace_id=ctx.trace_id,
+                at=now,
+            )
+            return Decision(Change(canceled, current, [event]), canceled)
+
+        return await self._changes.decide(
+            payment_reader(payment.payment_id), Snapshot(payment), decide, checkpoint, fault=""
         )
-        await tx.payments.save(payment, canceled, [event])
-        await checkpoint.finish(tx, canceled)
-        await tx.commit()
-        await self._deps.announce([event])
-        return canceled
 
     async def finish_cancel(
         self, claimed: Payment, ctx: RequestContext, checkpoint: Checkpoint | None = None
@@ -148,9 +167,10 @@ class Operations:
     async def _save_claim(
         self, tx: UnitOfWork, payment: Payment, claimed: Payment, checkpoint: Checkpoint
     ) -> None:
-        await tx.payments.save(payment, claimed, [])
-        await checkpoint.reached(tx, RecoveryPoint.OPERATION_CLAIMED, payment_id=payment.payment_id)
-        await tx.commit()
+        reached = checkpoint.reaching(
+            RecoveryPoint.OPERATION_CLAIMED, payment_id=payment.payment_id
+        )
+        await self._changes.commit(tx, Change(claimed, payment), reached)
 
     async def _resume_claim(
         self, payment_id: str, operation: str, ctx: RequestContext, checkpoint: Checkpoint
@@ -163,10 +183,9 @@ class Operations:
                 return await self.finish_capture(payment, ctx, checkpoint)
             return await self.finish_cancel(payment, ctx, checkpoint)
         outcome = outcome_of_released_claim(operation, payment)
+        await self._changes.finish(checkpoint, outcome)
         if isinstance(outcome, GatewayRejected):
-            await self._deps.refuse(checkpoint, outcome)
             raise outcome
-        await self._deps.finish(checkpoint, outcome)
         return outcome
 
     async def _call(
@@ -187,34 +206,33 @@ class Operations:
         **changes: object,
     ) -> Payment:
         operation = claimed_operation(claimed.in_flight)
-        async with self._deps.uow() as tx:
-            current = await tx.payments.get(claimed.payment_id, for_update=True)
+        now = self._deps.clock.now()
+
+        def decide(snapshot: Snapshot) -> Decision[Payment]:
+            current = snapshot.payment
             if current.in_flight != claimed.in_flight:
-                await checkpoint.finish(tx, current)  # recovery or a retry recorded it
-                await tx.commit()
-                return current
+                return Decision(NO_CHANGE, current)  # recovery or a retry recorded it
             released = replace(current, in_flight="")
             if not result.succeeded:
-                refusal = GatewayRejected(operation, result.failure.code if result.failure else "")
-                await tx.payments.save(current, released, [])
-                await checkpoint.refuse(tx, refusal)
-                await tx.commit()
-                self._deps.faults.hit(f"{operation}.after_commit")
-                raise refusal
+                code = result.failure.code if result.failure else ""
+                return Decision(Change(released, current), GatewayRejected(operation, code))
             after, event = released.transition(
                 to,
                 action=operation,
                 actor=ctx.subject,
                 trace_id=ctx.trace_id,
-                at=self._deps.clock.now(),
+                at=now,
                 **changes,
             )
-            await tx.payments.save(current, after, [event])
-            await checkpoint.finish(tx, after)
-            await tx.commit()
-        self._deps.faults.hit(f"{operation}.after_commit")
-        await self._deps.announce([event])
-        return after
+            return Decision(Change(after, current, [event]), after)
+
+        return await self._changes.decide(
+            payment_reader(claimed.payment_id),
+            Snapshot(claimed),
+            decide,
+            checkpoint,
+            fault=f"{operation}.after_commit",
+        )
 
     # ------------------------------------------------------------ refund
 
@@ -245,11 +263,10 @@ class Operations:
                 created_at=now,
                 updated_at=now,
             )
-            await tx.refunds.add(refund)
-            await checkpoint.reached(
-                tx, RecoveryPoint.REFUND_CREATED, payment_id=payment_id, refund_id=refund.refund_id
+            reached = checkpoint.reaching(
+                RecoveryPoint.REFUND_CREATED, payment_id=payment_id, refund_id=refund.refund_id
             )
-            await tx.commit()
+            await self._changes.commit(tx, Change(refund=refund, new_refund=True), reached)
         self._deps.faults.hit("refund.before_gateway")
         return await self.finish_refund(refund, ctx, checkpoint)
 
@@ -261,7 +278,7 @@ class Operations:
             payment = await tx.payments.get(refund.payment_id)
         if refund.status is RefundStatus.PENDING:
             return await self.finish_refund(refund, ctx, checkpoint)
-        await self._deps.finish(checkpoint, (refund, payment))
+        await self._changes.finish(checkpoint, (refund, payment))
         return refund, payment
 
     async def finish_refund(
@@ -276,33 +293,33 @@ class Operations:
         except NO_ANSWER:
             return refund, payment  # stays PENDING; a retry or the recovery worker finishes it
         self._deps.faults.hit("refund.after_gateway")
-        return await self._record_refund(refund, result, ctx, checkpoint or no_checkpoint())
+        known = Snapshot(payment, refund)
+        return await self._record_refund(known, result, ctx, checkpoint or no_checkpoint())
 
     async def _record_refund(
-        self, refund: Refund, result: GatewayResult, ctx: RequestContext, checkpoint: Checkpoint
+        self, known: Snapshot, result: GatewayResult, ctx: RequestContext, checkpoint: Checkpoint
     ) -> tuple[Refund, Payment]:
         now = self._deps.clock.now()
-        async with self._deps.uow() as tx:
-            payment = await tx.payments.get(refund.payment_id, for_update=True)
-            current = await tx.refunds.get(refund.refund_id)
+
+        def decide(snapshot: Snapshot) -> Decision[tuple[Refund, Payment]]:
+            payment, current = snapshot.payment, snapshot.refund
+            assert current is not None
             if current.status is not RefundStatus.PENDING:
-                await checkpoint.finish(tx, (current, payment))
-                await tx.commit()
-                return current, payment
+                return Decision(NO_CHANGE, (current, payment))  # recorded already
             if not result.succeeded:
                 failed = current.failed(result.failure.code if result.failure else "unknown", now)
-                await tx.refunds.save(failed)
-                await checkpoint.finish(tx, (failed, payment))
-                await tx.commit()
-                return failed, payment
+                return Decision(Change(refund=failed), (failed, payment))
             done = current.succeeded(result.reference, now)
             after, event = payment.after_refund(
                 current.amount.amount_minor, ctx.subject, ctx.trace_id, now
             )
-            await tx.refunds.save(done)
-            await tx.payments.save(payment, after, [event])
-            await checkpoint.finish(tx, (done, after))
-            await tx.commit()
-        self._deps.faults.hit("refund.after_commit")
-        await self._deps.announce([event])
-        return done, after
+            return Decision(Change(after, payment, [event], refund=done), (done, after))
+
+        assert known.refund is not None
+        return await self._changes.decide(
+            refund_reader(known.payment.payment_id, known.refund.refund_id),
+            known,
+            decide,
+            checkpoint,
+            fault="refund.after_commit",
+        )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -196,7 +196,9 @@ class RefundRepository(Protocol):
 
 
 class UnitOfWork(Protocol):
-    """One database transaction. Leaving the block without commit() rolls back."""
+    """One database transaction. Leaving the block without commit() rolls back. The unit
+    of work collects the payment events its repositories write and, once the block is
+    left after a commit, announces them on the status bus (service/changes.py)."""
 
     @property
     def payments(self) -> PaymentRepository: ...
@@ -208,6 +210,10 @@ class UnitOfWork(Protocol):
     def idempotency(self) -> IdempotencyRepository: ...
 
     async def commit(self) -> None: ...
+
+    def on_commit(self, action: Callable[[], None]) -> None:
+        """Run `action` once this transaction has committed (never after a rollback)."""
+        ...
 
 
 class UnitOfWorkFactory(Protocol):

@@ -9,6 +9,14 @@ from dataclasses import replace
 from datetime import datetime
 
 from payment_grpc.domain.payment import Payment, PaymentEvent, PaymentStatus
+from payment_grpc.service.changes import (
+    NO_CHANGE,
+    Change,
+    Changes,
+    Decision,
+    Snapshot,
+    payment_reader,
+)
 from payment_grpc.service.context import GATEWAY_CALLBACK, RequestContext
 from payment_grpc.service.deps import Records
 from payment_grpc.service.idempotency import Checkpoint, no_checkpoint
@@ -19,7 +27,8 @@ class Settlements:
     """Implements GatewayNews."""
 
     def __init__(self, records: Records) -> None:
-        self._deps = records
+        self._clock = records.clock
+        self._changes = Changes(records.uow, records.faults)
 
     async def settled(self, settlement: Settlement) -> None:
         await self.record(settlement.payment_id, settlement.authorization, GATEWAY_CALLBACK)
@@ -30,22 +39,26 @@ class Settlements:
         authorization: Authorization,
         ctx: RequestContext,
         checkpoint: Checkpoint | None = None,
+        known: Payment | None = None,
     ) -> Payment:
-        """Apply the gateway's answer, once. A second answer changes nothing."""
-        checkpoint = checkpoint or no_checkpoint()
-        async with self._deps.uow() as tx:
-            current = await tx.payments.get(payment_id, for_update=True)
+        """Apply the gateway's answer, once. A second answer changes nothing. `known` is
+        the payment as the caller last saw it (it is read when not given)."""
+        now = self._clock.now()
+
+        def decide(snapshot: Snapshot) -> Decision[Payment]:
+            current = snapshot.payment
             if current.status is not PaymentStatus.PROCESSING:
-                await checkpoint.finish(tx, current)
-                await tx.commit()
-                return current
-            after, events = _apply(current, authorization, ctx, self._deps.clock.now())
-            await tx.payments.save(current, after, events)
-            await checkpoint.finish(tx, after)
-            await tx.commit()
-        self._deps.faults.hit("charge.after_commit")
-        await self._deps.announce(events)
-        return after
+                return Decision(NO_CHANGE, current)  # recorded already: answer what it is
+            after, events = _apply(current, authorization, ctx, now)
+            return Decision(Change(after, current, events), after)
+
+        return await self._changes.decide(
+            payment_reader(payment_id),
+            Snapshot(known) if known else None,
+            decide,
+            checkpoint or no_checkpoint(),
+            fault="charge.after_commit",
+        )
 
 
 _OUTCOME_STATUS = {

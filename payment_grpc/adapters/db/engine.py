@@ -7,7 +7,7 @@ way SELECT ... FOR UPDATE makes them on PostgreSQL.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,7 +18,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from payment_grpc.adapters.db.crypto import FieldCipher
 from payment_grpc.adapters.db.idempotency import SqlIdempotencyRepository
 from payment_grpc.adapters.db.repositories import SqlPaymentRepository, SqlRefundRepository
+from payment_grpc.domain.payment import PaymentEvent
 from payment_grpc.service.errors import StorageUnavailable
+from payment_grpc.service.ports import StatusBus
 
 SQLITE_BUSY_TIMEOUT_S = 30
 
@@ -58,32 +60,59 @@ def _sqlite_engine(url: str) -> AsyncEngine:
 class SqlUnitOfWork:
     def __init__(self, conn: AsyncConnection, row_locks: bool, cipher: FieldCipher) -> None:
         self._conn = conn
-        self.payments = SqlPaymentRepository(conn, row_locks, cipher)
+        self.events: list[PaymentEvent] = []  # written in this transaction, in order
+        self.committed = False
+        self._on_commit: list[Callable[[], None]] = []
+        self.payments = SqlPaymentRepository(conn, row_locks, cipher, written=self.events)
         self.refunds = SqlRefundRepository(conn)
         self.idempotency = SqlIdempotencyRepository(conn, row_locks, cipher)
 
+    def on_commit(self, action: Callable[[], None]) -> None:
+        self._on_commit.append(action)
+
     async def commit(self) -> None:
+        # The one place where what a transaction's events imply is written with them: the
+        # transactional outbox (issue 9) adds its rows for `self.events` here, before COMMIT.
         await self._conn.commit()
+        self.committed = True
+        for action in self._on_commit:
+            action()
 
 
 class SqlUnitOfWorkFactory:
-    def __init__(self, engine: AsyncEngine, cipher: FieldCipher) -> None:
+    def __init__(
+        self, engine: AsyncEngine, cipher: FieldCipher, bus: StatusBus | None = None
+    ) -> None:
+        """`bus` hears the events of every committed transaction (None: nobody listens,
+        as for tools that only read)."""
         self._engine = engine
         self._sqlite = engine.dialect.name == "sqlite"
         self._cipher = cipher  # encrypts sensitive columns (built once, shared)
+        self._bus = bus
 
     @asynccontextmanager
     async def __call__(self, *, read_only: bool = False) -> AsyncIterator[SqlUnitOfWork]:
+        uow: SqlUnitOfWork | None = None
         try:
             async with self._engine.connect() as conn:
                 if self._sqlite and read_only:
                     conn = await conn.execution_options(sqlite_begin="DEFERRED")
                 await conn.begin()
-                yield SqlUnitOfWork(conn, row_locks=not self._sqlite, cipher=self._cipher)
+                uow = SqlUnitOfWork(conn, row_locks=not self._sqlite, cipher=self._cipher)
+                yield uow
         except (OperationalError, DBAPIError) as exc:
             if _is_connection_problem(exc):
                 raise StorageUnavailable("the database is unavailable") from exc
             raise
+        finally:
+            # After the connection is back in the pool: watchers re-read committed rows.
+            if uow is not None and uow.committed:
+                await self._announce(uow.events)
+
+    async def _announce(self, events: list[PaymentEvent]) -> None:
+        if self._bus is not None:
+            for event in events:
+                await self._bus.publish(event.payment_id, event.sequence)
 
 
 def _is_connection_problem(exc: DBAPIError) -> bool:

@@ -46,10 +46,18 @@ _SELECT_REFUND = sa.select(refunds).where(refunds.c.id == sa.bindparam("b_id"))
 
 
 class SqlPaymentRepository:
-    def __init__(self, conn: AsyncConnection, row_locks: bool, cipher: FieldCipher) -> None:
+    def __init__(
+        self,
+        conn: AsyncConnection,
+        row_locks: bool,
+        cipher: FieldCipher,
+        written: list[PaymentEvent] | None = None,
+    ) -> None:
+        """`written` collects the events this repository writes (its unit of work's)."""
         self._conn = conn
         self._row_locks = row_locks
         self._cipher = cipher
+        self._written = [] if written is None else written
 
     async def add(self, payment: Payment, events: Sequence[PaymentEvent]) -> None:
         try:
@@ -86,6 +94,7 @@ class SqlPaymentRepository:
     async def _insert_events(self, events: Sequence[PaymentEvent]) -> None:
         if events:
             await self._conn.execute(_INSERT_EVENT, [event_to_row(e) for e in events])
+            self._written.extend(events)
 
     async def active_for_order(self, order_id: str) -> Payment | None:
         query = sa.select(payments).where(

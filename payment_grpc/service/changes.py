@@ -1,0 +1,162 @@
+"""One way to record a change: every state change of a payment or a refund goes through
+`Changes`, in this order:
+
+    decide      the new state and the answer, from a snapshot, outside any transaction;
+                the idempotency key's answer is encoded here (never under a write lock)
+    write       in ONE transaction: check the snapshot still holds (else decide again),
+                the rows and the payment's events, the key's checkpoint, COMMIT
+    fault point crash tests may stop the process right after the commit
+    announce    the unit of work announces the transaction's events once it is over
+
+The unit of work collects the events a transaction writes and announces them after the
+commit; the transactional outbox (issue 9) hooks in at that one place too (see the unit
+of work's `commit`, adapters/db/engine.py): its rows are written for the same events, in
+the same transaction, right before COMMIT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from payment_grpc.domain.errors import ReportableError
+from payment_grpc.domain.payment import Payment, PaymentEvent
+from payment_grpc.domain.refund import Refund
+from payment_grpc.service.idempotency import Checkpoint, Mark, untouched
+from payment_grpc.service.ports import Faults, UnitOfWork, UnitOfWorkFactory
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """The rows one transaction writes."""
+
+    payment: Payment | None = None  # the payment's new state
+    before: Payment | None = None  # its state as read; None with `payment`: a new payment
+    events: Sequence[PaymentEvent] = field(default_factory=tuple)
+    refund: Refund | None = None  # the refund's new state
+    new_refund: bool = False
+
+    @property
+    def writes(self) -> bool:
+        return self.payment is not None or self.refund is not None
+
+
+NO_CHANGE = Change()
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What a decision was taken on: a payment, and the refund for refund decisions."""
+
+    payment: Payment
+    refund: Refund | None = None
+
+    def holds_in(self, current: Snapshot) -> bool:
+        """The decision still stands on `current`: nothing it depends on has moved (every
+        status change bumps the sequence; claims and references move without one)."""
+        return _version(self) == _version(current)
+
+
+def _version(snapshot: Snapshot) -> tuple[object, ...]:
+    p = snapshot.payment
+    refund = snapshot.refund.status if snapshot.refund else None
+    return p.sequence, p.status, p.in_flight, p.gateway_reference, refund
+
+
+@dataclass(frozen=True, slots=True)
+class Decision(Generic[R]):
+    """What to write, and what the execution answers: its result, or a refusal (raised
+    once the transaction that made it final has committed)."""
+
+    change: Change
+    outcome: R | ReportableError
+
+
+Read = Callable[[UnitOfWork], Awaitable[Snapshot]]
+
+
+class Changes:
+    def __init__(self, uow: UnitOfWorkFactory, faults: Faults) -> None:
+        self._uow = uow
+        self._faults = faults
+
+    async def commit(
+        self, tx: UnitOfWork, change: Change, mark: Mark = untouched, *, fault: str = ""
+    ) -> None:
+        """Write `change` and the checkpoint's `mark`, commit, then pass the fault point
+        (only when rows changed). The events are announced when the transaction is over."""
+        await _write(tx, change)
+        await mark(tx)
+        await tx.commit()
+        if fault and change.writes:
+            self._faults.hit(fault)
+
+    async def decide(
+        self,
+        read: Read,
+        known: Snapshot | None,
+        decide: Callable[[Snapshot], Decision[R]],
+        checkpoint: Checkpoint,
+        *,
+        fault: str,
+    ) -> R:
+        """Decide on `known` (or on what `read` finds), encode the answer, then write it
+        in one transaction if the snapshot still holds there; else decide again on the
+        state found, so nothing is ever encoded under the write lock."""
+        snapshot = known if known is not None else await self._read(read)
+        while True:
+            decision = decide(snapshot)
+            answer = checkpoint.answer_for(decision.outcome)
+            async with self._uow() as tx:
+                current = await read(tx)
+                if snapshot.holds_in(current):
+                    await self.commit(
+                        tx, decision.change, checkpoint.finishing(answer), fault=fault
+                    )
+                    break
+            snapshot = current
+        if isinstance(decision.outcome, ReportableError):
+            raise decision.outcome
+        return decision.outcome
+
+    async def finish(self, checkpoint: Checkpoint, outcome: object) -> None:
+        """Store the answer of an execution whose change was already committed."""
+        answer = checkpoint.answer_for(outcome)
+        async with self._uow() as tx:
+            await self.commit(tx, NO_CHANGE, checkpoint.finishing(answer))
+
+    async def _read(self, read: Read) -> Snapshot:
+        async with self._uow(read_only=True) as tx:
+            return await read(tx)
+
+
+def payment_reader(payment_id: str) -> Read:
+    async def read(tx: UnitOfWork) -> Snapshot:
+        return Snapshot(await tx.payments.get(payment_id, for_update=True))
+
+    return read
+
+
+def refund_reader(payment_id: str, refund_id: str) -> Read:
+    async def read(tx: UnitOfWork) -> Snapshot:
+        payment = await tx.payments.get(payment_id, for_update=True)
+        return Snapshot(payment, await tx.refunds.get(refund_id))
+
+    return read
+
+
+async def _write(tx: UnitOfWork, change: Change) -> None:
+    if change.refund is not None:
+        if change.new_refund:
+            await tx.refunds.add(change.refund)
+        else:
+            await tx.refunds.save(change.refund)
+    if change.payment is None:
+        return
+    if change.before is None:
+        await tx.payments.add(change.payment, change.events)
+    else:
+        await tx.payments.save(change.before, change.payment, change.events)
