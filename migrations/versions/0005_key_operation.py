@@ -29,34 +29,28 @@ keys = sa.table(
 )
 
 
-def _convert(source: str, target: str, mapping: dict[str, str]) -> None:
-    case = sa.case(*((keys.c[source] == old, new) for old, new in mapping.items()))
-    op.execute(keys.update().values({target: case}))
+def _switch(old: str, new: str, length: int, mapping: dict[str, str]) -> None:
+    """Replace column `old` by `new`, filled from it through `mapping`, and make the
+    key's uniqueness (scope, new, key)."""
+    with op.batch_alter_table("idempotency_keys") as batch:
+        batch.add_column(sa.Column(new, sa.String(length=length)))
+    case = sa.case(*((keys.c[old] == before, after) for before, after in mapping.items()))
+    op.execute(keys.update().values({new: case}))
     # A row under a path that is not a keyed RPC was never reachable by any call.
-    op.execute(keys.delete().where(keys.c[target].is_(None)))
+    op.execute(keys.delete().where(keys.c[new].is_(None)))
+    with op.batch_alter_table("idempotency_keys") as batch:
+        batch.alter_column(new, existing_type=sa.String(length=length), nullable=False)
+        batch.drop_constraint(f"uq_idempotency_keys_scope_{old}_key", type_="unique")
+        batch.create_unique_constraint(
+            f"uq_idempotency_keys_scope_{new}_key", ["scope", new, "key"]
+        )
+        batch.drop_column(old)
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("idempotency_keys") as batch:
-        batch.add_column(sa.Column("operation", sa.String(length=16), nullable=True))
-    _convert("method", "operation", OPERATION_OF_RPC)
-    with op.batch_alter_table("idempotency_keys") as batch:
-        batch.alter_column("operation", existing_type=sa.String(length=16), nullable=False)
-        batch.drop_constraint("uq_idempotency_keys_scope_method_key", type_="unique")
-        batch.create_unique_constraint(
-            "uq_idempotency_keys_scope_operation_key", ["scope", "operation", "key"]
-        )
-        batch.drop_column("method")
+    _switch("method", "operation", 16, OPERATION_OF_RPC)
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("idempotency_keys") as batch:
-        batch.add_column(sa.Column("method", sa.String(length=128), nullable=True))
-    _convert("operation", "method", {new: old for old, new in OPERATION_OF_RPC.items()})
-    with op.batch_alter_table("idempotency_keys") as batch:
-        batch.alter_column("method", existing_type=sa.String(length=128), nullable=False)
-        batch.drop_constraint("uq_idempotency_keys_scope_operation_key", type_="unique")
-        batch.create_unique_constraint(
-            "uq_idempotency_keys_scope_method_key", ["scope", "method", "key"]
-        )
-        batch.drop_column("operation")
+    rpc_of_operation = {operation: rpc for rpc, operation in OPERATION_OF_RPC.items()}
+    _switch("operation", "method", 128, rpc_of_operation)

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Generic, TypeVar
 
 from payment_grpc.domain.errors import ReportableError
-from payment_grpc.domain.payment import Payment, PaymentEvent
+from payment_grpc.domain.payment import Payment, PaymentEvent, PaymentStatus
 from payment_grpc.domain.refund import Refund
+from payment_grpc.service.context import RequestContext
 from payment_grpc.service.idempotency import Checkpoint, Mark, untouched
 from payment_grpc.service.ports import Faults, UnitOfWork, UnitOfWorkFactory
 
@@ -76,6 +78,23 @@ class Decision(Generic[R]):
 
 
 Read = Callable[[UnitOfWork], Awaitable[Snapshot]]
+
+
+def moved(
+    current: Payment,
+    to: PaymentStatus,
+    *,
+    action: str,
+    ctx: RequestContext,
+    at: datetime,
+    **changes: object,
+) -> Decision[Payment]:
+    """The decision to move the payment to `to` for the caller: the new state with its
+    event, answered with that state."""
+    after, event = current.transition(
+        to, action=action, actor=ctx.subject, trace_id=ctx.trace_id, at=at, **changes
+    )
+    return Decision(Change(after, current, [event]), after)
 
 
 class Changes:

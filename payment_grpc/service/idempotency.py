@@ -28,9 +28,11 @@ from payment_grpc.service.ports import (
     UnitOfWorkFactory,
 )
 
-# Reads the answer of an abandoned key from the current state, in the key's transaction;
-# None while the money side is not settled yet.
-AnswerReader = Callable[[UnitOfWork, KeyRecord], Awaitable[StoredAnswer | None]]
+# Reads what an abandoned key's execution came to from the current state (a result, or a
+# refusal); None while the money side is not settled yet.
+OutcomeReader = Callable[[UnitOfWork, KeyRecord], Awaitable[object | None]]
+# The key's stored answer for such an outcome.
+AnswerEncoding = Callable[[KeyRecord, object], StoredAnswer]
 # A checkpoint's step inside a use case's transaction (see service/changes.py).
 Mark = Callable[[UnitOfWork], Awaitable[None]]
 
@@ -156,11 +158,22 @@ class IdempotencyKeys:
         async with self._uow(read_only=True) as tx:
             return await tx.idempotency.abandoned(now - self._policy.lock_timeout, now, limit)
 
-    async def finish_abandoned(self, record: KeyRecord, answer_of: AnswerReader) -> bool:
+    async def finish_abandoned(
+        self, record: KeyRecord, settled_of: OutcomeReader, answer_of: AnswerEncoding
+    ) -> bool:
         """Finish a key nobody holds, under its row lock so two replicas never both do:
         a key still at STARTED (nothing created) is released so a retry runs fresh; any
-        other gets the answer `answer_of` reads from the current state, or stays open
-        while that is unsettled (None). True if the key was finished or released."""
+        other gets the answer for the outcome `settled_of` reads from the current state,
+        or stays open while that is unsettled (None). The answer is encoded before the
+        key's write transaction; if the outcome moved meanwhile, the next pass finishes
+        it. True if the key was finished or released."""
+        answer = None
+        if record.recovery_point is not RecoveryPoint.STARTED:
+            async with self._uow(read_only=True) as tx:
+                outcome = await settled_of(tx, record)
+            if outcome is None:
+                return False
+            answer = answer_of(record, outcome)
         now = self._clock.now()
         async with self._uow() as tx:
             current = await self._current(tx, record)
@@ -168,10 +181,9 @@ class IdempotencyKeys:
                 return False
             if current.recovery_point is RecoveryPoint.STARTED:
                 await tx.idempotency.delete(current.record_id)
+            elif answer is None or not same_outcome(await settled_of(tx, current), outcome):
+                return False
             else:
-                answer = await answer_of(tx, current)
-                if answer is None:
-                    return False
                 await tx.idempotency.save(_finished(current, answer))
             await tx.commit()
         return True
@@ -190,6 +202,13 @@ class IdempotencyKeys:
             released = await tx.idempotency.release_locks_of(self._policy.owner)
             await tx.commit()
         return released
+
+
+def same_outcome(a: object, b: object) -> bool:
+    """Two reads of an outcome agree (refusals are new exception objects each time)."""
+    if isinstance(a, ReportableError) and isinstance(b, ReportableError):
+        return (type(a), a.message, a.metadata) == (type(b), b.message, b.metadata)
+    return a == b
 
 
 def _finished(record: KeyRecord, answer: StoredAnswer) -> KeyRecord:

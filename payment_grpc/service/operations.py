@@ -23,6 +23,7 @@ from payment_grpc.service.changes import (
     Changes,
     Decision,
     Snapshot,
+    moved,
     payment_reader,
     refund_reader,
 )
@@ -139,14 +140,7 @@ class Operations:
             current.require(CANCEL, PaymentStatus.PENDING, PaymentStatus.AUTHORIZED)
             if current.status is not PaymentStatus.PENDING:
                 raise OperationInProgress(current.payment_id, CANCEL)  # moved on meanwhile
-            canceled, event = current.transition(
-                PaymentStatus.CANCELED,
-                action=CANCEL,
-                actor=ctx.subject,
-                trace_id=ctx.trace_id,
-                at=now,
-            )
-            return Decision(Change(canceled, current, [event]), canceled)
+            return moved(current, PaymentStatus.CANCELED, action=CANCEL, ctx=ctx, at=now)
 
         return await self._changes.decide(
             payment_reader(payment.payment_id), Snapshot(payment), decide, checkpoint, fault=""
@@ -212,19 +206,11 @@ class Operations:
             current = snapshot.payment
             if current.in_flight != claimed.in_flight:
                 return Decision(NO_CHANGE, current)  # recovery or a retry recorded it
-            released = replace(current, in_flight="")
             if not result.succeeded:
                 code = result.failure.code if result.failure else ""
+                released = replace(current, in_flight="")
                 return Decision(Change(released, current), GatewayRejected(operation, code))
-            after, event = released.transition(
-                to,
-                action=operation,
-                actor=ctx.subject,
-                trace_id=ctx.trace_id,
-                at=now,
-                **changes,
-            )
-            return Decision(Change(after, current, [event]), after)
+            return moved(current, to, action=operation, ctx=ctx, at=now, in_flight="", **changes)
 
         return await self._changes.decide(
             payment_reader(claimed.payment_id),

@@ -174,15 +174,12 @@ class Recovery:
         ]
 
     async def _key(self, record: KeyRecord) -> bool:
-        return await self._keys.finish_abandoned(record, self._answer_of)
+        return await self._keys.finish_abandoned(record, _settled_result, self._answer_of)
 
-    async def _answer_of(self, tx: UnitOfWork, record: KeyRecord) -> StoredAnswer | None:
-        result = await _settled_result(tx, record)
-        if result is None:
-            return None
-        if isinstance(result, ReportableError):
-            return self._encode_refusal(result)
-        return StoredAnswer(0, self._encode_answer(record.operation, result))
+    def _answer_of(self, record: KeyRecord, outcome: object) -> StoredAnswer:
+        if isinstance(outcome, ReportableError):
+            return self._encode_refusal(outcome)
+        return StoredAnswer(0, self._encode_answer(record.operation, outcome))
 
     async def _reap(self) -> bool:
         return await self._keys.reap() > 0

@@ -16,16 +16,11 @@ from alembic import command
 from sqlalchemy.engine import make_url
 
 from payment_grpc.adapters.db.migrate import alembic_config
+from payment_grpc.api.responses import OPERATIONS
 from tests.conftest import PG_ADMIN_URL, _libpq
 
 REVISION = "0005_key_operation"
-SERVICE = "/payments.v1.PaymentService/"
-STORED = {
-    f"{SERVICE}Charge": "CHARGE",
-    f"{SERVICE}CapturePayment": "CAPTURE",
-    f"{SERVICE}CancelPayment": "CANCEL",
-    f"{SERVICE}Refund": "REFUND",
-}
+STORED = {path: operation.value for path, operation in OPERATIONS.items()}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

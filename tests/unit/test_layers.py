@@ -49,3 +49,9 @@ def test_domain_imports_only_the_standard_library_and_itself() -> None:
             and m.split(".")[0] not in sys.stdlib_module_names
         }
         assert not third_party, path
+
+
+@pytest.mark.parametrize("path", _modules("service"), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_the_service_names_no_rpc_path(path: Path) -> None:
+    # Keys record an Operation, not the RPC that ran it: no transport paths in service/.
+    assert "/payments.v1." not in path.read_text()
