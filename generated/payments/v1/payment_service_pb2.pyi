@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from payments.v1 import resources_pb2 as _resources_pb2
 import builtins as _builtins
@@ -530,18 +531,29 @@ class WatchPaymentStatusResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENT_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_TIME_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def event(self) -> _resources_pb2.PaymentStatusEvent:
-        """The event (the first message, without from_sequence, is the current snapshot)."""
+        """The event (the first message, without from_sequence, is the current snapshot).
+        Unset in a heartbeat.
+        """
+
+    @_builtins.property
+    def heartbeat_time(self) -> _timestamp_pb2.Timestamp:
+        """Set only in a heartbeat: a message with no event, sent when the stream was quiet
+        for WATCH_HEARTBEAT_SECONDS, so proxies keep it open and the client can tell a
+        quiet stream from a dead one. Ignore it.
+        """
 
     def __init__(
         self,
         *,
         event: _resources_pb2.PaymentStatusEvent | None = ...,
+        heartbeat_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "heartbeat_time", b"heartbeat_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "heartbeat_time", b"heartbeat_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

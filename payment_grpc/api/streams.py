@@ -1,0 +1,126 @@
+"""Server streams that stay alive through proxies and end promptly at shutdown.
+
+`with_heartbeats` yields a heartbeat message after `interval_s` without one (Envoy's
+stream idle timeout and browsers' EventSource would otherwise see a quiet stream as a
+dead one). `StreamDrain` ends every open PaymentService stream with UNAVAILABLE when the
+server stops accepting calls, instead of letting the grace period run out on them:
+clients resume with `from_sequence`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from grpc import aio
+
+from payment_grpc.api.errors import build_status
+from payment_grpc.api.interceptors.guard import abort_with
+from payment_grpc.api.interceptors.wrapping import (
+    ServerInterceptor,
+    Streaming,
+    Unary,
+    wrap_handler,
+)
+
+T = TypeVar("T")
+
+SHUTTING_DOWN = build_status(
+    grpc.StatusCode.UNAVAILABLE,
+    "this server is shutting down: reconnect and resume with from_sequence",
+    "SERVER_SHUTTING_DOWN",
+    retry_after_s=0.1,
+)
+
+
+async def _cancel(task: asyncio.Future[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+        await task
+
+
+async def with_heartbeats(
+    items: AsyncIterator[T], interval_s: float, heartbeat: Callable[[], T]
+) -> AsyncIterator[T]:
+    """`items`, with `heartbeat()` in between whenever `interval_s` passed quietly
+    (`interval_s <= 0`: never)."""
+    if interval_s <= 0:
+        async for item in items:
+            yield item
+        return
+    following: asyncio.Future[T] = asyncio.ensure_future(anext(items))
+    try:
+        while True:
+            done, _ = await asyncio.wait({following}, timeout=interval_s)
+            if not done:
+                yield heartbeat()
+                continue
+            try:
+                item = following.result()
+            except StopAsyncIteration:
+                return
+            yield item
+            following = asyncio.ensure_future(anext(items))
+    finally:
+        await _cancel(following)
+
+
+async def until_set(items: AsyncIterator[T], stop: asyncio.Event) -> AsyncIterator[T]:
+    """`items` until they end or `stop` is set, whichever comes first."""
+    stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+    following: asyncio.Future[Any] = asyncio.ensure_future(anext(items))
+    try:
+        while True:
+            await asyncio.wait({following, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not following.done():
+                return
+            try:
+                item = following.result()
+            except StopAsyncIteration:
+                return
+            yield item
+            if stop.is_set():
+                return
+            following = asyncio.ensure_future(anext(items))
+    finally:
+        await _cancel(following)
+        await _cancel(stopped)
+
+
+class StreamDrain(ServerInterceptor):
+    """Ends open PaymentService streams with UNAVAILABLE SERVER_SHUTTING_DOWN once
+    `close()` is called; streams opened afterwards end the same way at once."""
+
+    def __init__(self) -> None:
+        self._closing = asyncio.Event()
+
+    def close(self) -> None:
+        self._closing.set()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith("/payments.v1."):
+            return handler
+        return wrap_handler(handler, _unchanged, self._drained)
+
+    def _drained(self, behavior: Streaming) -> Streaming:
+        async def drained(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            async for item in until_set(behavior(request, context), self._closing):
+                yield item
+            if self._closing.is_set():
+                await abort_with(context, SHUTTING_DOWN)
+
+        return drained
+
+
+def _unchanged(behavior: Unary) -> Unary:
+    return behavior
