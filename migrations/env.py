@@ -14,7 +14,16 @@ config = context.config
 URL: str = config.attributes.get("url") or config.get_main_option("sqlalchemy.url") or ""
 
 
+# Every replica may migrate at start-up (MIGRATE_ON_START): on PostgreSQL they queue on
+# this transaction-level advisory lock, so exactly one runs the history and the others
+# find the schema at head once it commits (released with the transaction). SQLite:
+# adapters/db/migrate.py holds a file lock around the whole upgrade.
+MIGRATION_LOCK_ID = 0x7061796D656E7473  # "payments"
+
+
 def _run(connection: Connection) -> None:
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})")
     context.configure(
         connection=connection,
         target_metadata=metadata,

@@ -20,12 +20,12 @@ async def _serve(settings: Settings, on_ready: Callable[[], None]) -> None:
     from payment_grpc.bootstrap import build_application
 
     app = build_application(settings)
-    await app.start()
-    on_ready()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before start: a SIGTERM right after
+        loop.add_signal_handler(sig, stop.set)  # "listening" still stops gracefully
+    await app.start()
+    on_ready()
     await stop.wait()
     log.info("shutting down: health NOT_SERVING, draining in-flight calls")
     await app.stop()
