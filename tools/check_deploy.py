@@ -234,7 +234,8 @@ def envoy_consistency(report: Report) -> None:
         problems,
         "same filter chain (cors -> lua -> header_mutation -> grpc_json_transcoder -> router)"
         " and routes; collisions and unknown fields refused, primitives printed, SSE streams,"
-        " retries on connect-failure/refused-stream/reset/cancelled, outlier detection, CORS allow-list",
+        " retries on connect-failure/refused-stream/reset/cancelled, outlier detection,"
+        " CORS allow-list",
     )
 
 
