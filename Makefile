@@ -3,14 +3,35 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+RUNTIME_STAMP := $(VENV)/.runtime-stamp
 PG_TEST_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
+# `make lock` resolves for the image's platform (Debian 12, CPython 3.11, x86_64); the
+# hashes cover every published file of each pinned version.
+LOCK_FLAGS := --generate-hashes --no-header --python-version 3.11 --python-platform x86_64-manylinux_2_31
 
-.PHONY: run test venv generate check-generated lint typecheck proto-lint check-deploy migrate bench clean gateway breaking
+.PHONY: run test venv lock generate check-generated lint typecheck proto-lint check-deploy migrate bench clean gateway breaking
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+
+# Installs come from the hash-locked files (pip refuses any file whose sha256 differs):
+# `make run` the runtime set only, `make test` runtime + dev.
+$(RUNTIME_STAMP): requirements.lock pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --require-hashes -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $(RUNTIME_STAMP)
+
+$(STAMP): requirements-dev.lock requirements.lock pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --require-hashes -r requirements-dev.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $(STAMP) $(RUNTIME_STAMP)
+
+# Re-resolve requirements*.lock after changing a pin in pyproject.toml.
+lock: $(BIN)/python
+	$(BIN)/pip install --quiet uv==0.9.5
+	$(BIN)/uv pip compile pyproject.toml $(LOCK_FLAGS) -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --extra dev -c requirements.lock $(LOCK_FLAGS) \
+		-o requirements-dev.lock
 
 venv: $(STAMP)
 
@@ -47,10 +68,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-migrate: generate
+# generated/ is committed (make test checks it is fresh): running needs no dev tools.
+migrate: $(RUNTIME_STAMP)
 	$(BIN)/payment-grpc migrate
 
-run: generate
+run: $(RUNTIME_STAMP)
 	$(BIN)/payment-grpc serve
 
 # Envoy (HTTP/JSON on :8080) in front of a service already running on :8009 (make run).

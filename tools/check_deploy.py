@@ -12,7 +12,9 @@ Checks, with one summary line per file:
   (Envoy opens the descriptor set and checks the services while validating);
 - consistency between files: the ConfigMap embeds envoy.yaml verbatim, the local Envoy
   variant has the same filter chain, ports / probes / selectors / images / secret keys agree;
-- the Dockerfile and .dockerignore (no Docker engine here: static checks only).
+- the Dockerfile and .dockerignore (no Docker engine here: static checks only);
+- production operations: probe split, drain, RS256 via the auth service (no JWT secret),
+  metrics scraped, OTel endpoint; the hash-locked requirements files match pyproject.toml.
 """
 
 from __future__ import annotations
@@ -41,6 +43,14 @@ DESCRIPTOR_SET = ROOT / "generated" / "payments_descriptor_set.binpb"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
+RUNTIME_LOCK = ROOT / "requirements.lock"
+DEV_LOCK = ROOT / "requirements-dev.lock"
+PYPROJECT = ROOT / "pyproject.toml"
+PINNED_BASE = re.compile(r"python:3\.11(\.\d+)?-slim(-bookworm)?@sha256:[0-9a-f]{64}")
+OCI_LABELS = ("title", "version", "revision", "source", "base.name")
+METRICS_PORT = 9464
+# Algorithms verified with public keys; HS* needs a shared secret that can mint tokens.
+ASYMMETRIC_JWT = re.compile(r"(RS|ES|PS)(256|384|512)|EdDSA")
 K8S_VERSION = "1.30.0"
 K8S_DESCRIPTOR_PATH = "/etc/envoy/descriptors/payments_descriptor_set.binpb"
 LOCAL_DESCRIPTOR_PLACEHOLDER = "__PAYMENTS_DESCRIPTOR_SET__"
@@ -509,6 +519,106 @@ def kustomization_consistency(report: Report) -> None:
     report.problems(rel(path), problems, f"lists all {len(expected)} applied manifests")
 
 
+def operations_consistency(report: Report, objs: dict[tuple[str, str], Any]) -> None:
+    """Issue 11's production settings: probe split, drain, RS256 via the auth service,
+    metrics scraped, OTel wired."""
+    problems: list[str] = []
+    dep = objs[("Deployment", "payment-grpc")]
+    spec = pod_spec(dep)
+    (app,) = spec["containers"]
+    settings = objs[("ConfigMap", "payment-grpc-config")]["data"]
+    drain = float(settings.get("SHUTDOWN_DRAIN_SECONDS", 0))
+    grace = float(settings["SHUTDOWN_GRACE_SECONDS"])
+    if drain <= 0:
+        problems.append(
+            "SHUTDOWN_DRAIN_SECONDS must be > 0 (endpoints move before the port closes)"
+        )
+    if not spec["terminationGracePeriodSeconds"] > drain + grace:
+        problems.append("terminationGracePeriodSeconds <= SHUTDOWN_DRAIN + SHUTDOWN_GRACE")
+    names = {env["name"] for c in containers(dep) for env in c.get("env", [])}
+    if "JWT_SECRET_KEY" in names or "JWT_SECRET_KEY" in settings:
+        problems.append("JWT_SECRET_KEY in production: a shared HS256 secret mints admin tokens")
+    algorithms = [a.strip() for a in settings.get("JWT_ALGORITHMS", "HS256").split(",")]
+    if not all(ASYMMETRIC_JWT.fullmatch(a) for a in algorithms):
+        problems.append(f"JWT_ALGORITHMS {algorithms} must be asymmetric only (RS256)")
+    if not settings.get("AUTH_SERVICE_ADDR"):
+        problems.append("AUTH_SERVICE_ADDR unset: RS256 keys come from the auth service")
+    if str(settings.get("METRICS_PORT")) != str(METRICS_PORT):
+        problems.append(f"METRICS_PORT is not {METRICS_PORT}")
+    ports = {p["name"]: p["containerPort"] for p in app["ports"]}
+    if ports.get("metrics") != METRICS_PORT:
+        problems.append(f"no containerPort metrics {METRICS_PORT}")
+    annotations = dep["spec"]["template"]["metadata"].get("annotations", {})
+    wanted = {"prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT)}
+    if not wanted.items() <= annotations.items():
+        problems.append(f"pod annotations do not scrape {METRICS_PORT}: {wanted}")
+    endpoint = settings.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+    if not re.fullmatch(r"https?://[^\s/]+(:\d+)?/?", endpoint):
+        problems.append("OTEL_EXPORTER_OTLP_ENDPOINT is not an http(s)://host:port URL")
+    report.problems(
+        "k8s operations",
+        problems,
+        f'liveness "" / readiness {SERVICE_NAME}; drain {drain:g}s + grace {grace:g}s <'
+        f" {spec['terminationGracePeriodSeconds']}s; {','.join(algorithms)} via"
+        f" {settings.get('AUTH_SERVICE_ADDR')} (no JWT secret); metrics :{METRICS_PORT}"
+        " scraped by annotations; OTLP endpoint set",
+    )
+
+
+# --- dependency locks ----------------------------------------------------------------
+
+LOCK_ENTRY = re.compile(
+    r"^([A-Za-z0-9_.\-\[\]]+)==(\S+)((?:\s*\\\n\s*--hash=sha256:[0-9a-f]{64})+)", re.M
+)
+
+
+def lock_pins(path: Path) -> tuple[dict[str, str], list[str]]:
+    """name -> version of every entry; names of entries without a sha256 hash."""
+    text = path.read_text()
+    entries = [ln for ln in text.splitlines() if re.match(r"^[A-Za-z0-9]", ln)]
+    hashed = {canonical(m.group(1)): m.group(2) for m in LOCK_ENTRY.finditer(text)}
+    unhashed = [e.split("==")[0] for e in entries if canonical(e.split("==")[0]) not in hashed]
+    return hashed, unhashed
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name.split("[")[0]).lower()
+
+
+def project_pins(extra: str | None) -> dict[str, str]:
+    import tomllib
+
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
+    requirements = project["optional-dependencies"][extra] if extra else project["dependencies"]
+    return {canonical(r.split("==")[0]): r.split("==")[1] for r in requirements}
+
+
+def lock_consistency(report: Report) -> None:
+    problems: list[str] = []
+    runtime, unhashed = lock_pins(RUNTIME_LOCK)
+    dev, dev_unhashed = lock_pins(DEV_LOCK)
+    problems += [f"{rel(RUNTIME_LOCK)}: {n} has no hash" for n in unhashed]
+    problems += [f"{rel(DEV_LOCK)}: {n} has no hash" for n in dev_unhashed]
+    for lock, pins, found in (
+        (RUNTIME_LOCK, project_pins(None), runtime),
+        (DEV_LOCK, project_pins(None) | project_pins("dev"), dev),
+    ):
+        for name, version in pins.items():
+            if found.get(name) != version:
+                problems.append(f"{rel(lock)}: {name} {found.get(name)} != pyproject {version}")
+    for name, version in runtime.items():
+        if dev.get(name) != version:
+            problems.append(f"{name}: {version} in {rel(RUNTIME_LOCK)}, {dev.get(name)} in dev")
+    if problems:
+        problems.append("run: make lock")
+    report.problems(
+        "requirements*.lock",
+        problems,
+        f"{len(runtime)} runtime / {len(dev)} dev packages, every one pinned with sha256 hashes"
+        " and matching pyproject.toml",
+    )
+
+
 # --- Dockerfile (static) -------------------------------------------------------------
 
 
@@ -533,15 +643,20 @@ def dockerfile_checks(report: Report) -> None:
         re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), f.split()[0])
         for f in froms
     }
-    if not all(b.startswith("python:3.11-slim") for b in bases if b not in {"build", "runtime"}):
-        problems.append(f"base images {sorted(bases)} are not python:3.11-slim")
+    for base in bases - {"build", "runtime"}:
+        if not PINNED_BASE.fullmatch(base):
+            problems.append(f"base image {base} is not python:3.11[.N]-slim* pinned @sha256")
     final = instr[max(i for i, (op, _) in enumerate(instr) if op == "FROM") :]
     ops = {op: arg for op, arg in final}
     user = ops.get("USER", "")
     if not user or user.split(":")[0] in {"0", "root"}:
         problems.append("final stage does not run as a non-root USER")
-    if ops.get("EXPOSE", "").split() != ["8009"]:
-        problems.append("EXPOSE is not 8009")
+    if ops.get("EXPOSE", "").split() != ["8009", str(METRICS_PORT)]:
+        problems.append(f"EXPOSE is not 8009 {METRICS_PORT}")
+    labels = " ".join(arg for op, arg in final if op == "LABEL")
+    for label in OCI_LABELS:
+        if f"org.opencontainers.image.{label}=" not in labels:
+            problems.append(f"no LABEL org.opencontainers.image.{label}")
     if ops.get("STOPSIGNAL") != "SIGTERM":
         problems.append("STOPSIGNAL is not SIGTERM")
     healthcheck = ops.get("HEALTHCHECK", "")
@@ -550,8 +665,11 @@ def dockerfile_checks(report: Report) -> None:
     entry = ops.get("ENTRYPOINT", "") + " " + ops.get("CMD", "")
     if not ("payment-grpc" in entry and "serve" in entry):
         problems.append("ENTRYPOINT/CMD is not `payment-grpc serve`")
-    if not any("pip install --no-cache-dir ." in arg for op, arg in instr if op == "RUN"):
-        problems.append("no `pip install --no-cache-dir .`")
+    runs = [arg for op, arg in instr if op == "RUN"]
+    if not any(f"--require-hashes -r {RUNTIME_LOCK.name}" in arg for arg in runs):
+        problems.append(f"dependencies not installed with --require-hashes -r {RUNTIME_LOCK.name}")
+    if not any("pip install --no-cache-dir --no-deps ." in arg for arg in runs):
+        problems.append("the package is not installed with --no-deps (only the lock's set)")
     if not any(IMAGE_DESCRIPTOR_PATH in arg for op, arg in final if op == "COPY"):
         problems.append(f"descriptor set not copied to {IMAGE_DESCRIPTOR_PATH}")
     # Every build-context source must be re-included by the allow-list .dockerignore.
@@ -575,8 +693,9 @@ def dockerfile_checks(report: Report) -> None:
     report.problems(
         "Dockerfile",
         problems,
-        "static checks (multi-stage python:3.11-slim, non-root, EXPOSE 8009, HEALTHCHECK probe,"
-        " STOPSIGNAL, payment-grpc serve, .dockerignore); not built: no Docker engine",
+        "static checks (multi-stage python:3.11-slim pinned by digest, hash-locked runtime"
+        " dependencies, OCI labels, non-root, EXPOSE 8009 9464, HEALTHCHECK probe, STOPSIGNAL,"
+        " payment-grpc serve, .dockerignore); not built: no Docker engine",
     )
 
 
@@ -599,6 +718,8 @@ def main() -> int:
         "k8s cross-references": lambda: service_consistency(report, objects()),
         "k8s/kustomization.yaml": lambda: kustomization_consistency(report),
         "Dockerfile": lambda: dockerfile_checks(report),
+        "k8s operations": lambda: operations_consistency(report, objects()),
+        "requirements*.lock": lambda: lock_consistency(report),
     }
     for name, check in consistency.items():
         try:
