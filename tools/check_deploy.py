@@ -535,6 +535,11 @@ def operations_consistency(report: Report, objs: dict[tuple[str, str], Any]) -> 
         )
     if not spec["terminationGracePeriodSeconds"] > drain + grace:
         problems.append("terminationGracePeriodSeconds <= SHUTDOWN_DRAIN + SHUTDOWN_GRACE")
+    cluster, _ = cluster_endpoint(yaml.safe_load(ENVOY_YAML.read_text()))
+    (check,) = cluster["health_checks"]
+    noticed = float(check["interval"].rstrip("s")) * check["unhealthy_threshold"]
+    if not noticed < drain:
+        problems.append(f"Envoy notices NOT_SERVING after {noticed:g}s, not within the drain")
     names = {env["name"] for c in containers(dep) for env in c.get("env", [])}
     if "JWT_SECRET_KEY" in names or "JWT_SECRET_KEY" in settings:
         problems.append("JWT_SECRET_KEY in production: a shared HS256 secret mints admin tokens")
@@ -559,7 +564,8 @@ def operations_consistency(report: Report, objs: dict[tuple[str, str], Any]) -> 
         "k8s operations",
         problems,
         f'liveness "" / readiness {SERVICE_NAME}; drain {drain:g}s + grace {grace:g}s <'
-        f" {spec['terminationGracePeriodSeconds']}s; {','.join(algorithms)} via"
+        f" {spec['terminationGracePeriodSeconds']}s; Envoy drops a draining pod within"
+        f" {noticed:g}s; {','.join(algorithms)} via"
         f" {settings.get('AUTH_SERVICE_ADDR')} (no JWT secret); metrics :{METRICS_PORT}"
         " scraped by annotations; OTLP endpoint set",
     )
