@@ -23,11 +23,14 @@ from payment_grpc.adapters.db.crypto import FieldCipher, generated_key
 from payment_grpc.adapters.db.engine import SqlUnitOfWorkFactory, make_engine
 from payment_grpc.adapters.db.health import database_reachable
 from payment_grpc.adapters.faults import KillAtFaultPoint, NoFaults
+from payment_grpc.adapters.gateways.guarded import GuardedGateway, GuardPolicy
 from payment_grpc.adapters.gateways.simulated import (
     FailureMix,
     SimulatedGateway,
     SimulatedGatewayConfig,
 )
+from payment_grpc.adapters.gateways.stripe.client import StripeConfig, StripeGateway
+from payment_grpc.adapters.gateways.stripe.webhook import StripeWebhookListener
 from payment_grpc.api.interceptors.auth import AuthInterceptor
 from payment_grpc.api.interceptors.idempotency import IdempotencyInterceptor
 from payment_grpc.api.interceptors.json_fields import JsonFieldsInterceptor
@@ -38,6 +41,7 @@ from payment_grpc.api.servicer import PaymentServicer
 from payment_grpc.config import Settings
 from payment_grpc.service.charging import Charging
 from payment_grpc.service.deps import Deps, Records
+from payment_grpc.service.gateway_events import GatewayEvents
 from payment_grpc.service.idempotency import IdempotencyKeys, IdempotencyPolicy
 from payment_grpc.service.operations import Operations
 from payment_grpc.service.ports import (
@@ -73,6 +77,7 @@ class Application:
     server: PaymentServer
     recovery: Recovery
     auth_client: AuthServiceClient | None = None
+    webhooks: StripeWebhookListener | None = None
     port: int = 0
     _recovery_task: asyncio.Task[None] | None = None
 
@@ -87,6 +92,8 @@ class Application:
         for adapter in self._adapters():
             await adapter.start()
         await self.server.start()
+        if self.webhooks is not None:
+            await self.webhooks.start(self.settings.server.host, self.settings.stripe.webhook_port)
         self._recovery_task = asyncio.create_task(
             self.recovery.run_forever(self.settings.recovery.interval_seconds)
         )
@@ -96,6 +103,8 @@ class Application:
         )
 
     async def stop(self) -> None:
+        if self.webhooks is not None:
+            await self.webhooks.stop()
         await self.server.stop(
             self.settings.server.shutdown_grace_seconds,
             self.settings.server.shutdown_drain_seconds,
@@ -112,6 +121,13 @@ class Application:
 
 
 def build_gateway(settings: Settings, news: GatewayNews) -> GatewayAdapter:
+    if settings.gateway.kind == "stripe":
+        policy = GuardPolicy(
+            attempts=settings.gateway.retry_attempts,
+            failures=settings.gateway.breaker_failures,
+            open_seconds=settings.gateway.breaker_open_seconds,
+        )
+        return GuardedGateway(build_stripe_gateway(settings), policy)
     ledger = settings.ledger_path()
     ledger.parent.mkdir(parents=True, exist_ok=True)
     gateway = settings.gateway
@@ -127,6 +143,28 @@ def build_gateway(settings: Settings, news: GatewayNews) -> GatewayAdapter:
         ),
         news,
     )
+
+
+def build_stripe_gateway(settings: Settings) -> StripeGateway:
+    stripe = settings.stripe
+    assert stripe.api_key is not None  # Settings refuses GATEWAY=stripe without it
+    return StripeGateway(
+        StripeConfig(
+            api_key=stripe.api_key.get_secret_value(),
+            api_base=stripe.api_base,
+            timeout_s=stripe.timeout_seconds,
+            connect_timeout_s=stripe.connect_timeout_seconds,
+        )
+    )
+
+
+def build_webhooks(
+    settings: Settings, gateway: GatewayAdapter, events: GatewayEvents
+) -> StripeWebhookListener | None:
+    if not isinstance(gateway, GuardedGateway) or settings.stripe.webhook_secret is None:
+        return None
+    secret = settings.stripe.webhook_secret.get_secret_value()
+    return StripeWebhookListener(secret, events.receive, gateway.inner.payment_of_intent)
 
 
 def jwt_secret(settings: Settings) -> str | None:
@@ -216,6 +254,17 @@ def idempotency_policy(settings: Settings) -> IdempotencyPolicy:
     )
 
 
+def sync_after(settings: Settings) -> float:
+    """PROCESSING this long is looked up at the gateway (GATEWAY_SYNC_AFTER_SECONDS, else
+    RECOVERY_STALE_SECONDS)."""
+    recovery = settings.recovery
+    return (
+        recovery.stale_seconds
+        if recovery.sync_after_seconds is None
+        else recovery.sync_after_seconds
+    )
+
+
 def build_application(settings: Settings) -> Application:
     engine = make_engine(settings.database.url, settings.database.pool_size)
     bus = build_bus(settings)
@@ -236,9 +285,10 @@ def build_application(settings: Settings) -> Application:
         settlements,
         operations,
         keys,
-        timedelta(seconds=settings.recovery.stale_seconds),
+        timedelta(seconds=sync_after(settings)),
         encode_answer,
         refusal_answer,
+        authorization_hold=timedelta(hours=settings.recovery.authorization_hold_hours),
     )
 
     async def healthy() -> bool:
@@ -268,6 +318,7 @@ def build_application(settings: Settings) -> Application:
         != 1,  # a worker of a supervisor (payment_grpc/workers.py)
     )
     app = Application(settings, engine, gateway, bus, keys, server, recovery, auth_client)
+    app.webhooks = build_webhooks(settings, gateway, GatewayEvents(records, settlements))
     address = f"{settings.server.host}:{settings.server.port}"
     app.port = server.bind(address, server_credentials(settings))
     return app

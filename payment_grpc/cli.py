@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Callable
 
+from payment_grpc import gateway_sim, reconcile_cli
 from payment_grpc.adapters.db.crypto import KeyConfigError
 from payment_grpc.config import Settings
 from payment_grpc.logging_setup import configure_logging
@@ -155,6 +156,8 @@ def _parser() -> argparse.ArgumentParser:
         "rotate-keys", help="re-encrypt values written under an older ENCRYPTION_KEYS key"
     )
     rotating.add_argument("--batch-size", type=int, default=500, help="rows per transaction")
+    gateway_sim.add_parser(commands)
+    reconcile_cli.add_parser(commands)
     return parser
 
 
@@ -164,9 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log.level, settings.log.format)
     if args.command == "token":
         return token(settings, args)
+    if args.command == "gateway-sim":
+        return gateway_sim.run(args)
     try:
         if args.command == "rotate-keys":
             return rotate_keys(settings, args)
+        if args.command == "reconcile":
+            return reconcile_cli.run(settings, args)
         return COMMANDS[args.command](settings)
     except KeyConfigError as exc:  # malformed ENCRYPTION_KEYS: refuse to start
         print(f"payment-grpc: invalid encryption keys: {exc}", file=sys.stderr)

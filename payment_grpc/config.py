@@ -157,6 +157,15 @@ class RecoverySettings(_Group):
     """Period of the recovery worker."""
     stale_seconds: float = Field(30.0, ge=0, validation_alias="RECOVERY_STALE_SECONDS")
     """Unfinished work older than this is finished by the recovery worker."""
+    sync_after_seconds: float | None = Field(
+        None, ge=0, validation_alias="GATEWAY_SYNC_AFTER_SECONDS"
+    )
+    """PROCESSING payments older than this are looked up at the gateway and finished (the
+    sync that replaces waiting for a lost webhook); unset: RECOVERY_STALE_SECONDS."""
+    authorization_hold_hours: float = Field(
+        168.0, gt=0, validation_alias="AUTHORIZATION_HOLD_HOURS"
+    )
+    """AUTHORIZED longer than this is voided at the gateway and CANCELED (reason EXPIRED)."""
     fault_point: str = Field("", validation_alias="FAULT_POINT")
     """Crash tests only: SIGKILL at this phase boundary (e.g. `charge.after_gateway`)."""
 
@@ -260,8 +269,8 @@ class FailureMix(BaseModel):
 
 
 class GatewaySettings(_Group):
-    kind: Literal["simulated"] = Field("simulated", validation_alias="GATEWAY")
-    """The gateway adapter."""
+    kind: Literal["simulated", "stripe"] = Field("simulated", validation_alias="GATEWAY")
+    """The gateway adapter: `simulated` (in-process) or `stripe` (the official SDK)."""
     ledger_path: pathlib.Path | None = Field(None, validation_alias="GATEWAY_LEDGER_PATH")
     """The simulated gateway's own ledger (SQLite); unset: DATA_DIR/simulated_gateway.db."""
     success_rate: float = Field(0.95, ge=0, le=1, validation_alias="GATEWAY_SUCCESS_RATE")
@@ -278,12 +287,35 @@ class GatewaySettings(_Group):
     """Delay before UPI / net banking / PayPal payments settle."""
     seed: int | None = Field(None, validation_alias="GATEWAY_SEED")
     """Seed of the simulated gateway's RNG (reproducible runs)."""
+    retry_attempts: int = Field(3, ge=1, le=10, validation_alias="GATEWAY_RETRY_ATTEMPTS")
+    """GATEWAY=stripe: attempts per call on transient errors (keyed calls only)."""
+    breaker_failures: int = Field(5, ge=1, validation_alias="GATEWAY_BREAKER_FAILURES")
+    """GATEWAY=stripe: consecutive transient failures that open the circuit breaker."""
+    breaker_open_seconds: float = Field(30.0, gt=0, validation_alias="GATEWAY_BREAKER_OPEN_SECONDS")
+    """GATEWAY=stripe: how long the open breaker refuses calls before a trial call."""
 
     @model_validator(mode="after")
     def _latency_range(self) -> Self:
         if self.latency_ms_min > self.latency_ms_max:
             raise ValueError("GATEWAY_LATENCY_MS_MIN is above GATEWAY_LATENCY_MS_MAX")
         return self
+
+
+class StripeSettings(_Group):
+    api_key: SecretStr | None = Field(None, validation_alias="STRIPE_API_KEY")
+    """Stripe secret key; required with GATEWAY=stripe."""
+    api_base: str = Field("https://api.stripe.com", validation_alias="STRIPE_API_BASE")
+    """Stripe's API base (the simulator: http://127.0.0.1:PORT)."""
+    webhook_secret: SecretStr | None = Field(None, validation_alias="STRIPE_WEBHOOK_SECRET")
+    """`whsec_...` signing Stripe's webhooks; set: the webhook listener runs."""
+    timeout_seconds: float = Field(10.0, gt=0, validation_alias="STRIPE_TIMEOUT_SECONDS")
+    """Per-call timeout of a Stripe request."""
+    connect_timeout_seconds: float = Field(
+        3.0, gt=0, validation_alias="STRIPE_CONNECT_TIMEOUT_SECONDS"
+    )
+    """Connect timeout of a Stripe request."""
+    webhook_port: int = Field(8010, ge=0, le=65535, validation_alias="WEBHOOK_PORT")
+    """Port of the webhook listener (POST /v1/webhooks/stripe); 0 picks a free one."""
 
 
 class Settings(BaseModel):
@@ -302,6 +334,13 @@ class Settings(BaseModel):
     auth_service: AuthServiceSettings = Field(default_factory=AuthServiceSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    stripe: StripeSettings = Field(default_factory=StripeSettings)
+
+    @model_validator(mode="after")
+    def _stripe_needs_a_key(self) -> Self:
+        if self.gateway.kind == "stripe" and self.stripe.api_key is None:
+            raise ValueError("GATEWAY=stripe needs STRIPE_API_KEY")
+        return self
 
     @classmethod
     def from_names(cls, values: Mapping[str, object]) -> Settings:

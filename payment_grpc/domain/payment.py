@@ -185,6 +185,12 @@ class Payment:
         moved.check_invariants()
         return moved, moved._event(self.status, actor, trace_id, at)
 
+    def noted(self, *, actor: str, trace_id: str, at: datetime) -> tuple[Payment, PaymentEvent]:
+        """An event without a status change (e.g. a dispute opened at the PSP): the audit
+        trail and the watchers learn of it; no money moves."""
+        moved = replace(self, sequence=self.sequence + 1, updated_at=at)
+        return moved, moved._event(self.status, actor, trace_id, at)
+
     def check_invariants(self) -> None:
         if not (
             0

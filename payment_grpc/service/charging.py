@@ -25,7 +25,12 @@ from payment_grpc.service.changes import Change, Changes
 from payment_grpc.service.context import RequestContext
 from payment_grpc.service.deps import Deps, authorize_key, new_id
 from payment_grpc.service.idempotency import Checkpoint, no_checkpoint
-from payment_grpc.service.ports import NO_ANSWER, AuthorizationRequest, RecoveryPoint
+from payment_grpc.service.ports import (
+    NO_ANSWER,
+    AuthorizationRequest,
+    GatewayCircuitOpen,
+    RecoveryPoint,
+)
 from payment_grpc.service.settlements import Settlements
 
 log = logging.getLogger(__name__)
@@ -54,6 +59,9 @@ class Charging:
         checkpoint = checkpoint or no_checkpoint()
         if checkpoint.payment_id:
             return await self._resume(checkpoint.payment_id, ctx, checkpoint)
+        if not self._deps.gateway.available():
+            # The breaker is open: answer at once, before a payment exists (nothing stored).
+            raise GatewayCircuitOpen("the payment gateway is unavailable; retry later")
         payment = await self.create(command, ctx, checkpoint)
         self._deps.faults.hit("charge.before_gateway")
         return await self.authorize(payment, ctx, checkpoint)

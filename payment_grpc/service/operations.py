@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from payment_grpc.domain.errors import GatewayRejected, OperationInProgress
 from payment_grpc.domain.money import Money
-from payment_grpc.domain.payment import CAPTURED_STATUSES, Payment, PaymentStatus
+from payment_grpc.domain.payment import CAPTURED_STATUSES, Failure, Payment, PaymentStatus
 from payment_grpc.domain.refund import Refund, RefundReason, RefundStatus
 from payment_grpc.service.changes import (
     NO_CHANGE,
@@ -64,6 +64,9 @@ def claimed_capture_amount(claim: str) -> int:
 
 def claimed_operation(claim: str) -> str:
     return claim.split(":")[0]
+
+
+EXPIRED = Failure("EXPIRED", "the authorization hold expired before capture")
 
 
 class Operations:
@@ -147,14 +150,30 @@ class Operations:
         )
 
     async def finish_cancel(
-        self, claimed: Payment, ctx: RequestContext, checkpoint: Checkpoint | None = None
+        self,
+        claimed: Payment,
+        ctx: RequestContext,
+        checkpoint: Checkpoint | None = None,
+        reason: Failure | None = None,
     ) -> Payment:
         call = self._deps.gateway.void(claimed.gateway_reference, void_key(claimed.payment_id))
         result = await self._call(CANCEL, claimed, call)
         self._deps.faults.hit("cancel.after_gateway")
+        changes = {"failure": reason} if reason is not None else {}
         return await self._settle_claim(
-            claimed, result, PaymentStatus.CANCELED, ctx, checkpoint or no_checkpoint()
+            claimed, result, PaymentStatus.CANCELED, ctx, checkpoint or no_checkpoint(), **changes
         )
+
+    async def expire(self, payment_id: str, ctx: RequestContext) -> Payment:
+        """Void an authorization held too long: CANCELED, reason EXPIRED."""
+        async with self._deps.uow() as tx:
+            payment = await tx.payments.get(payment_id, for_update=True)
+            if payment.status is not PaymentStatus.AUTHORIZED or payment.in_flight:
+                return payment  # captured, canceled or claimed meanwhile
+            claimed = payment.claim(CANCEL)
+            await tx.payments.save(payment, claimed, [])
+            await tx.commit()
+        return await self.finish_cancel(claimed, ctx, reason=EXPIRED)
 
     # ------------------------------------------------------------ shared
 

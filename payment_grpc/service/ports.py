@@ -55,6 +55,10 @@ class GatewayRefused(GatewayError):
 NO_ANSWER = (GatewayTimeout, GatewayUnreachable)
 
 
+class GatewayCircuitOpen(GatewayUnreachable):
+    """The breaker is open: nothing was sent; try again after its wait."""
+
+
 class AuthorizationOutcome(enum.StrEnum):
     AUTHORIZED = "AUTHORIZED"
     CAPTURED = "CAPTURED"
@@ -101,6 +105,34 @@ class GatewayNews(Protocol):
     async def settled(self, settlement: Settlement) -> None: ...
 
 
+class NoticeKind(enum.StrEnum):
+    """What an inbound gateway event (a webhook) tells us."""
+
+    AUTHORIZATION = "AUTHORIZATION"  # where an authorization stands now
+    DISPUTE_OPENED = "DISPUTE_OPENED"  # the payer disputes the charge; no money moves here
+    OTHER = "OTHER"  # acknowledged, nothing to change
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayNotice:
+    """A verified event from the gateway, in our words."""
+
+    event_id: str
+    event_type: str
+    kind: NoticeKind
+    payment_id: str | None  # None: the gateway object names no payment of ours
+    authorization: Authorization | None = None
+    detail: str = ""  # e.g. the dispute id and reason, for the audit trail
+
+
+class GatewayEventRepository(Protocol):
+    async def add(self, notice: GatewayNotice, received_at: datetime) -> bool:
+        """Record the event id; False if it was processed before."""
+        ...
+
+    async def seen(self, event_id: str) -> bool: ...
+
+
 class PaymentGateway(Protocol):
     """Outbound only: the calls we make. What the gateway tells us arrives through
     GatewayNews."""
@@ -119,6 +151,10 @@ class PaymentGateway(Protocol):
 
     async def lookup(self, idempotency_key: str) -> Authorization | None:
         """The authorization recorded under our key, or None if the gateway never saw it."""
+        ...
+
+    def available(self) -> bool:
+        """False while a circuit breaker keeps calls away from the gateway."""
         ...
 
     async def healthy(self) -> bool: ...
@@ -172,6 +208,10 @@ class PaymentRepository(Protocol):
         self, payment_id: str, sequence: int, limit: int
     ) -> list[PaymentEvent]: ...
 
+    async def authorized_before(self, created_before: datetime, limit: int) -> list[Payment]:
+        """AUTHORIZED payments with nothing in flight, created before the cutoff."""
+        ...
+
     async def stale(self, updated_before: datetime, limit: int) -> list[Payment]:
         """Payments PROCESSING or holding an in-flight claim, last changed before the cutoff."""
         ...
@@ -208,6 +248,9 @@ class UnitOfWork(Protocol):
 
     @property
     def idempotency(self) -> IdempotencyRepository: ...
+
+    @property
+    def gateway_events(self) -> GatewayEventRepository: ...
 
     async def commit(self) -> None: ...
 

@@ -68,6 +68,7 @@ class Recovery:
         stale_after: timedelta,
         encode_answer: AnswerEncoder,
         encode_refusal: Callable[[ReportableError], StoredAnswer],
+        authorization_hold: timedelta | None = None,
     ) -> None:
         self._deps = deps
         self._charging = charging
@@ -77,6 +78,7 @@ class Recovery:
         self._stale_after = stale_after
         self._encode_answer = encode_answer
         self._encode_refusal = encode_refusal
+        self._hold = authorization_hold
         self._passes = 0
         self._pass_done = asyncio.Condition()
 
@@ -107,6 +109,7 @@ class Recovery:
     async def run_once(self) -> PassReport:
         """One pass: settle the money side, then answer abandoned keys, then reap."""
         settled = await self._run_all("stale payments and refunds", self._money_items)
+        settled += await self._run_all("expired authorizations", self._expired_items)
         keys = await self._run_all("abandoned idempotency keys", self._key_items)
         await self._attempt(_Item("reaping expired idempotency keys", self._reap))
         if settled or keys:
@@ -160,6 +163,22 @@ class Recovery:
             await self._charging.authorize(payment, SYSTEM)  # never reached the gateway
         elif known.outcome is not AuthorizationOutcome.PENDING:
             await self._settlements.record(payment.payment_id, known, SYSTEM)
+
+    async def _expired_items(self) -> list[_Item]:
+        """Authorizations held longer than the PSP keeps them: void before they lapse."""
+        if self._hold is None:
+            return []
+        cutoff = self._deps.clock.now() - self._hold
+        async with self._deps.uow(read_only=True) as tx:
+            expired = await tx.payments.authorized_before(cutoff, BATCH)
+        return [
+            _Item(f"expired authorization {p.payment_id}", functools.partial(self._expire, p))
+            for p in expired
+        ]
+
+    async def _expire(self, payment: Payment) -> bool:
+        expired = await self._operations.expire(payment.payment_id, SYSTEM)
+        return expired.status is PaymentStatus.CANCELED
 
     async def _refund(self, refund: Refund) -> bool:
         await self._operations.finish_refund(refund, SYSTEM)

@@ -16,6 +16,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from payment_grpc.adapters.db.crypto import FieldCipher
+from payment_grpc.adapters.db.gateway_events import SqlGatewayEventRepository
 from payment_grpc.adapters.db.idempotency import SqlIdempotencyRepository
 from payment_grpc.adapters.db.repositories import SqlPaymentRepository, SqlRefundRepository
 from payment_grpc.domain.payment import PaymentEvent
@@ -66,6 +67,7 @@ class SqlUnitOfWork:
         self.payments = SqlPaymentRepository(conn, row_locks, cipher, written=self.events)
         self.refunds = SqlRefundRepository(conn)
         self.idempotency = SqlIdempotencyRepository(conn, row_locks, cipher)
+        self.gateway_events = SqlGatewayEventRepository(conn)
 
     def on_commit(self, action: Callable[[], None]) -> None:
         self._on_commit.append(action)

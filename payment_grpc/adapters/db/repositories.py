@@ -132,6 +132,20 @@ class SqlPaymentRepository:
         rows = (await self._conn.execute(query)).mappings().all()
         return [row_to_event(r) for r in rows]
 
+    async def authorized_before(self, created_before: datetime, limit: int) -> list[Payment]:
+        query = (
+            sa.select(payments)
+            .where(
+                payments.c.status == PaymentStatus.AUTHORIZED.value,
+                payments.c.in_flight == "",
+                payments.c.created_at < created_before,
+            )
+            .order_by(payments.c.created_at)
+            .limit(limit)
+        )
+        rows = (await self._conn.execute(query)).mappings().all()
+        return [row_to_payment(r, self._cipher) for r in rows]
+
     async def stale(self, updated_before: datetime, limit: int) -> list[Payment]:
         query = (
             sa.select(payments)

@@ -165,3 +165,15 @@ idempotency_keys = sa.Table(
         sqlite_where=sa.text("recovery_point <> 'FINISHED'"),
     ),
 )
+
+
+# Inbound gateway events (webhooks) already processed: each event id is applied once.
+gateway_events = sa.Table(
+    "gateway_events",
+    metadata,
+    sa.Column("event_id", sa.String(255), primary_key=True),
+    sa.Column("event_type", sa.String(100), nullable=False),
+    sa.Column("payment_id", sa.String(64)),  # no foreign key: unknown payments are recorded too
+    sa.Column("detail", sa.String(500), nullable=False),
+    sa.Column("received_at", UtcDateTime, nullable=False),
+)

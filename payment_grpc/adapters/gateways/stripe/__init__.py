@@ -1,0 +1,1 @@
+"""The Stripe adapter (official SDK): client, transformers, errors, webhook."""
