@@ -31,7 +31,7 @@ async def running_simulator(
     *,
     webhook_url: str = "",
     chaos: bool = False,
-    settle_ms: int = 50,
+    settle_ms: int = 1_000,  # long enough that a loaded machine still sees PROCESSING first
     success_rate: float = 1.0,
     seed: int = 7,
 ) -> AsyncIterator[RunningSimulator]:

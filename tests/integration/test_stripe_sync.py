@@ -29,7 +29,7 @@ async def test_a_lost_webhook_is_finished_by_sync(
     database_url: str, tmp_path: pathlib.Path
 ) -> None:
     async with (
-        running_simulator(tmp_path, settle_ms=50) as sim,
+        running_simulator(tmp_path) as sim,
         stripe_service(database_url, tmp_path, sim) as app,
         payment_stub(app) as stub,
     ):

@@ -196,7 +196,7 @@ async def test_async_upi_payment_is_captured_by_the_simulators_webhook(
     """The simulator settles UPI later and announces it only by signed webhooks, with
     chaos (duplicates, random delays); a watcher sees PROCESSING -> CAPTURED once."""
     async with (
-        running_simulator(tmp_path, settle_ms=50, chaos=True) as sim,
+        running_simulator(tmp_path, chaos=True) as sim,
         stripe_service(database_url, tmp_path, sim) as app,
         payment_stub(app) as stub,
     ):
