@@ -71,7 +71,6 @@ class GatewayEvents:
             await tx.payments.save(payment, noted, [event])
             await tx.commit()
         log.warning("dispute opened on %s: %s", notice.payment_id, notice.detail)
-        await self._deps.announce([event])
         return "dispute recorded"
 
 

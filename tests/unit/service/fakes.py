@@ -393,5 +393,8 @@ class FakeGateway:
     def calls(self, kind: str) -> int:
         return sum(1 for k, _ in self.follow_ups.values() if k == kind)
 
+    def available(self) -> bool:
+        return True
+
     async def healthy(self) -> bool:
         return True

@@ -1,7 +1,7 @@
 """processed gateway events (webhooks): each event id is applied once
 
-Revision ID: 0005_gateway_events
-Revises: 0004
+Revision ID: 0006_gateway_events
+Revises: 0005_key_operation
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005_gateway_events"
-down_revision = "0004"
+revision = "0006_gateway_events"
+down_revision = "0005_key_operation"
 branch_labels = None
 depends_on = None
 
