@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
@@ -254,6 +255,16 @@ def idempotency_policy(settings: Settings) -> IdempotencyPolicy:
     )
 
 
+def gateway_ready(gateway: GatewayAdapter) -> Callable[[], Awaitable[bool]]:
+    """Readiness of payments.v1.PaymentService: NOT_SERVING while the gateway breaker is
+    open (liveness is not affected: an outage at the PSP must not restart pods)."""
+
+    async def ready() -> bool:
+        return gateway.available()
+
+    return ready
+
+
 def sync_after(settings: Settings) -> float:
     """PROCESSING this long is looked up at the gateway (GATEWAY_SYNC_AFTER_SECONDS, else
     RECOVERY_STALE_SECONDS)."""
@@ -318,6 +329,7 @@ def build_application(settings: Settings) -> Application:
         != 1,  # a worker of a supervisor (payment_grpc/workers.py)
     )
     app = Application(settings, engine, gateway, bus, keys, server, recovery, auth_client)
+    server.add_readiness_check(gateway_ready(gateway))
     app.webhooks = build_webhooks(settings, gateway, GatewayEvents(records, settlements))
     address = f"{settings.server.host}:{settings.server.port}"
     app.port = server.bind(address, server_credentials(settings))

@@ -1,5 +1,6 @@
 """The circuit breaker around GATEWAY=stripe: open -> Charge is UNAVAILABLE
-GATEWAY_UNAVAILABLE with RetryInfo and the gateway is not called; half-open -> one trial
+GATEWAY_UNAVAILABLE with RetryInfo and the gateway is not called, and the readiness of
+payments.v1.PaymentService is NOT_SERVING (liveness stays SERVING); half-open -> one trial
 call decides (success closes, failure opens again)."""
 
 from __future__ import annotations
@@ -7,8 +8,11 @@ from __future__ import annotations
 import pathlib
 
 import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from payment_grpc.adapters.gateways.guarded import GuardedGateway
+from payment_grpc.api.server import SERVICE_NAME
 from tests.helpers import S, charge_request, rpc_error
 from tests.stripe_sim import payment_stub, running_simulator, stripe_service
 
@@ -40,6 +44,16 @@ async def test_open_breaker_refuses_charges_without_calling_the_gateway(
         assert error.info.reason == "GATEWAY_UNAVAILABLE"
         assert error.has_retry
         assert await sim.simulator_engine.authorization_count() == 0  # never called
+
+        async with aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            readiness = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+            async for reply in readiness:  # the health monitor notices the open breaker
+                if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+            readiness.cancel()
+            alive = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert alive.status == health_pb2.HealthCheckResponse.SERVING  # liveness stays
 
 
 async def test_half_open_trial_closes_or_reopens(database_url: str, tmp_path: pathlib.Path) -> None:
