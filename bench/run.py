@@ -106,7 +106,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--processes", type=int, default=2, help="load-generator processes")
     parser.add_argument("--concurrency", type=int, default=32, help="in-flight calls per process")
     parser.add_argument(
-        "--workers", type=int, default=1, help="server processes (WORKERS; SQLite: always 1)"
+        "--workers",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="server processes (WORKERS) of the service and the ceiling; SQLite: always 1",
+    )
+    parser.add_argument(
+        "--server-path",
+        type=pathlib.Path,
+        help="run the service from this source tree (e.g. `git archive` of an older commit)",
     )
     parser.add_argument("--no-ceiling", action="store_true", help="skip the ceiling runs")
     parser.add_argument(
@@ -232,14 +240,27 @@ def run_ceiling(info: RunInfo, run_tag: str) -> Summary:
         return summary
 
 
-def run_one(info: RunInfo, run_tag: str, scenario: Scenario) -> Summary:
+def _source_env(server_path: pathlib.Path | None) -> dict[str, str]:
+    """PYTHONPATH that makes `python -m payment_grpc` import another source tree."""
+    if server_path is None:
+        return {}
+    return {"PYTHONPATH": str(server_path.resolve())}
+
+
+def run_one(
+    info: RunInfo, run_tag: str, scenario: Scenario, server_path: pathlib.Path | None = None
+) -> Summary:
     with tempfile.TemporaryDirectory(prefix="payment-grpc-bench-") as tmp:
         workdir = pathlib.Path(tmp)
         run_secrets = ServerSecrets.generate()
         with (
             fresh_database(info.db, workdir) as url,
             running_server(
-                url, workdir, run_secrets, workers=info.workers, extra_env=scenario.server_env
+                url,
+                workdir,
+                run_secrets,
+                workers=info.workers,
+                extra_env=scenario.server_env | _source_env(server_path),
             ) as server,
         ):
             summary = _measure(server, info, run_tag, run_secrets.jwt_secret)
@@ -352,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summaries = list(ceilings.values())
     for db, name in args.runs:
         info, scenario = _info(args, db, name), SCENARIOS[name]
-        summary = run_one(info, uuid.uuid4().hex[:12], scenario)
+        summary = run_one(info, uuid.uuid4().hex[:12], scenario, args.server_path)
         ceiling = ceilings.get((scenario.rpc, info.workers))
         summary.ceiling_rps = ceiling.rps if ceiling and scenario.ceiling else None
         summary.ideal_rps = ideal_rps(scenario, info.processes * info.concurrency)
