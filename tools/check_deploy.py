@@ -233,6 +233,9 @@ def envoy_consistency(report: Report) -> None:
         ]["explicit_http_config"]
         if "http2_protocol_options" not in http2:
             problems.append(f"{name}: upstream is not explicit HTTP/2")
+        thresholds = cluster.get("circuit_breakers", {}).get("thresholds", [{}])
+        if not all("retry_budget" in t for t in thresholds):
+            problems.append(f"{name}: retries limited by Envoy's default 3, not a retry budget")
         outliers = cluster.get("outlier_detection", {})
         if not outliers.get("consecutive_local_origin_failure"):
             problems.append(f"{name}: no outlier detection on connection failures")

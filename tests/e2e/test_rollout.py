@@ -28,7 +28,7 @@ REPLICAS_STARTING_TOGETHER = 3
 # Requests before the SIGTERM, and at least this many in all; the run ends once the
 # stopped replica has exited (bounded by MAX_REQUESTS whatever happens).
 REQUESTS_BEFORE_STOP = 60
-MIN_REQUESTS = 200
+MIN_REQUESTS = 600
 MAX_REQUESTS = 3000
 CLIENTS = 6
 # Envoy (envoy.local.yaml) checks health every 1 s and needs 2 failures: the drain
