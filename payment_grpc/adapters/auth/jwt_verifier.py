@@ -15,6 +15,7 @@ import jwt
 
 from payment_grpc.adapters.auth.keys import PublicKeys
 from payment_grpc.service.errors import Unauthenticated
+from payment_grpc.service.limits import MAX_CUSTOMER_ID_LENGTH, MAX_SUBJECT_LENGTH, storable_text
 from payment_grpc.service.ports import Principal
 
 CUSTOMER_SCOPES = frozenset({"payments.read"})  # a customer token reads, never moves money
@@ -58,9 +59,10 @@ class JwtVerifier:
                 leeway=self._leeway_s,
                 options={"require": ["exp", "iat", "sub", "aud"]},
             )
-        except (jwt.PyJWTError, ValueError, TypeError) as exc:
+            return principal_from_claims(claims)
+        except (jwt.PyJWTError, ValueError, TypeError, OverflowError) as exc:
+            # PyJWT's own checks of exp/nbf/iat raise OverflowError on Infinity.
             raise Unauthenticated() from exc
-        return principal_from_claims(claims)
 
     async def _key_for(self, algorithm: str, kid: object) -> Any:
         if algorithm in HMAC_ALGORITHMS:
@@ -76,26 +78,62 @@ class JwtVerifier:
 
 
 def principal_from_claims(claims: dict[str, Any]) -> Principal:
-    """The caller named by verified claims; a customer token must name its customer."""
-    scopes = claims.get("scope", "")
-    granted = frozenset(scopes.split() if isinstance(scopes, str) else scopes or ())
-    subject = _non_blank(claims["sub"])
+    """The caller named by verified claims; a customer token must name its customer.
+
+    A signature proves who issued the claims, not that they have the shape we expect:
+    every claim we use is checked for type, length and characters, and one of the wrong
+    shape makes the token UNAUTHENTICATED (never a TypeError, never a value storage
+    cannot hold).
+    """
+    subject = _storable(claims.get("sub"), MAX_SUBJECT_LENGTH)
+    granted = _scopes(claims.get("scope"))
     customer = claims.get("customer_id")
-    if customer is None and "customer" in (claims.get("roles") or ()):
+    if customer is None and "customer" in _roles(claims.get("roles")):
         customer = subject
     if customer is not None:
-        customer = _non_blank(customer)
+        customer = _storable(customer, MAX_CUSTOMER_ID_LENGTH)
         granted &= CUSTOMER_SCOPES
     return Principal(
         subject=subject,
         scopes=granted,
-        expires_at=datetime.fromtimestamp(int(claims["exp"]), UTC),
+        expires_at=_expiry(claims.get("exp")),
         customer_id=customer,
     )
 
 
-def _non_blank(value: object) -> str:
-    # An empty id must never reach the queries, where "" means "no filter".
-    if not isinstance(value, str) or not value.strip():
+def _storable(value: object, max_length: int) -> str:
+    # An empty id must never reach the queries, where "" means "no filter"; a NUL or an
+    # over-long id must never reach a column.
+    if not storable_text(value, max_length):
+        raise Unauthenticated()
+    assert isinstance(value, str)
+    return value
+
+
+def _strings(value: object) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise Unauthenticated()
     return value
+
+
+def _scopes(value: object) -> frozenset[str]:
+    """`scope` is a space-separated string (RFC 8693) or a list of strings."""
+    if value is None:
+        return frozenset()
+    return frozenset(value.split() if isinstance(value, str) else _strings(value))
+
+
+def _roles(value: object) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else _strings(value)
+
+
+def _expiry(value: object) -> datetime:
+    # NumericDate (RFC 7519): a number of seconds; one past year 9999 is no date at all.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Unauthenticated()
+    try:
+        return datetime.fromtimestamp(value, UTC)
+    except (ValueError, OverflowError, OSError) as exc:
+        raise Unauthenticated() from exc

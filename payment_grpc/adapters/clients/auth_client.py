@@ -25,6 +25,7 @@ from grpc import aio
 
 from payment_grpc.adapters.auth.jwt_verifier import CUSTOMER_SCOPES
 from payment_grpc.service.errors import AuthUnavailable, Unauthenticated
+from payment_grpc.service.limits import MAX_CUSTOMER_ID_LENGTH, storable_text
 from payment_grpc.service.ports import Clock, Principal, TokenVerifier
 
 TRANSIENT = frozenset(
@@ -140,6 +141,8 @@ def narrowed(
     expires = reply.expire_time.ToDatetime(UTC) if reply.HasField("expire_time") else now
     if expires <= now:
         raise Unauthenticated()
+    if reply.customer_id and not storable_text(reply.customer_id, MAX_CUSTOMER_ID_LENGTH):
+        raise Unauthenticated()  # never a customer id storage cannot hold
     customer = local.customer_id or reply.customer_id or None
     if local.customer_id and reply.customer_id not in ("", local.customer_id):
         raise Unauthenticated()  # the two disagree about whose token this is

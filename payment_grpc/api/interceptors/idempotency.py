@@ -35,6 +35,7 @@ from payment_grpc.domain.errors import ReportableError
 from payment_grpc.pan_masking import looks_like_card_number
 from payment_grpc.service.errors import InvalidIdempotencyKey
 from payment_grpc.service.idempotency import Checkpoint, IdempotencyKeys
+from payment_grpc.service.limits import MAX_IDEMPOTENCY_KEY_LENGTH
 from payment_grpc.service.ports import KeyRecord, StoredAnswer
 
 HEADER = "idempotency-key"
@@ -55,7 +56,7 @@ NOT_STORED = frozenset(
 
 
 def valid_key(value: object) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= 255:
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_IDEMPOTENCY_KEY_LENGTH:
         raise InvalidIdempotencyKey()
     if not all(" " <= ch <= "~" for ch in value):
         raise InvalidIdempotencyKey()
