@@ -21,8 +21,8 @@ from payment_grpc.adapters.bus.postgres import PostgresStatusBus
 from payment_grpc.adapters.clients.auth_client import AuthServiceClient, AuthServiceVerifier
 from payment_grpc.adapters.clock import SystemClock
 from payment_grpc.adapters.db.crypto import FieldCipher, generated_key
-from payment_grpc.adapters.db.engine import SqlUnitOfWorkFactory, make_engine
-from payment_grpc.adapters.db.health import database_reachable
+from payment_grpc.adapters.db.engine import SqlUnitOfWorkFactory, Timeouts, make_engine
+from payment_grpc.adapters.db.health import DatabaseProbe
 from payment_grpc.adapters.faults import KillAtFaultPoint, NoFaults
 from payment_grpc.adapters.gateways.guarded import GuardedGateway, GuardPolicy
 from payment_grpc.adapters.gateways.simulated import (
@@ -79,6 +79,7 @@ class Application:
     recovery: Recovery
     auth_client: AuthServiceClient | None = None
     webhooks: StripeWebhookListener | None = None
+    probe: DatabaseProbe | None = None
     port: int = 0
     _recovery_task: asyncio.Task[None] | None = None
 
@@ -119,6 +120,8 @@ class Application:
         if self.auth_client is not None:
             await self.auth_client.close()
         await self.engine.dispose()
+        if self.probe is not None:
+            await self.probe.close()
 
 
 def build_gateway(settings: Settings, news: GatewayNews) -> GatewayAdapter:
@@ -255,6 +258,15 @@ def idempotency_policy(settings: Settings) -> IdempotencyPolicy:
     )
 
 
+def db_timeouts(settings: Settings) -> Timeouts:
+    database = settings.database
+    return Timeouts(
+        lock=database.lock_timeout_seconds,
+        statement=database.statement_timeout_seconds,
+        pool=database.pool_timeout_seconds,
+    )
+
+
 def gateway_ready(gateway: GatewayAdapter) -> Callable[[], Awaitable[bool]]:
     """Readiness of payments.v1.PaymentService: NOT_SERVING while the gateway breaker is
     open (liveness is not affected: an outage at the PSP must not restart pods)."""
@@ -277,7 +289,7 @@ def sync_after(settings: Settings) -> float:
 
 
 def build_application(settings: Settings) -> Application:
-    engine = make_engine(settings.database.url, settings.database.pool_size)
+    engine = make_engine(settings.database.url, settings.database.pool_size, db_timeouts(settings))
     bus = build_bus(settings)
     uow = SqlUnitOfWorkFactory(engine, build_cipher(settings), bus)
     fault_point = settings.recovery.fault_point
@@ -302,8 +314,7 @@ def build_application(settings: Settings) -> Application:
         authorization_hold=timedelta(hours=settings.recovery.authorization_hold_hours),
     )
 
-    async def healthy() -> bool:
-        return await database_reachable(engine, settings.database.url)
+    probe = DatabaseProbe(settings.database.url)  # its own connection, never the pool's
 
     auth_client = build_auth_client(settings)
     limits = settings.server
@@ -315,7 +326,7 @@ def build_application(settings: Settings) -> Application:
             max_message_bytes=limits.max_message_bytes,
             heartbeat_s=limits.watch_heartbeat_seconds,
         ),
-        dependencies_healthy=healthy,
+        dependencies_healthy=probe.reachable,
         health_interval_s=limits.health_check_interval_seconds,
         max_message_bytes=limits.max_message_bytes,
         max_metadata_bytes=limits.max_metadata_bytes,
@@ -328,7 +339,9 @@ def build_application(settings: Settings) -> Application:
         reuse_port=settings.server.workers
         != 1,  # a worker of a supervisor (payment_grpc/workers.py)
     )
-    app = Application(settings, engine, gateway, bus, keys, server, recovery, auth_client)
+    app = Application(
+        settings, engine, gateway, bus, keys, server, recovery, auth_client, probe=probe
+    )
     server.add_readiness_check(gateway_ready(gateway))
     app.webhooks = build_webhooks(settings, gateway, GatewayEvents(records, settlements))
     address = f"{settings.server.host}:{settings.server.port}"

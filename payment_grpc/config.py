@@ -129,6 +129,16 @@ class DatabaseSettings(_Group):
     """PostgreSQL connection pool size (and as much overflow)."""
     migrate_on_start: bool = Field(True, validation_alias="MIGRATE_ON_START")
     """Run Alembic to head before serving."""
+    lock_timeout_seconds: float = Field(2.0, gt=0, validation_alias="DB_LOCK_TIMEOUT_SECONDS")
+    """Longest a transaction waits for a lock (PostgreSQL lock_timeout; the SQLite writer
+    lock): past it the call answers UNAVAILABLE with RetryInfo and frees its connection,
+    so one slow row cannot hold the whole pool."""
+    statement_timeout_seconds: float = Field(
+        30.0, gt=0, validation_alias="DB_STATEMENT_TIMEOUT_SECONDS"
+    )
+    """PostgreSQL statement_timeout."""
+    pool_timeout_seconds: float = Field(5.0, gt=0, validation_alias="DB_POOL_TIMEOUT_SECONDS")
+    """Longest a call waits for a free pooled connection; past it UNAVAILABLE + RetryInfo."""
 
     @property
     def is_sqlite(self) -> bool:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from payment_grpc.adapters.db.crypto import FieldCipher
@@ -23,23 +25,45 @@ from payment_grpc.domain.payment import PaymentEvent
 from payment_grpc.service.errors import StorageUnavailable
 from payment_grpc.service.ports import StatusBus
 
-SQLITE_BUSY_TIMEOUT_S = 30
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """How long one transaction may wait, in seconds (config: DB_*_TIMEOUT_SECONDS)."""
+
+    lock: float = 2.0
+    statement: float = 30.0
+    pool: float = 5.0
 
 
 def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
-def make_engine(url: str, pool_size: int = 10) -> AsyncEngine:
+def make_engine(url: str, pool_size: int = 10, timeouts: Timeouts = Timeouts()) -> AsyncEngine:
     if is_sqlite(url):
-        return _sqlite_engine(url)
+        return _sqlite_engine(url, timeouts)
     return create_async_engine(
-        url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, pool_timeout=10
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_timeout=timeouts.pool,
+        connect_args={"options": postgres_options(timeouts)},
     )
 
 
-def _sqlite_engine(url: str) -> AsyncEngine:
-    engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+def postgres_options(timeouts: Timeouts) -> str:
+    """Session settings: a lock or a statement that waits longer fails (SQLSTATE 55P03 /
+    57014, an OperationalError mapped to StorageUnavailable below) instead of holding its
+    pooled connection for as long as another transaction likes."""
+    lock_ms, statement_ms = round(timeouts.lock * 1000), round(timeouts.statement * 1000)
+    return f"-c lock_timeout={lock_ms} -c statement_timeout={statement_ms}"
+
+
+def _sqlite_engine(url: str, timeouts: Timeouts) -> AsyncEngine:
+    engine = create_async_engine(
+        url, pool_timeout=timeouts.pool, connect_args={"timeout": timeouts.lock}
+    )
 
     @sa.event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -102,6 +126,9 @@ class SqlUnitOfWorkFactory:
                 await conn.begin()
                 uow = SqlUnitOfWork(conn, row_locks=not self._sqlite, cipher=self._cipher)
                 yield uow
+        except PoolTimeout as exc:
+            # Every pooled connection busy for pool_timeout: overloaded, not broken.
+            raise StorageUnavailable("no database connection free in time") from exc
         except (OperationalError, DBAPIError) as exc:
             if _is_connection_problem(exc):
                 raise StorageUnavailable("the database is unavailable") from exc

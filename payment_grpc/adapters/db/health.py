@@ -1,4 +1,9 @@
-"""Is the database reachable right now? Used by the gRPC health status."""
+"""Is the database reachable right now? Used by the gRPC health status.
+
+The probe never queues behind requests: on PostgreSQL it keeps one connection of its own
+(outside the request pool), so a pool saturated by calls waiting on a locked row does not
+turn readiness NOT_SERVING and take a replica that still serves out of the Service.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +12,41 @@ import asyncio
 import aiosqlite
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from payment_grpc.adapters.db.engine import Timeouts, is_sqlite, postgres_options
 
 PING_TIMEOUT_S = 2.0
 
 
-async def database_reachable(engine: AsyncEngine, url: str) -> bool:
-    try:
-        async with asyncio.timeout(PING_TIMEOUT_S):
-            if engine.dialect.name == "sqlite":
-                return await _sqlite_file_opens(url)
-            async with engine.connect() as conn:
-                await conn.execute(sa.text("SELECT 1"))
-    except Exception:
-        return False
-    return True
+class DatabaseProbe:
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._engine: AsyncEngine | None = None
+        if not is_sqlite(url):
+            timeouts = Timeouts(lock=PING_TIMEOUT_S, statement=PING_TIMEOUT_S)
+            self._engine = create_async_engine(
+                url,
+                pool_size=1,
+                max_overflow=0,
+                pool_timeout=PING_TIMEOUT_S,
+                connect_args={"options": postgres_options(timeouts)},
+            )
+
+    async def reachable(self) -> bool:
+        try:
+            async with asyncio.timeout(PING_TIMEOUT_S):
+                if self._engine is None:
+                    return await _sqlite_file_opens(self._url)
+                async with self._engine.connect() as conn:
+                    await conn.execute(sa.text("SELECT 1"))
+        except Exception:
+            return False
+        return True
+
+    async def close(self) -> None:
+        if self._engine is not None:
+            await self._engine.dispose()
 
 
 async def _sqlite_file_opens(url: str) -> bool:
