@@ -330,6 +330,7 @@ def build_application(settings: Settings) -> Application:
         health_interval_s=limits.health_check_interval_seconds,
         max_message_bytes=limits.max_message_bytes,
         max_metadata_bytes=limits.max_metadata_bytes,
+        max_streams=limits.max_streams,
         extra_interceptors=[
             AuthInterceptor(build_verifier(settings, auth_client)),
             *rate_limit(settings),

@@ -67,6 +67,10 @@ class ServerSettings(_Group):
     "auto" (the production profiles): one per available core on PostgreSQL, 1 on SQLite."""
     max_message_bytes: int = Field(1024 * 1024, ge=1024, validation_alias="MAX_MESSAGE_BYTES")
     """Largest request and response; list pages stop short of it."""
+    max_streams: int = Field(10_000, ge=1, validation_alias="MAX_STREAMS")
+    """Open server streams (WatchPaymentStatus) per process; one more is answered
+    RESOURCE_EXHAUSTED with RetryInfo. gRPC core's queue of calls not yet accepted is sized
+    from it (api/server.py)."""
     max_metadata_bytes: int = Field(128 * 1024, ge=8 * 1024, validation_alias="MAX_METADATA_BYTES")
     """Largest request metadata. Large enough that a hostile 100 KB token reaches auth and
     gets UNAUTHENTICATED; anything larger is RESOURCE_EXHAUSTED before any handler runs."""

@@ -17,6 +17,7 @@ from payments.v1 import payment_service_pb2, payment_service_pb2_grpc
 
 from payment_grpc.api.interceptors.guard import GuardInterceptor
 from payment_grpc.api.interceptors.observability import ObservabilityInterceptor, RpcMetrics
+from payment_grpc.api.interceptors.stream_limit import StreamLimitInterceptor
 from payment_grpc.api.servicer import PaymentServicer
 from payment_grpc.api.streams import StreamDrain
 
@@ -30,6 +31,22 @@ READINESS_NAMES = (SERVICE_NAME,)
 HEALTH_NAMES = (LIVENESS_NAME, *READINESS_NAMES)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+UNREQUESTED_CALL_LIMIT_S = 600  # longer than any deadline a caller of ours sets
+
+
+def pending_call_limits(max_streams: int) -> list[tuple[str, int]]:
+    """gRPC core queues calls that arrive faster than the event loop accepts them; past
+    1000 queued (its default) it cancels arrivals at random, and a call queued for 30 s is
+    cancelled too: 2,000 watchers opened at once lost 10-60% as CANCELLED, which clients
+    do not retry. The queue holds every stream our own limit admits, with room for the
+    unary calls arriving at the same moment, and a queued call waits until the caller's
+    own deadline says it is too late (clients see DEADLINE_EXCEEDED, not CANCELLED)."""
+    soft = max(2 * max_streams, 1000)
+    return [
+        ("grpc.server.max_pending_requests", soft),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * soft),
+        ("grpc.server_max_unrequested_time_in_server", UNREQUESTED_CALL_LIMIT_S),
+    ]
 
 
 ReadinessCheck = Callable[[], Awaitable[bool]]
@@ -46,6 +63,7 @@ class PaymentServer:
         health_interval_s: float,
         max_message_bytes: int,
         max_metadata_bytes: int,
+        max_streams: int = 10_000,
         extra_interceptors: Sequence[aio.ServerInterceptor[Any, Any]] = (),
         inner_interceptors: Sequence[aio.ServerInterceptor[Any, Any]] = (),
         reuse_port: bool = False,
@@ -66,10 +84,12 @@ class PaymentServer:
             ("grpc.max_metadata_size", max_metadata_bytes),
             ("grpc.absolute_max_metadata_size", max_metadata_bytes),
             ("grpc.so_reuseport", int(reuse_port)),
+            *pending_call_limits(max_streams),
         ]
         self.server = aio.server(
             interceptors=[
                 ObservabilityInterceptor(self.metrics),
+                StreamLimitInterceptor(max_streams),
                 self._streams,
                 *extra_interceptors,
                 GuardInterceptor(),

@@ -1,0 +1,69 @@
+"""A deliberate ceiling on open server streams (WatchPaymentStatus) per process.
+
+Past the ceiling a new stream is answered RESOURCE_EXHAUSTED with RetryInfo before its
+handler runs (clients retry it, possibly on another replica), never left to gRPC core's
+pending queue, which cancels calls at random when it overflows (CANCELLED, not retried).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from payment_grpc.api.errors import build_status
+from payment_grpc.api.interceptors.guard import abort_with
+from payment_grpc.api.interceptors.wrapping import (
+    ServerInterceptor,
+    Streaming,
+    Unary,
+    wrap_handler,
+)
+
+RETRY_AFTER_S = 1.0
+
+TOO_MANY_STREAMS = build_status(
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "this replica has as many open streams as it serves; retry",
+    "TOO_MANY_STREAMS",
+    retry_after_s=RETRY_AFTER_S,
+)
+
+
+class StreamLimitInterceptor(ServerInterceptor):
+    def __init__(self, max_streams: int) -> None:
+        self._max_streams = max_streams
+        self.open_streams = 0
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith("/payments.v1."):
+            return handler
+
+        def unary(behavior: Unary) -> Unary:
+            return behavior
+
+        def streaming(behavior: Streaming) -> Streaming:
+            async def limited(
+                request: Any, context: aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                if self.open_streams >= self._max_streams:
+                    await abort_with(context, TOO_MANY_STREAMS)
+                self.open_streams += 1  # one event loop: no lock needed
+                try:
+                    async for item in behavior(request, context):
+                        yield item
+                finally:
+                    self.open_streams -= 1
+
+            return limited
+
+        return wrap_handler(handler, unary, streaming)
