@@ -129,7 +129,7 @@ async def test_a_locked_payment_does_not_take_the_service_down(
 async def test_a_pool_timeout_is_storage_unavailable(settings: Settings) -> None:
     """Every pooled connection in use and none free in time: StorageUnavailable (the
     transport answers UNAVAILABLE with RetryInfo), not the pool's own TimeoutError."""
-    url = settings.database_url
+    url = settings.database.url
     engine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=0.1)
     uow = SqlUnitOfWorkFactory(engine, build_cipher(settings))
     try:
