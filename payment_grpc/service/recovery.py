@@ -23,6 +23,7 @@ from payment_grpc.domain.refund import Refund, RefundStatus
 from payment_grpc.service.charging import Charging
 from payment_grpc.service.context import SYSTEM
 from payment_grpc.service.deps import Deps, authorize_key
+from payment_grpc.service.errors import StorageUnavailable
 from payment_grpc.service.idempotency import IdempotencyKeys
 from payment_grpc.service.operations import (
     CANCEL,
@@ -83,11 +84,20 @@ class Recovery:
         self._pass_done = asyncio.Condition()
 
     async def run_forever(self, interval_s: float) -> None:
+        paused = False  # by a storage outage: said once when it starts, once when it ends
         while True:
             try:
                 await self.run_once()
+            except StorageUnavailable as outage:
+                if not paused:
+                    log.warning("recovery paused: %s; retrying every %ss", outage, interval_s)
+                paused = True
             except Exception:
                 log.exception("recovery pass failed; trying again next interval")
+            else:
+                if paused:
+                    log.info("recovery resumed: the database answers again")
+                paused = False
             await self._count_pass()
             await asyncio.sleep(interval_s)
 
@@ -119,6 +129,8 @@ class Recovery:
     async def _run_all(self, what: str, find: Callable[[], Awaitable[list[_Item]]]) -> int:
         try:
             items = await find()
+        except StorageUnavailable:
+            raise  # the whole pass waits for the database (run_forever says so once)
         except Exception:
             log.exception("recovery could not list %s; trying again next pass", what)
             return 0
@@ -127,6 +139,8 @@ class Recovery:
     async def _attempt(self, item: _Item) -> int:
         try:
             return int(await item.work())
+        except StorageUnavailable:
+            raise
         except ReportableError as exc:  # gateway errors too: retried next pass
             log.info("recovery: %s not finished yet: %s", item.label, exc)
         except Exception:
