@@ -54,3 +54,10 @@ def configure_logging(level: str, fmt: str) -> None:
     logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
     logging.getLogger("aiosqlite").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("psycopg").addFilter(_expected_cancellation)
+
+
+def _expected_cancellation(record: logging.LogRecord) -> bool:
+    """psycopg warns when a call cut at the end of the shutdown grace was inside a query;
+    the server already says in one line how many calls the grace cut (api/server.py)."""
+    return not str(record.msg).startswith("query cancellation interrupted")

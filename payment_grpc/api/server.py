@@ -164,6 +164,12 @@ class PaymentServer:
         await asyncio.sleep(0)  # let stop() close the listeners before we say so
         log.info("no longer accepting calls; draining in-flight calls for up to %ss", grace_s)
         await stopping
+        if self.metrics.in_flight:  # cut by the grace: their finally blocks run after this
+            log.warning(
+                "shutdown grace of %ss ran out: %d calls cancelled",
+                grace_s,
+                self.metrics.in_flight,
+            )
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()

@@ -34,6 +34,7 @@ class RpcMetrics:
     def __init__(self) -> None:
         self.calls: Counter[tuple[str, str]] = Counter()
         self.latency_s: defaultdict[str, float] = defaultdict(float)
+        self.in_flight = 0  # calls started and not finished (the shutdown grace counts them)
 
     def observe(self, method: str, code: str, seconds: float) -> None:
         self.calls[(method, code)] += 1
@@ -76,10 +77,12 @@ class ObservabilityInterceptor(ServerInterceptor):
         def start(context: aio.ServicerContext[Any, Any]) -> float:
             current_request.set(RequestContext(trace_id=trace_id))
             log.debug("rpc started", extra={"rpc_method": method, "trace_id": trace_id})
+            self._metrics.in_flight += 1
             return time.perf_counter()
 
         def finish(context: aio.ServicerContext[Any, Any], started: float) -> None:
             elapsed = time.perf_counter() - started
+            self._metrics.in_flight -= 1
             code = _code(context)
             self._metrics.observe(method, code, elapsed)
             log.info(
