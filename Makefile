@@ -72,8 +72,9 @@ typecheck: $(STAMP)
 migrate: $(RUNTIME_STAMP)
 	$(BIN)/payment-grpc migrate
 
+# Metrics on for a local run: http://127.0.0.1:9464/metrics (METRICS_PORT=... moves them).
 run: $(RUNTIME_STAMP)
-	$(BIN)/payment-grpc serve
+	METRICS_PORT=$${METRICS_PORT-9464} $(BIN)/payment-grpc serve
 
 # Envoy (HTTP/JSON on :8080) in front of a service already running on :8009 (make run).
 gateway: generate

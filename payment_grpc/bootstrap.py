@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
 
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from payment_grpc.adapters.auth.jwt_verifier import JwtVerifier
@@ -25,6 +27,7 @@ from payment_grpc.adapters.db.engine import SqlUnitOfWorkFactory, Timeouts, make
 from payment_grpc.adapters.db.health import DatabaseProbe
 from payment_grpc.adapters.faults import KillAtFaultPoint, NoFaults
 from payment_grpc.adapters.gateways.guarded import GuardedGateway, GuardPolicy
+from payment_grpc.adapters.gateways.instrumented import InstrumentedGateway
 from payment_grpc.adapters.gateways.simulated import (
     FailureMix,
     SimulatedGateway,
@@ -32,6 +35,7 @@ from payment_grpc.adapters.gateways.simulated import (
 )
 from payment_grpc.adapters.gateways.stripe.client import StripeConfig, StripeGateway
 from payment_grpc.adapters.gateways.stripe.webhook import StripeWebhookListener
+from payment_grpc.api.admin_servicer import AdminServicer
 from payment_grpc.api.interceptors.auth import AuthInterceptor
 from payment_grpc.api.interceptors.idempotency import IdempotencyInterceptor
 from payment_grpc.api.interceptors.json_fields import JsonFieldsInterceptor
@@ -40,6 +44,7 @@ from payment_grpc.api.responses import encode_answer, refusal_answer
 from payment_grpc.api.server import PaymentServer
 from payment_grpc.api.servicer import PaymentServicer
 from payment_grpc.config import Settings
+from payment_grpc.service.admin import Admin
 from payment_grpc.service.charging import Charging
 from payment_grpc.service.deps import Deps, Records
 from payment_grpc.service.gateway_events import GatewayEvents
@@ -55,6 +60,8 @@ from payment_grpc.service.ports import (
 from payment_grpc.service.queries import Queries
 from payment_grpc.service.recovery import Recovery
 from payment_grpc.service.settlements import Settlements
+from payment_grpc.telemetry.metrics import watch_pool
+from payment_grpc.telemetry.tracing import trace_database
 from payment_grpc.tls import server_credentials
 
 log = logging.getLogger(__name__)
@@ -290,6 +297,10 @@ def sync_after(settings: Settings) -> float:
 
 def build_application(settings: Settings) -> Application:
     engine = make_engine(settings.database.url, settings.database.pool_size, db_timeouts(settings))
+    watch_pool("payments", engine)
+    tracer_provider = trace.get_tracer_provider()
+    if isinstance(tracer_provider, TracerProvider):  # installed by `serve` when exporting
+        trace_database(engine, tracer_provider)
     bus = build_bus(settings)
     uow = SqlUnitOfWorkFactory(engine, build_cipher(settings), bus)
     fault_point = settings.recovery.fault_point
@@ -298,7 +309,7 @@ def build_application(settings: Settings) -> Application:
     records = Records(uow=uow, bus=bus, clock=clock, faults=faults)
     settlements = Settlements(records)  # the inbound port, given to the gateway adapter
     gateway = build_gateway(settings, settlements)
-    deps = Deps(uow=uow, bus=bus, clock=clock, faults=faults, gateway=gateway)
+    deps = Deps(uow=uow, bus=bus, clock=clock, faults=faults, gateway=InstrumentedGateway(gateway))
     keys = IdempotencyKeys(uow, clock, idempotency_policy(settings))
     charging = Charging(deps, settlements)
     operations = Operations(deps)
@@ -326,6 +337,7 @@ def build_application(settings: Settings) -> Application:
             max_message_bytes=limits.max_message_bytes,
             heartbeat_s=limits.watch_heartbeat_seconds,
         ),
+        admin_servicer=AdminServicer(Admin(deps)),
         dependencies_healthy=probe.reachable,
         health_interval_s=limits.health_check_interval_seconds,
         max_message_bytes=limits.max_message_bytes,

@@ -13,13 +13,21 @@ from payment_grpc import gateway_sim, reconcile_cli
 from payment_grpc.adapters.db.crypto import KeyConfigError
 from payment_grpc.config import Settings
 from payment_grpc.logging_setup import configure_logging
+from payment_grpc.telemetry.metrics import MetricsPortUnavailable
 
 log = logging.getLogger("payment_grpc")
 
 
 async def _serve(settings: Settings, on_ready: Callable[[], None]) -> None:
     from payment_grpc.bootstrap import build_application
+    from payment_grpc.telemetry.metrics import install_metrics
+    from payment_grpc.telemetry.tracing import install_tracing
 
+    instance_id = settings.server.instance_id
+    tracer_provider = install_tracing(instance_id)
+    metrics_endpoint = install_metrics(
+        settings.server.host, settings.telemetry.metrics_port, instance_id
+    )
     app = build_application(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -30,6 +38,10 @@ async def _serve(settings: Settings, on_ready: Callable[[], None]) -> None:
     await stop.wait()
     log.info("shutting down: health NOT_SERVING, draining in-flight calls")
     await app.stop()
+    if tracer_provider is not None:
+        await asyncio.to_thread(tracer_provider.shutdown)  # exports the spans still queued
+    if metrics_endpoint is not None:
+        metrics_endpoint.close()
     log.info("stopped")
 
 
@@ -177,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](settings)
     except KeyConfigError as exc:  # malformed ENCRYPTION_KEYS: refuse to start
         print(f"payment-grpc: invalid encryption keys: {exc}", file=sys.stderr)
+        return 2
+    except MetricsPortUnavailable as exc:
+        print(f"payment-grpc: cannot serve metrics: {exc}", file=sys.stderr)
         return 2
 
 

@@ -98,9 +98,10 @@ class LogSettings(_Group):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         "INFO", validation_alias="LOG_LEVEL"
     )
-    """Root log level; DEBUG also logs every RPC start."""
-    format: Literal["json", "text"] = Field("text", validation_alias="LOG_FORMAT")
-    """`json`: one JSON object per line."""
+    """Root log level; DEBUG also logs every RPC start and health checks."""
+    format: Literal["auto", "json", "text"] = Field("auto", validation_alias="LOG_FORMAT")
+    """`auto`: JSON when stderr is not a terminal (containers, pipes), text on a terminal;
+    `json` (one JSON object per line) or `text` force one."""
 
     @field_validator("level", mode="before")
     @classmethod
@@ -122,6 +123,13 @@ def _driver_url(value: object) -> object:
         known = ", ".join(sorted(DATABASE_DRIVERS))
         raise ValueError(f"unsupported database {url.drivername!r} (use one of: {known})")
     return url.set(drivername=driver).render_as_string(hide_password=False)
+
+
+class TelemetrySettings(_Group):
+    metrics_port: int | None = Field(None, ge=0, le=65535, validation_alias="METRICS_PORT")
+    """Prometheus `/metrics` on HOST:METRICS_PORT (with WORKERS > 1, worker i on
+    METRICS_PORT + i); unset: no metrics are collected. Traces are configured by the
+    standard OTEL_* variables (exported only when OTEL_EXPORTER_OTLP_ENDPOINT is set)."""
 
 
 class DatabaseSettings(_Group):
@@ -339,6 +347,7 @@ class Settings(BaseModel):
 
     server: ServerSettings = Field(default_factory=ServerSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     idempotency: IdempotencySettings = Field(default_factory=IdempotencySettings)

@@ -44,9 +44,17 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+def json_logs(fmt: str) -> bool:
+    """LOG_FORMAT: `json`, `text`, or `auto` (JSON unless stderr is a terminal, so a
+    container's log collector gets JSON and a developer's shell gets text)."""
+    if fmt == "auto":
+        return not sys.stderr.isatty()
+    return fmt == "json"
+
+
 def configure_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter() if json_logs(fmt) else TextFormatter())
     handler.addFilter(PanMaskingFilter())  # every logger's records pass the root handler
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -70,9 +70,12 @@ def worker_count(settings: Settings) -> int:
 def worker_settings(settings: Settings, index: int, count: int) -> Settings:
     """Worker `index`'s settings: its own INSTANCE_ID, WORKERS resolved (so the server
     binds with SO_REUSEPORT), no migration (the supervisor did it)."""
+    metrics_port = settings.telemetry.metrics_port
     return settings.replace(
         {
             "INSTANCE_ID": f"{settings.server.instance_id}-w{index}",
+            # Each worker serves its own metrics: METRICS_PORT + index (0: a free port).
+            "METRICS_PORT": metrics_port and metrics_port + index,
             "WORKERS": count,
             "MIGRATE_ON_START": False,
         }

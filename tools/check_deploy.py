@@ -59,6 +59,7 @@ CONFIG_CHECKSUM_ANNOTATION = "payments.internal/envoy-config-sha256"
 ENVOY_CONFIGMAP_NAME = "payment-gateway-envoy"
 ENVOY_CONFIG_KEY = "envoy.yaml"
 SERVICE_NAME = "payments.v1.PaymentService"
+TRANSCODED = [SERVICE_NAME, "payments.v1.AdminService"]
 NAMESPACE = "payments"
 QUANTITY = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei|[eE][+-]?\d+)?")
 # Manifests that `kubectl apply -k k8s/` must not apply (see kustomization.yaml).
@@ -221,8 +222,8 @@ def envoy_consistency(report: Report) -> None:
     problems += edge_hardening(k8s_hcm, "envoy.yaml") + edge_hardening(
         local_hcm, "envoy.local.yaml"
     )
-    if k8s_tc.get("services") != [SERVICE_NAME]:
-        problems.append(f"transcoder services != [{SERVICE_NAME}]")
+    if k8s_tc.get("services") != TRANSCODED:
+        problems.append(f"transcoder services != {TRANSCODED}")
     for config, name in ((k8s, "envoy.yaml"), (local, "envoy.local.yaml")):
         cluster, _ = cluster_endpoint(config)
         hc = [h["grpc_health_check"].get("service_name") for h in cluster.get("health_checks", [])]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -51,6 +51,10 @@ def timestamp(at: datetime) -> Timestamp:
     ts = Timestamp()
     ts.FromDatetime(at)
     return ts
+
+
+def datetime_of(stamp: Timestamp) -> datetime:
+    return stamp.ToDatetime(UTC)
 
 
 def method_from_pb(method: pb.PaymentMethod) -> PaymentMethod:

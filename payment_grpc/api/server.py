@@ -13,10 +13,16 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from payments.v1 import payment_service_pb2, payment_service_pb2_grpc
+from payments.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
+    payment_service_pb2,
+    payment_service_pb2_grpc,
+)
 
+from payment_grpc.api.admin_servicer import AdminServicer
 from payment_grpc.api.interceptors.guard import GuardInterceptor
-from payment_grpc.api.interceptors.observability import ObservabilityInterceptor, RpcMetrics
+from payment_grpc.api.interceptors.observability import InFlight, ObservabilityInterceptor
 from payment_grpc.api.interceptors.stream_limit import StreamLimitInterceptor
 from payment_grpc.api.servicer import PaymentServicer
 from payment_grpc.api.streams import StreamDrain
@@ -29,6 +35,7 @@ SERVICE_NAME = payment_service_pb2.DESCRIPTOR.services_by_name["PaymentService"]
 LIVENESS_NAME = ""
 READINESS_NAMES = (SERVICE_NAME,)
 HEALTH_NAMES = (LIVENESS_NAME, *READINESS_NAMES)
+ADMIN_SERVICE_NAME = admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 UNREQUESTED_CALL_LIMIT_S = 600  # longer than any deadline a caller of ours sets
@@ -59,6 +66,7 @@ class PaymentServer:
         self,
         servicer: PaymentServicer,
         *,
+        admin_servicer: AdminServicer,
         dependencies_healthy: Callable[[], Awaitable[bool]],
         health_interval_s: float,
         max_message_bytes: int,
@@ -72,7 +80,7 @@ class PaymentServer:
         `inner_interceptors` after it, next to the handler (idempotency). `reuse_port`:
         sibling worker processes share the port (WORKERS > 1); otherwise a taken port is
         an error, not a silent second server."""
-        self.metrics = RpcMetrics()
+        self.metrics = InFlight()  # calls in flight, for the shutdown warning
         self.health = HealthServicer()
         self._readiness_checks: list[ReadinessCheck] = [dependencies_healthy]
         self._streams = StreamDrain()
@@ -98,10 +106,12 @@ class PaymentServer:
             options=options,
         )
         payment_service_pb2_grpc.add_PaymentServiceServicer_to_server(servicer, self.server)
+        admin_service_pb2_grpc.add_AdminServiceServicer_to_server(admin_servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)  # type: ignore[no-untyped-call]
         reflection.enable_server_reflection(
             (
                 SERVICE_NAME,
+                ADMIN_SERVICE_NAME,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),

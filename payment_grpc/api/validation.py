@@ -21,8 +21,12 @@ def _echoed_key(key: str) -> str:
 
 
 def _field_path(violation: object) -> str:
+    """The field's path; "" for a rule on the whole message (e.g. a time window)."""
+    field = violation.proto.field  # type: ignore[attr-defined]
+    if field is None:
+        return ""
     parts: list[str] = []
-    for element in violation.proto.field.elements:  # type: ignore[attr-defined]
+    for element in field.elements:
         part = element.field_name
         subscript = element.subscript
         if subscript is not None and subscript.value is not None:

@@ -52,6 +52,11 @@ SETTLED_STATUSES = FINAL_STATUSES | {S.CAPTURED, S.PARTIALLY_REFUNDED}
 CAPTURED_STATUSES = frozenset({S.CAPTURED, S.PARTIALLY_REFUNDED, S.REFUNDED})
 # Statuses in which the gateway holds (or held, then captured) the authorization.
 AUTHORIZED_STATUSES = CAPTURED_STATUSES | {S.AUTHORIZED}
+# What an operator may settle a stuck payment to by hand (AdminService.ResolvePayment),
+# always along TRANSITIONS: PENDING -> CANCELED, PROCESSING -> CAPTURED | FAILED,
+# AUTHORIZED -> CANCELED.
+RESOLUTION_STATUSES = frozenset({S.CAPTURED, S.FAILED, S.CANCELED})
+RESOLVED_MANUALLY = "resolved_manually"
 # Statuses that free the order for a new charge.
 INACTIVE_STATUSES = frozenset({S.FAILED, S.CANCELED})
 
@@ -118,6 +123,7 @@ class PaymentEvent:
     actor: str
     trace_id: str
     occurred_at: datetime
+    reason: str = ""  # why, for changes made by hand (ResolvePayment)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +196,24 @@ class Payment:
         trail and the watchers learn of it; no money moves."""
         moved = replace(self, sequence=self.sequence + 1, updated_at=at)
         return moved, moved._event(self.status, actor, trace_id, at)
+
+    def resolve(
+        self, to: PaymentStatus, *, actor: str, trace_id: str, at: datetime, reason: str
+    ) -> tuple[Payment, PaymentEvent]:
+        """Settle a stuck payment by hand, only to a resolution status the transition
+        table allows from here; a claimed gateway operation is given up (the operator
+        decided its outcome)."""
+        if to not in RESOLUTION_STATUSES:
+            raise IllegalTransition("resolve", self.status.value)
+        changes: dict[str, object] = {"in_flight": ""}
+        if to is S.CAPTURED:
+            changes["captured_minor"] = self.amount.amount_minor
+        if to is S.FAILED:
+            changes["failure"] = Failure(RESOLVED_MANUALLY, "settled by an operator")
+        moved, event = self.transition(
+            to, action="resolve", actor=actor, trace_id=trace_id, at=at, **changes
+        )
+        return moved, replace(event, reason=reason)
 
     def check_invariants(self) -> None:
         if not (

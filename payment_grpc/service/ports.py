@@ -16,6 +16,7 @@ from payment_grpc.domain.payment import (
     Payment,
     PaymentEvent,
     PaymentMethod,
+    PaymentMethodType,
     PaymentStatus,
 )
 from payment_grpc.domain.refund import Refund
@@ -187,6 +188,19 @@ class PageCursor:
     last_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class StatsGroup:
+    """Payments with one status, method type and currency: how many, and their sums."""
+
+    status: PaymentStatus
+    method_type: PaymentMethodType
+    currency: str
+    payment_count: int
+    amount_minor: int
+    captured_minor: int
+    refunded_minor: int
+
+
 class PaymentRepository(Protocol):
     async def add(self, payment: Payment, events: Sequence[PaymentEvent]) -> None:
         """Insert; raises ActivePaymentExists if the order already has a live payment."""
@@ -210,6 +224,10 @@ class PaymentRepository(Protocol):
 
     async def authorized_before(self, created_before: datetime, limit: int) -> list[Payment]:
         """AUTHORIZED payments with nothing in flight, created before the cutoff."""
+        ...
+
+    async def stats(self, start: datetime, end: datetime) -> list[StatsGroup]:
+        """Groups of the payments created in [start, end), by currency, status, method."""
         ...
 
     async def stale(self, updated_before: datetime, limit: int) -> list[Payment]:

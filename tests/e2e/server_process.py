@@ -20,7 +20,8 @@ from payment_grpc.adapters.db.engine import make_engine
 from payment_grpc.adapters.db.tables import payment_events, payments, refunds
 from tests.helpers import TEST_JWT_SECRET
 
-LISTENING = re.compile(r"payment-grpc listening.*port=(\d+)")
+# Text (`port=N`) or JSON (`"port": N`) log lines.
+LISTENING = re.compile(r'payment-grpc listening.*\bport"?[=:] ?(\d+)')
 
 
 def server_env(database_url: str, tmp_path: pathlib.Path, **extra: str) -> dict[str, str]:
@@ -39,6 +40,7 @@ def server_env(database_url: str, tmp_path: pathlib.Path, **extra: str) -> dict[
         "FAULT_POINT": "",
         "SHUTDOWN_GRACE_SECONDS": "5",
         "JWT_SECRET_KEY": TEST_JWT_SECRET,
+        "LOG_FORMAT": "text",  # the tests read its lines; unset it would be JSON (a pipe)
         **extra,
     }
 

@@ -7,8 +7,10 @@ import base64
 import json
 import logging
 import pathlib
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -305,3 +307,31 @@ async def test_an_event_source_authenticates_with_an_access_token_parameter(
     # Only the watch takes a token in the URL.
     response = await gateway.get(f"/v1/payments/{payment_id}?access_token={bearer}")
     assert response.status == 400
+
+
+async def test_admin_api_is_transcoded_under_v1_admin(gateway: Gateway) -> None:
+    charged = ok_json(
+        await gateway.post("/v1/payments:charge", charge_body(order_id()), browser_headers())
+    )
+    payment_id = charged["payment"]["payment_id"]
+    trail = ok_json(await gateway.get(f"/v1/admin/payments/{payment_id}/events", browser_headers()))
+    assert [e["event"]["status"] for e in trail["entries"]] == [
+        "PAYMENT_STATUS_PENDING",
+        "PAYMENT_STATUS_PROCESSING",
+        "PAYMENT_STATUS_CAPTURED",
+    ]
+    assert trail["entries"][0]["actor"] == "svc-tests"
+    now = datetime.now(UTC)
+    start, end = (now - timedelta(hours=1)).isoformat(), (now + timedelta(hours=1)).isoformat()
+    query = urllib.parse.urlencode({"start_time": start, "end_time": end})
+    stats = ok_json(await gateway.get(f"/v1/admin/payments:stats?{query}", browser_headers()))
+    assert stats["groups"][0]["payment_count"] == "1"  # int64: a JSON string
+    refused = await gateway.post(
+        f"/v1/admin/payments/{payment_id}:resolve",
+        {"status": "PAYMENT_STATUS_FAILED", "reason": "OPS-1: not allowed"},
+        browser_headers(),
+    )
+    body = error_json(refused, 400, 9)
+    assert body["by_type"]["type.googleapis.com/google.rpc.ErrorInfo"]["reason"] == (
+        "PAYMENT_UNEXPECTED_STATE"
+    )

@@ -27,6 +27,7 @@ from payment_grpc.adapters.auth.jwt_verifier import CUSTOMER_SCOPES
 from payment_grpc.service.errors import AuthUnavailable, Unauthenticated
 from payment_grpc.service.limits import MAX_CUSTOMER_ID_LENGTH, storable_text
 from payment_grpc.service.ports import Clock, Principal, TokenVerifier
+from payment_grpc.telemetry.client import tracing_interceptors
 
 TRANSIENT = frozenset(
     {
@@ -52,7 +53,7 @@ class AuthServiceClient:
     def __init__(
         self, target: str, *, timeout_s: float = 1.0, attempts: int = 3, backoff_s: float = 0.05
     ) -> None:
-        self._channel = aio.insecure_channel(target)
+        self._channel = aio.insecure_channel(target, interceptors=tracing_interceptors())
         self._stub = auth_service_pb2_grpc.AuthServiceStub(self._channel)
         self._timeout_s = timeout_s
         self._attempts = attempts

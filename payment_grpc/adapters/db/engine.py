@@ -7,7 +7,7 @@ way SELECT ... FOR UPDATE makes them on PostgreSQL.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -21,9 +21,11 @@ from payment_grpc.adapters.db.crypto import FieldCipher
 from payment_grpc.adapters.db.gateway_events import SqlGatewayEventRepository
 from payment_grpc.adapters.db.idempotency import SqlIdempotencyRepository
 from payment_grpc.adapters.db.repositories import SqlPaymentRepository, SqlRefundRepository
-from payment_grpc.domain.payment import PaymentEvent
+from payment_grpc.domain.payment import Payment, PaymentEvent
+from payment_grpc.domain.refund import Refund
 from payment_grpc.service.errors import StorageUnavailable
 from payment_grpc.service.ports import StatusBus
+from payment_grpc.telemetry.metrics import REFUNDS, STATUS_CHANGES
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +103,33 @@ class SqlUnitOfWork:
         # transactional outbox (issue 9) adds its rows for `self.events` here, before COMMIT.
         await self._conn.commit()
         self.committed = True
+        count_committed(self.payments.changed, self.refunds.changed)
         for action in self._on_commit:
             action()
+
+
+def count_committed(
+    payments: Sequence[tuple[Payment, Sequence[PaymentEvent]]], refunds: Sequence[Refund]
+) -> None:
+    """payments.status_changes and payments.refunds for what this transaction committed."""
+    for payment, events in payments:
+        for event in events:
+            STATUS_CHANGES.add(
+                1,
+                {
+                    "payments.status": event.status.value,
+                    "payments.method": payment.method.type.value,
+                    "payments.currency": event.amount.currency,
+                },
+            )
+    for refund in refunds:
+        REFUNDS.add(
+            1,
+            {
+                "payments.refund.status": refund.status.value,
+                "payments.currency": refund.amount.currency,
+            },
+        )
 
 
 class SqlUnitOfWorkFactory:

@@ -21,10 +21,16 @@ from payment_grpc.adapters.db.rows import (
 )
 from payment_grpc.adapters.db.tables import payment_events, payments, refunds
 from payment_grpc.domain.errors import ActivePaymentExists, PaymentNotFound, RefundNotFound
-from payment_grpc.domain.payment import INACTIVE_STATUSES, Payment, PaymentEvent, PaymentStatus
+from payment_grpc.domain.payment import (
+    INACTIVE_STATUSES,
+    Payment,
+    PaymentEvent,
+    PaymentMethodType,
+    PaymentStatus,
+)
 from payment_grpc.domain.refund import Refund, RefundStatus
 from payment_grpc.service.errors import ConcurrentModification
-from payment_grpc.service.ports import PageCursor, PaymentFilter
+from payment_grpc.service.ports import PageCursor, PaymentFilter, StatsGroup
 
 _INACTIVE = [s.value for s in INACTIVE_STATUSES]
 
@@ -58,6 +64,8 @@ class SqlPaymentRepository:
         self._row_locks = row_locks
         self._cipher = cipher
         self._written = [] if written is None else written
+        # (payment, its events) written in this transaction: counted once it commits.
+        self.changed: list[tuple[Payment, Sequence[PaymentEvent]]] = []
 
     async def add(self, payment: Payment, events: Sequence[PaymentEvent]) -> None:
         try:
@@ -69,6 +77,7 @@ class SqlPaymentRepository:
                 raise
             raise ActivePaymentExists(payment.order_id, existing.payment_id) from exc
         await self._insert_events(events)
+        self.changed.append((payment, events))
 
     async def get(self, payment_id: str, *, for_update: bool = False) -> Payment:
         query = _LOCK_PAYMENT if for_update and self._row_locks else _SELECT_PAYMENT
@@ -90,6 +99,7 @@ class SqlPaymentRepository:
         if result.rowcount != 1:
             raise ConcurrentModification(f"payment {before.payment_id} changed concurrently")
         await self._insert_events(events)
+        self.changed.append((after, events))
 
     async def _insert_events(self, events: Sequence[PaymentEvent]) -> None:
         if events:
@@ -146,6 +156,35 @@ class SqlPaymentRepository:
         rows = (await self._conn.execute(query)).mappings().all()
         return [row_to_payment(r, self._cipher) for r in rows]
 
+    async def stats(self, start: datetime, end: datetime) -> list[StatsGroup]:
+        groups = (payments.c.currency, payments.c.status, payments.c.method_type)
+        query = (
+            sa.select(
+                *groups,
+                sa.func.count(),
+                sa.func.sum(payments.c.amount_minor),
+                sa.func.sum(payments.c.captured_minor),
+                sa.func.sum(payments.c.refunded_minor),
+            )
+            .where(payments.c.created_at >= start, payments.c.created_at < end)
+            .group_by(*groups)
+            .order_by(*groups)
+        )
+        return [
+            StatsGroup(
+                status=PaymentStatus(status),
+                method_type=PaymentMethodType(method_type),
+                currency=currency,
+                payment_count=int(count),
+                amount_minor=int(amount),  # PostgreSQL sums bigint as numeric
+                captured_minor=int(captured),
+                refunded_minor=int(refunded),
+            )
+            for currency, status, method_type, count, amount, captured, refunded in (
+                await self._conn.execute(query)
+            )
+        ]
+
     async def stale(self, updated_before: datetime, limit: int) -> list[Payment]:
         query = (
             sa.select(payments)
@@ -166,14 +205,17 @@ class SqlPaymentRepository:
 class SqlRefundRepository:
     def __init__(self, conn: AsyncConnection) -> None:
         self._conn = conn
+        self.changed: list[Refund] = []  # counted once the transaction commits
 
     async def add(self, refund: Refund) -> None:
         await self._conn.execute(_INSERT_REFUND, refund_to_row(refund))
+        self.changed.append(refund)
 
     async def save(self, refund: Refund) -> None:
         await self._conn.execute(
             _UPDATE_REFUND, {**refund_to_row(refund), "b_id": refund.refund_id}
         )
+        self.changed.append(refund)
 
     async def get(self, refund_id: str) -> Refund:
         row = (await self._conn.execute(_SELECT_REFUND, {"b_id": refund_id})).mappings().first()

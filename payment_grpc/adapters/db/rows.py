@@ -166,6 +166,7 @@ def event_to_row(e: PaymentEvent) -> dict[str, Any]:
         "actor": e.actor,
         "trace_id": e.trace_id,
         "occurred_at": e.occurred_at,
+        "reason": e.reason or None,
     }
 
 
@@ -183,6 +184,7 @@ def row_to_event(row: RowMapping) -> PaymentEvent:
         actor=row["actor"],
         trace_id=row["trace_id"],
         occurred_at=row["occurred_at"],
+        reason=row["reason"] or "",
     )
 
 

@@ -111,6 +111,7 @@ payment_events = sa.Table(
     sa.Column("actor", sa.String(255), nullable=False),
     sa.Column("trace_id", sa.String(32), nullable=False),
     sa.Column("occurred_at", UtcDateTime, nullable=False),
+    sa.Column("reason", sa.String(500)),  # changes made by hand (ResolvePayment)
 )
 
 refunds = sa.Table(

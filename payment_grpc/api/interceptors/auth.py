@@ -29,6 +29,7 @@ from payment_grpc.service.ports import Principal, TokenVerifier
 
 ADMIN = "payments.admin"
 SERVICE = "/payments.v1.PaymentService/"
+OUR_SERVICES = "/payments.v1."  # PaymentService and AdminService (anything else: open)
 REQUIRED_SCOPE = {
     "Charge": "payments.charge",
     "CapturePayment": "payments.charge",
@@ -70,7 +71,7 @@ class AuthInterceptor(ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(SERVICE):
+        if handler is None or not details.method.startswith(OUR_SERVICES):
             return handler
         method, metadata = details.method, details.invocation_metadata
 

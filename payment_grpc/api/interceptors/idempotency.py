@@ -24,6 +24,7 @@ from grpc import aio
 from payment_grpc.api.context import KeyedExecution, Response, current_execution, current_request
 from payment_grpc.api.errors import code_for
 from payment_grpc.api.interceptors.guard import abort_with
+from payment_grpc.api.interceptors.observability import mark_replayed, split_method
 from payment_grpc.api.interceptors.wrapping import (
     ServerInterceptor,
     Streaming,
@@ -33,10 +34,15 @@ from payment_grpc.api.interceptors.wrapping import (
 from payment_grpc.api.responses import BUILDERS, OPERATIONS, refusal_answer
 from payment_grpc.domain.errors import ReportableError
 from payment_grpc.pan_masking import looks_like_card_number
-from payment_grpc.service.errors import InvalidIdempotencyKey
+from payment_grpc.service.errors import (
+    IdempotencyKeyInUse,
+    IdempotencyKeyReused,
+    InvalidIdempotencyKey,
+)
 from payment_grpc.service.idempotency import Checkpoint, IdempotencyKeys
 from payment_grpc.service.limits import MAX_IDEMPOTENCY_KEY_LENGTH
 from payment_grpc.service.ports import KeyRecord, StoredAnswer
+from payment_grpc.telemetry.metrics import IDEMPOTENCY_CONFLICTS, IDEMPOTENCY_REPLAYS
 
 HEADER = "idempotency-key"
 REPLAYED = (("idempotent-replayed", "true"),)
@@ -79,6 +85,7 @@ class _ReplayedStatus:
 
 
 async def _replay(answer: StoredAnswer, context: aio.ServicerContext[Any, Any]) -> bytes:
+    mark_replayed()
     if answer.code == 0:
         await context.send_initial_metadata(REPLAYED)
         return answer.body  # the exact bytes first sent; serialized as they are
@@ -109,16 +116,22 @@ class IdempotencyInterceptor(ServerInterceptor):
             return handler
         method = details.method
         operation = OPERATIONS[method]
+        rpc = dict(zip(("rpc.service", "rpc.method"), split_method(method), strict=True))
         raw_key = dict(details.invocation_metadata or ()).get(HEADER)
 
         def unary(behavior: Unary) -> Unary:
             async def keyed(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
                 key = valid_key(raw_key)
                 scope = current_request.get().subject
-                claimed = await self._keys.begin(
-                    scope, operation, key, fingerprint(method, request)
-                )
+                try:
+                    claimed = await self._keys.begin(
+                        scope, operation, key, fingerprint(method, request)
+                    )
+                except (IdempotencyKeyReused, IdempotencyKeyInUse) as conflict:
+                    IDEMPOTENCY_CONFLICTS.add(1, {**rpc, "reason": conflict.reason})
+                    raise
                 if isinstance(claimed, StoredAnswer):
+                    IDEMPOTENCY_REPLAYS.add(1, rpc)
                     return await _replay(claimed, context)
                 response = Response(BUILDERS[operation])
                 execution = KeyedExecution(
