@@ -18,13 +18,19 @@ from payment_grpc.adapters.auth.jwt_verifier import JwtVerifier
 from payment_grpc.adapters.auth.keys import JwksFileKeys, PublicKeys, RemoteKeys
 from payment_grpc.adapters.auth.secrets import load_or_create_secret
 from payment_grpc.adapters.auth.verified_cache import CachedVerifier
+from payment_grpc.adapters.broker.nats_sink import NatsEventSink
 from payment_grpc.adapters.bus.memory import InProcessStatusBus
 from payment_grpc.adapters.bus.postgres import PostgresStatusBus
 from payment_grpc.adapters.clients.auth_client import AuthServiceClient, AuthServiceVerifier
+from payment_grpc.adapters.clients.order_client import OrderNotificationSink, OrderServiceClient
+from payment_grpc.adapters.clients.resilience import CallPolicy
 from payment_grpc.adapters.clock import SystemClock
 from payment_grpc.adapters.db.crypto import FieldCipher, generated_key
 from payment_grpc.adapters.db.engine import SqlUnitOfWorkFactory, Timeouts, make_engine
+from payment_grpc.adapters.db.event_log import EventLog
+from payment_grpc.adapters.db.feed import SqlPaymentFeed
 from payment_grpc.adapters.db.health import DatabaseProbe
+from payment_grpc.adapters.db.outbox import OutboxWriter, SqlOutboxStore
 from payment_grpc.adapters.faults import KillAtFaultPoint, NoFaults
 from payment_grpc.adapters.gateways.guarded import GuardedGateway, GuardPolicy
 from payment_grpc.adapters.gateways.instrumented import InstrumentedGateway
@@ -36,6 +42,7 @@ from payment_grpc.adapters.gateways.simulated import (
 from payment_grpc.adapters.gateways.stripe.client import StripeConfig, StripeGateway
 from payment_grpc.adapters.gateways.stripe.webhook import StripeWebhookListener
 from payment_grpc.api.admin_servicer import AdminServicer
+from payment_grpc.api.events import encode_event
 from payment_grpc.api.interceptors.auth import AuthInterceptor
 from payment_grpc.api.interceptors.idempotency import IdempotencyInterceptor
 from payment_grpc.api.interceptors.json_fields import JsonFieldsInterceptor
@@ -47,10 +54,13 @@ from payment_grpc.config import Settings
 from payment_grpc.service.admin import Admin
 from payment_grpc.service.charging import Charging
 from payment_grpc.service.deps import Deps, Records
+from payment_grpc.service.feed import ChangeFeed
 from payment_grpc.service.gateway_events import GatewayEvents
 from payment_grpc.service.idempotency import IdempotencyKeys, IdempotencyPolicy
 from payment_grpc.service.operations import Operations
+from payment_grpc.service.outbox import Relay, RelayPolicy
 from payment_grpc.service.ports import (
+    EventSink,
     GatewayNews,
     Lifecycle,
     PaymentGateway,
@@ -62,7 +72,7 @@ from payment_grpc.service.recovery import Recovery
 from payment_grpc.service.settlements import Settlements
 from payment_grpc.telemetry.metrics import watch_pool
 from payment_grpc.telemetry.tracing import trace_database
-from payment_grpc.tls import server_credentials
+from payment_grpc.tls import client_channel, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +97,12 @@ class Application:
     auth_client: AuthServiceClient | None = None
     webhooks: StripeWebhookListener | None = None
     probe: DatabaseProbe | None = None
+    order_client: OrderServiceClient | None = None
+    relay: Relay | None = None
+    servicer: PaymentServicer | None = None
     port: int = 0
     _recovery_task: asyncio.Task[None] | None = None
+    _relay_task: asyncio.Task[None] | None = None
 
     def _adapters(self) -> list[Lifecycle]:
         """Started in this order before serving, closed in the reverse after."""
@@ -106,6 +120,9 @@ class Application:
         self._recovery_task = asyncio.create_task(
             self.recovery.run_forever(self.settings.recovery.interval_seconds)
         )
+        if self.relay is not None:
+            await self.relay.start_sinks()
+            self._relay_task = asyncio.create_task(self.relay.run_forever())
         log.info(
             "payment-grpc listening",
             extra={"port": self.port, "instance_id": self.settings.server.instance_id},
@@ -122,10 +139,18 @@ class Application:
             self._recovery_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._recovery_task
+        if self._relay_task is not None:
+            self._relay_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._relay_task
+        if self.relay is not None:
+            await self.relay.close_sinks()
         for adapter in reversed(self._adapters()):
             await adapter.close()
         if self.auth_client is not None:
             await self.auth_client.close()
+        if self.order_client is not None:
+            await self.order_client.close()
         await self.engine.dispose()
         if self.probe is not None:
             await self.probe.close()
@@ -192,6 +217,60 @@ def build_auth_client(settings: Settings) -> AuthServiceClient | None:
     if not auth.addr:
         return None
     return AuthServiceClient(auth.addr, timeout_s=auth.timeout_seconds)
+
+
+def build_order_client(settings: Settings) -> OrderServiceClient | None:
+    orders = settings.orders
+    if not orders.addr:
+        return None
+    channel = client_channel(
+        orders.addr,
+        ca_file=orders.tls_ca_file,
+        cert_file=orders.tls_cert_file,
+        key_file=orders.tls_key_file,
+        server_name=orders.tls_server_name,
+    )
+    policy = CallPolicy(
+        timeout_s=orders.timeout_seconds,
+        attempts=orders.attempts,
+        breaker_threshold=orders.breaker_threshold,
+        breaker_reset_s=orders.breaker_reset_seconds,
+    )
+    return OrderServiceClient(channel, policy)
+
+
+def build_sinks(settings: Settings, orders: OrderServiceClient | None) -> list[EventSink]:
+    sinks: list[EventSink] = []
+    if orders is not None:
+        sinks.append(OrderNotificationSink(orders))
+    events = settings.events
+    if events.nats_url:
+        sinks.append(
+            NatsEventSink(
+                events.nats_url, stream=events.nats_stream, prefix=events.nats_subject_prefix
+            )
+        )
+    return sinks
+
+
+def build_relay(
+    settings: Settings, engine: AsyncEngine, sinks: list[EventSink]
+) -> tuple[Relay, OutboxWriter] | None:
+    """The outbox relay and the writer of its rows; None when no sink is configured."""
+    if not sinks:
+        return None
+    events = settings.events
+    policy = RelayPolicy(
+        batch_size=events.outbox_batch_size,
+        lease=timedelta(seconds=events.outbox_lease_seconds),
+        poll=timedelta(seconds=events.outbox_poll_seconds),
+        backoff_initial=timedelta(seconds=events.outbox_backoff_initial_seconds),
+        backoff_max=timedelta(seconds=events.outbox_backoff_max_seconds),
+        max_attempts=events.outbox_max_attempts,
+    )
+    relay = Relay(SqlOutboxStore(engine), sinks, SystemClock(), policy, settings.server.instance_id)
+    writer = OutboxWriter([(s.name, s.wants) for s in sinks], relay.wake)
+    return relay, writer
 
 
 def build_verifier(settings: Settings, client: AuthServiceClient | None) -> TokenVerifier:
@@ -302,7 +381,11 @@ def build_application(settings: Settings) -> Application:
     if isinstance(tracer_provider, TracerProvider):  # installed by `serve` when exporting
         trace_database(engine, tracer_provider)
     bus = build_bus(settings)
-    uow = SqlUnitOfWorkFactory(engine, build_cipher(settings), bus)
+    order_client = build_order_client(settings)
+    outbox = build_relay(settings, engine, build_sinks(settings, order_client))
+    relay, writer = outbox if outbox is not None else (None, None)
+    event_log = EventLog(encode_event, writer)
+    uow = SqlUnitOfWorkFactory(engine, build_cipher(settings), bus, event_log)
     fault_point = settings.recovery.fault_point
     faults = KillAtFaultPoint(fault_point) if fault_point else NoFaults()
     clock = SystemClock()
@@ -311,7 +394,7 @@ def build_application(settings: Settings) -> Application:
     gateway = build_gateway(settings, settlements)
     deps = Deps(uow=uow, bus=bus, clock=clock, faults=faults, gateway=InstrumentedGateway(gateway))
     keys = IdempotencyKeys(uow, clock, idempotency_policy(settings))
-    charging = Charging(deps, settlements)
+    charging = Charging(deps, settlements, order_client)
     operations = Operations(deps)
     recovery = Recovery(
         deps,
@@ -329,14 +412,17 @@ def build_application(settings: Settings) -> Application:
 
     auth_client = build_auth_client(settings)
     limits = settings.server
+    servicer = PaymentServicer(
+        charging,
+        operations,
+        Queries(deps),
+        max_message_bytes=limits.max_message_bytes,
+        feed=ChangeFeed(SqlPaymentFeed(engine), bus),
+        send_timeout_s=settings.events.watch_send_timeout_seconds,
+        heartbeat_s=limits.watch_heartbeat_seconds,
+    )
     server = PaymentServer(
-        PaymentServicer(
-            charging,
-            operations,
-            Queries(deps),
-            max_message_bytes=limits.max_message_bytes,
-            heartbeat_s=limits.watch_heartbeat_seconds,
-        ),
+        servicer,
         admin_servicer=AdminServicer(Admin(deps)),
         dependencies_healthy=probe.reachable,
         health_interval_s=limits.health_check_interval_seconds,
@@ -353,7 +439,18 @@ def build_application(settings: Settings) -> Application:
         != 1,  # a worker of a supervisor (payment_grpc/workers.py)
     )
     app = Application(
-        settings, engine, gateway, bus, keys, server, recovery, auth_client, probe=probe
+        settings,
+        engine,
+        gateway,
+        bus,
+        keys,
+        server,
+        recovery,
+        auth_client,
+        order_client=order_client,
+        relay=relay,
+        servicer=servicer,
+        probe=probe,
     )
     server.add_readiness_check(gateway_ready(gateway))
     app.webhooks = build_webhooks(settings, gateway, GatewayEvents(records, settlements))

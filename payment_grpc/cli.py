@@ -1,4 +1,5 @@
-"""`payment-grpc serve | migrate | probe` (also `python -m payment_grpc`)."""
+"""`payment-grpc serve | migrate | probe | token | rotate-keys | outbox`
+(also `python -m payment_grpc`)."""
 
 from __future__ import annotations
 
@@ -141,6 +142,34 @@ def rotate_keys(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if all(r.left == 0 and not r.unreadable for r in reports) else 1
 
 
+def outbox(settings: Settings, args: argparse.Namespace) -> int:
+    """`outbox list`: undelivered (or, with --all, every) outbox row, oldest first;
+    `outbox retry [ID ...]`: give parked rows (these, or all) a fresh set of attempts."""
+    return asyncio.run(_outbox(settings, args))
+
+
+async def _outbox(settings: Settings, args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from payment_grpc.adapters.db.engine import make_engine
+    from payment_grpc.adapters.db.outbox import DELIVERED, PARKED, PENDING, SqlOutboxStore
+
+    engine = make_engine(settings.database.url, pool_size=1)
+    store = SqlOutboxStore(engine)
+    try:
+        if args.outbox_command == "retry":
+            count = await store.retry_parked(args.ids, datetime.now(UTC))
+            print(f"{count} parked row(s) will be delivered again")
+            return 0
+        states = [PENDING, PARKED, DELIVERED] if args.all else [PENDING, PARKED]
+        print("id\tsink\tdedupe_id\ttype\tstate\tattempts\tnext_attempt_at\tlast_error")
+        for row in await store.list_rows(states, args.limit):
+            print("\t".join("" if value is None else str(value) for value in row))
+        return 0
+    finally:
+        await engine.dispose()
+
+
 def _customer_id(value: str) -> str:
     if not value.strip():
         raise argparse.ArgumentTypeError("must name a customer (an empty id is refused)")
@@ -170,6 +199,13 @@ def _parser() -> argparse.ArgumentParser:
     rotating.add_argument("--batch-size", type=int, default=500, help="rows per transaction")
     gateway_sim.add_parser(commands)
     reconcile_cli.add_parser(commands)
+    relay = commands.add_parser("outbox", help="events waiting for delivery, parked ones")
+    relay_commands = relay.add_subparsers(dest="outbox_command", required=True)
+    listing = relay_commands.add_parser("list", help="undelivered rows (pending and parked)")
+    listing.add_argument("--all", action="store_true", help="delivered rows too")
+    listing.add_argument("--limit", type=int, default=100)
+    retrying = relay_commands.add_parser("retry", help="deliver parked rows again")
+    retrying.add_argument("ids", type=int, nargs="*", help="row ids (none: every parked row)")
     return parser
 
 
@@ -186,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             return rotate_keys(settings, args)
         if args.command == "reconcile":
             return reconcile_cli.run(settings, args)
+        if args.command == "outbox":
+            return outbox(settings, args)
         return COMMANDS[args.command](settings)
     except KeyConfigError as exc:  # malformed ENCRYPTION_KEYS: refuse to start
         print(f"payment-grpc: invalid encryption keys: {exc}", file=sys.stderr)

@@ -259,6 +259,68 @@ class TlsSettings(_Group):
     """`payment-grpc probe` only: the name checked in the server certificate."""
 
 
+class OrderServiceSettings(_Group):
+    """The order service (orders.v1): unset address = no order checks, no notifications."""
+
+    addr: str | None = Field(None, validation_alias="ORDER_SERVICE_ADDR")
+    """host:port of orders.v1.OrderService: Charge checks the order first (GetOrder)."""
+    timeout_seconds: float = Field(1.0, gt=0, validation_alias="ORDER_SERVICE_TIMEOUT_SECONDS")
+    """Deadline of each attempt, never past the incoming call's."""
+    attempts: int = Field(3, ge=1, le=10, validation_alias="ORDER_SERVICE_ATTEMPTS")
+    """Attempts on UNAVAILABLE / DEADLINE_EXCEEDED (backoff with jitter between them)."""
+    breaker_threshold: int = Field(5, ge=1, validation_alias="ORDER_SERVICE_BREAKER_THRESHOLD")
+    """Consecutive transient failures that open the order service's circuit breaker."""
+    breaker_reset_seconds: float = Field(
+        10.0, gt=0, validation_alias="ORDER_SERVICE_BREAKER_RESET_SECONDS"
+    )
+    """How long the breaker stays open before one probe is let through."""
+    tls_ca_file: pathlib.Path | None = Field(None, validation_alias="ORDER_SERVICE_TLS_CA_FILE")
+    """Set: TLS to the order service, trusting this CA."""
+    tls_cert_file: pathlib.Path | None = Field(None, validation_alias="ORDER_SERVICE_TLS_CERT_FILE")
+    """With the key: a client certificate (mutual TLS)."""
+    tls_key_file: pathlib.Path | None = Field(None, validation_alias="ORDER_SERVICE_TLS_KEY_FILE")
+    """Private key of the client certificate."""
+    tls_server_name: str | None = Field(None, validation_alias="ORDER_SERVICE_TLS_SERVER_NAME")
+    """Name checked in the order service's certificate (unset: the address's host)."""
+
+
+class EventSettings(_Group):
+    """Payment events: NATS JetStream, the outbox relay, the WatchPayments feed."""
+
+    nats_url: str | None = Field(None, validation_alias="NATS_URL")
+    """NATS with JetStream, e.g. nats://127.0.0.1:4222; unset: no broker."""
+    nats_stream: str = Field(
+        "PAYMENTS", pattern=r"^[A-Za-z0-9_-]{1,64}$", validation_alias="NATS_STREAM"
+    )
+    """The JetStream stream, created when missing."""
+    nats_subject_prefix: str = Field(
+        "payments.v1",
+        pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
+        validation_alias="NATS_SUBJECT_PREFIX",
+    )
+    """Subjects are <prefix>.<type>, e.g. payments.v1.payment.captured."""
+    outbox_batch_size: int = Field(100, ge=1, le=10_000, validation_alias="OUTBOX_BATCH_SIZE")
+    """Rows a relay claims at once."""
+    outbox_lease_seconds: float = Field(30.0, gt=0, validation_alias="OUTBOX_LEASE_SECONDS")
+    """A claimed row not marked delivered by then is delivered again by any replica."""
+    outbox_poll_seconds: float = Field(5.0, gt=0, validation_alias="OUTBOX_POLL_SECONDS")
+    """Safety-net poll of the relay; each commit wakes its replica's relay at once."""
+    outbox_backoff_initial_seconds: float = Field(
+        1.0, gt=0, validation_alias="OUTBOX_BACKOFF_INITIAL_SECONDS"
+    )
+    """First delay after a failed delivery (doubling, with jitter)."""
+    outbox_backoff_max_seconds: float = Field(
+        300.0, gt=0, validation_alias="OUTBOX_BACKOFF_MAX_SECONDS"
+    )
+    """Longest delay between two delivery attempts."""
+    outbox_max_attempts: int = Field(12, ge=1, validation_alias="OUTBOX_MAX_ATTEMPTS")
+    """Then the row is parked: `payment-grpc outbox list|retry`."""
+    watch_send_timeout_seconds: float = Field(
+        10.0, gt=0, validation_alias="WATCH_SEND_TIMEOUT_SECONDS"
+    )
+    """WatchPayments: a consumer that does not take a message this long is cut."""
+
+
 class FailureMix(BaseModel):
     """Relative weights of the simulated gateway's failure kinds, written
     "declined=60,insufficient_funds=10,network_error=20,invalid_method=10"."""
@@ -364,6 +426,9 @@ class Settings(BaseModel):
         if self.gateway.kind == "stripe" and self.stripe.api_key is None:
             raise ValueError("GATEWAY=stripe needs STRIPE_API_KEY")
         return self
+
+    orders: OrderServiceSettings = Field(default_factory=OrderServiceSettings)
+    events: EventSettings = Field(default_factory=EventSettings)
 
     @classmethod
     def from_names(cls, values: Mapping[str, object]) -> Settings:

@@ -65,3 +65,28 @@ def probe_channel(settings: Settings) -> grpc.Channel:
     )
     options = [("grpc.ssl_target_name_override", settings.tls.server_name)]
     return grpc.secure_channel(target, credentials, options=options)
+
+
+def client_channel(
+    target: str,
+    *,
+    ca_file: pathlib.Path | None,
+    cert_file: pathlib.Path | None = None,
+    key_file: pathlib.Path | None = None,
+    server_name: str | None = None,
+) -> grpc.aio.Channel:
+    """A channel to a collaborator: TLS when a CA is given (mutual with cert + key),
+    plaintext otherwise. A half client-certificate configuration is an error."""
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("a client certificate needs both its cert and key file")
+    if ca_file is None:
+        if cert_file is not None:
+            raise ValueError("a client certificate needs the collaborator's CA file (TLS)")
+        return grpc.aio.insecure_channel(target)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read(ca_file),
+        private_key=_read(key_file) if key_file is not None else None,
+        certificate_chain=_read(cert_file) if cert_file is not None else None,
+    )
+    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    return grpc.aio.secure_channel(target, credentials, options=options)

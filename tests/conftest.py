@@ -22,7 +22,15 @@ from payment_grpc.config import Settings
 from tests.helpers import TEST_ENCRYPTION_KEYS, TEST_JWT_SECRET, client_metadata
 
 PG_ADMIN_URL = os.environ.get("PG_TEST_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-TABLES = ("payment_events", "refunds", "payments", "idempotency_keys", "gateway_events")
+TABLES = (
+    "payment_events",
+    "refunds",
+    "payments",
+    "idempotency_keys",
+    "gateway_events",
+    "outbox",
+    "payment_feed",
+)
 
 
 def _libpq(url: str) -> str:

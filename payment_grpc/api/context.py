@@ -5,6 +5,7 @@ these context variables; the servicer only reads them (and never imports interce
 from __future__ import annotations
 
 import contextvars
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -12,7 +13,7 @@ from typing import Any, TypeVar, cast
 from google.protobuf.message import Message
 from grpc import aio
 
-from payment_grpc.service.context import RequestContext
+from payment_grpc.service.context import RequestContext, call_deadline
 from payment_grpc.service.idempotency import Checkpoint
 
 T = TypeVar("T")
@@ -72,3 +73,9 @@ def keyed_execution() -> KeyedExecution:
     if execution is None:
         raise RuntimeError("a keyed RPC ran without the idempotency interceptor")
     return execution
+
+
+def remember_deadline(context: aio.ServicerContext[Any, Any]) -> None:
+    """Make the incoming call's deadline the limit of every call to a collaborator."""
+    remaining = context.time_remaining()
+    call_deadline.set(None if remaining is None else time.monotonic() + remaining)

@@ -22,7 +22,7 @@ from payment_grpc.domain.payment import (
 )
 from payment_grpc.domain.refund import Refund, RefundReason, RefundStatus
 from payment_grpc.service.charging import ChargeCommand
-from payment_grpc.service.ports import PaymentFilter
+from payment_grpc.service.ports import FeedFilter, PaymentFilter
 
 
 def _enum_map(prefix: str, enum_type: type[enum.StrEnum], proto_enum: Any) -> dict[Any, Any]:
@@ -169,4 +169,12 @@ def event_to_pb(e: PaymentEvent) -> pb.PaymentStatusEvent:
         refunded_amount=money_to_pb(e.refunded),
         failure=failure_to_pb(e.failure),
         event_time=timestamp(e.occurred_at),
+    )
+
+
+def feed_filter(request: api.WatchPaymentsRequest) -> FeedFilter:
+    return FeedFilter(
+        order_id=request.order_id,
+        customer_id=request.customer_id,
+        statuses=frozenset(STATUS_FROM_PB[s] for s in request.statuses if s in STATUS_FROM_PB),
     )

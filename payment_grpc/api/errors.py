@@ -47,6 +47,11 @@ ERROR_TABLE: dict[type[e.ReportableError], tuple[grpc.StatusCode, float | None]]
     gateway.GatewayTimeout: (grpc.StatusCode.UNAVAILABLE, 1.0),
     gateway.GatewayUnreachable: (grpc.StatusCode.UNAVAILABLE, 1.0),
     gateway.GatewayRefused: (grpc.StatusCode.INTERNAL, None),
+    e.OrderNotFound: (grpc.StatusCode.NOT_FOUND, None),
+    e.OrderNotPayable: (grpc.StatusCode.FAILED_PRECONDITION, None),
+    e.OrderMismatch: (grpc.StatusCode.FAILED_PRECONDITION, None),
+    s.OrderServiceUnavailable: (grpc.StatusCode.UNAVAILABLE, 1.0),
+    s.InvalidCursor: (grpc.StatusCode.INVALID_ARGUMENT, None),
 }
 UNMAPPED = (grpc.StatusCode.INTERNAL, None)
 

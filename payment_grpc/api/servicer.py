@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Generic, TypeVar
 
+import grpc
 from google.protobuf.message import Message
 from grpc import aio
+from payments.v1 import events_pb2, payment_service_pb2_grpc
 from payments.v1 import payment_service_pb2 as api
-from payments.v1 import payment_service_pb2_grpc
 
 from payment_grpc.api import convert
 from payment_grpc.api.context import keyed_execution, request_context
+from payment_grpc.api.errors import build_status
+from payment_grpc.api.interceptors.guard import abort_with
 from payment_grpc.api.responses import (
     cancel_response,
     capture_response,
@@ -21,6 +25,7 @@ from payment_grpc.api.responses import (
 from payment_grpc.api.streams import with_heartbeats
 from payment_grpc.domain.refund import RefundReason
 from payment_grpc.service.charging import Charging
+from payment_grpc.service.feed import ChangeFeed
 from payment_grpc.service.operations import Operations
 from payment_grpc.service.queries import Queries, SizeLimit
 
@@ -51,6 +56,15 @@ class _PagedItems(Generic[T, M]):
         return self.message(item).ByteSize() + ITEM_FRAMING_BYTES
 
 
+def too_slow(cursor: str) -> grpc.Status:
+    return build_status(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "the stream was not read fast enough; resume from the last cursor received",
+        "WATCH_CONSUMER_TOO_SLOW",
+        {"cursor": cursor},
+    )
+
+
 class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
     def __init__(
         self,
@@ -60,6 +74,8 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
         *,
         max_message_bytes: int,
         heartbeat_s: float = 0.0,
+        feed: ChangeFeed | None = None,
+        send_timeout_s: float = 10.0,
     ) -> None:
         """`max_message_bytes` is the server's send limit: list pages stop short of it;
         a watch stream quiet for `heartbeat_s` gets a heartbeat message (0: never)."""
@@ -67,6 +83,10 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
         self._charging = charging
         self._operations = operations
         self._queries = queries
+        self._feed = feed
+        self._send_timeout_s = send_timeout_s  # WatchPayments: a slower consumer is cut
+        self.consumers_cut = 0  # WatchPayments streams cut for slowness (a metric)
+        self._cuts = asyncio.Condition()
         self._page_bytes = max_message_bytes - PAGE_ENVELOPE_BYTES
 
     async def Charge(self, request: api.ChargeRequest, context: Context) -> api.ChargeResponse:
@@ -167,6 +187,49 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
         )
         async for response in with_heartbeats(responses, self._heartbeat_s, _heartbeat):
             yield response
+
+    async def _send(self, context: Context, response: api.WatchPaymentsResponse, sent: str) -> bool:
+        """Write one message; False when the call is over (the client cancelled)."""
+        try:
+            await asyncio.wait_for(context.write(response), self._send_timeout_s)
+        except TimeoutError:
+            await self._count_cut()
+            await abort_with(context, too_slow(sent))
+        except Exception:
+            if context.cancelled() or context.done():
+                return False  # gRPC reports a write to a cancelled call this way
+            raise
+        return True
+
+    async def _count_cut(self) -> None:
+        async with self._cuts:
+            self.consumers_cut += 1
+            self._cuts.notify_all()
+
+    async def wait_for_cuts(self, count: int) -> None:
+        """Return once `count` WatchPayments streams were cut for slowness."""
+        async with self._cuts:
+            await self._cuts.wait_for(lambda: self.consumers_cut >= count)
+
+    async def WatchPayments(
+        self, request: api.WatchPaymentsRequest, context: Context
+    ) -> AsyncIterator[api.WatchPaymentsResponse]:
+        if self._feed is None:
+            return
+        items = self._feed.watch(
+            request.cursor, convert.feed_filter(request), request_context(context)
+        )
+        sent = request.cursor
+        async for item in items:
+            event = events_pb2.PaymentEvent.FromString(item.payload)
+            response = api.WatchPaymentsResponse(event=event, cursor=item.cursor)
+            # Written here rather than yielded: a consumer that stops reading makes the
+            # write wait on flow control, and only a write we await ourselves can be cut.
+            if not await self._send(context, response, sent):
+                return  # the client went away
+            sent = item.cursor
+        return
+        yield  # a generator, like every streaming handler the interceptors wrap
 
 
 def _heartbeat() -> api.WatchPaymentStatusResponse:

@@ -124,3 +124,33 @@ class GatewayRejected(DomainError):
 
     def __init__(self, operation: str, code: str) -> None:
         super().__init__(f"the gateway rejected the {operation}: {code}", failureCode=code)
+
+
+class OrderNotFound(DomainError):
+    """The order service does not know the order (a definite answer, stored for the key)."""
+
+    reason = "ORDER_NOT_FOUND"
+
+    def __init__(self, order_id: str) -> None:
+        super().__init__(f"order {order_id} not found", orderId=order_id)
+
+
+class OrderNotPayable(DomainError):
+    reason = "ORDER_NOT_PAYABLE"
+
+    def __init__(self, order_id: str) -> None:
+        super().__init__(f"order {order_id} cannot be paid", orderId=order_id)
+
+
+class OrderMismatch(DomainError):
+    """The charge disagrees with the order: the expected values are in the metadata."""
+
+    reason = "ORDER_MISMATCH"
+
+    def __init__(self, order_id: str, mismatched: str, **expected: str) -> None:
+        super().__init__(
+            f"the charge does not match order {order_id}: {mismatched}",
+            orderId=order_id,
+            mismatched=mismatched,
+            **expected,
+        )

@@ -25,10 +25,12 @@ from payment_grpc.service.changes import Change, Changes
 from payment_grpc.service.context import RequestContext
 from payment_grpc.service.deps import Deps, authorize_key, new_id
 from payment_grpc.service.idempotency import Checkpoint, no_checkpoint
+from payment_grpc.service.orders import check_order
 from payment_grpc.service.ports import (
     NO_ANSWER,
     AuthorizationRequest,
     GatewayCircuitOpen,
+    OrderDirectory,
     RecoveryPoint,
 )
 from payment_grpc.service.settlements import Settlements
@@ -48,10 +50,14 @@ class ChargeCommand:
 
 
 class Charging:
-    def __init__(self, deps: Deps, settlements: Settlements) -> None:
+    def __init__(
+        self, deps: Deps, settlements: Settlements, orders: OrderDirectory | None = None
+    ) -> None:
+        """`orders`: when set, every new charge must match a payable order there."""
         self._deps = deps
         self._settlements = settlements
         self._changes = Changes(deps.uow, deps.faults)
+        self._orders = orders
 
     async def charge(
         self, command: ChargeCommand, ctx: RequestContext, checkpoint: Checkpoint | None = None
@@ -62,6 +68,9 @@ class Charging:
         if not self._deps.gateway.available():
             # The breaker is open: answer at once, before a payment exists (nothing stored).
             raise GatewayCircuitOpen("the payment gateway is unavailable; retry later")
+        if self._orders is not None:  # before anything is persisted
+            customers = (command.customer_id, ctx.customer_id or "")
+            await check_order(self._orders, command.order_id, command.amount, customers)
         payment = await self.create(command, ctx, checkpoint)
         self._deps.faults.hit("charge.before_gateway")
         return await self.authorize(payment, ctx, checkpoint)

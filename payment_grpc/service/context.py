@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass, field
 
 ANONYMOUS = "anonymous"
@@ -17,3 +18,9 @@ class RequestContext:
 
 SYSTEM = RequestContext(subject="system:recovery")
 GATEWAY_CALLBACK = RequestContext(subject="system:gateway-callback")
+
+# When the incoming call must be answered (time.monotonic() seconds), set by the api layer
+# for the current call; calls to collaborators never wait past it. None: no deadline.
+call_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "call_deadline", default=None
+)

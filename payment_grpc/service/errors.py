@@ -96,3 +96,20 @@ class AuthUnavailable(ServiceError):
 
     def __init__(self) -> None:
         super().__init__("token verification is unavailable; retry")
+
+
+class OrderServiceUnavailable(ServiceError):
+    """The order service could not answer (down, slow, or its breaker is open); retry."""
+
+    reason = "ORDER_SERVICE_UNAVAILABLE"
+
+    def __init__(self) -> None:
+        super().__init__("the order service is unavailable; retry")
+
+
+class InvalidCursor(ServiceError):
+    reason = "INVALID_CURSOR"
+    field = "cursor"
+
+    def __init__(self) -> None:
+        super().__init__("cursor is invalid: pass one a WatchPayments response carried")

@@ -170,6 +170,113 @@ class Lifecycle(Protocol):
     async def close(self) -> None: ...
 
 
+# ---------------------------------------------------------------- orders
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    """An order as the order service describes it (its currency is not validated here)."""
+
+    order_id: str
+    customer_id: str
+    currency: str
+    total_minor: int
+    payable: bool
+
+
+class OrderDirectory(Protocol):
+    async def get_order(self, order_id: str) -> Order | None:
+        """The order, None if the order service does not know it; raises
+        OrderServiceUnavailable when it cannot answer (down, too slow, breaker open)."""
+        ...
+
+
+# ---------------------------------------------------------------- outbox and sinks
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    """One payment event waiting for delivery to one sink."""
+
+    row_id: int
+    sink: str
+    dedupe_id: str  # <payment_id>:<sequence>, the same for every redelivery
+    payment_id: str
+    sequence: int
+    event_type: str  # e.g. "payment.captured"
+    payload: bytes  # a serialized payments.v1.PaymentEvent
+    attempts: int  # failed deliveries so far
+
+
+class SinkUnavailable(Exception):
+    """The sink did not take the message; the relay tries again later."""
+
+
+class EventSink(Protocol):
+    """Where the relay delivers payment events: all it knows of a broker or a service.
+    Delivery is at least once; the sink passes `dedupe_id` on so receivers drop repeats."""
+
+    @property
+    def name(self) -> str: ...
+
+    def wants(self, event_type: str) -> bool:
+        """Whether events of this type are written to the outbox for this sink."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def deliver(self, message: OutboxMessage) -> None:
+        """Raises SinkUnavailable when the message was not taken."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class OutboxStore(Protocol):
+    async def claim(
+        self, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[OutboxMessage]:
+        """Due messages nobody holds, at most one per (sink, payment): the earliest
+        undelivered sequence of each; held by `owner` until `lease_until`."""
+        ...
+
+    async def delivered(self, message: OutboxMessage, now: datetime) -> None: ...
+
+    async def failed(
+        self, message: OutboxMessage, owner: str, error: str, retry_at: datetime | None
+    ) -> None:
+        """Record a failed attempt: due again at `retry_at`, or parked when it is None."""
+        ...
+
+    async def next_due(self) -> datetime | None:
+        """When the earliest pending message is due (None: nothing pending)."""
+        ...
+
+
+# ---------------------------------------------------------------- change feed
+
+ALL_PAYMENTS = "*"  # a StatusBus key: woken by every payment's changes
+
+
+@dataclass(frozen=True, slots=True)
+class FeedFilter:
+    order_id: str = ""
+    customer_id: str = ""
+    statuses: frozenset[PaymentStatus] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class FeedEntry:
+    position: int  # global, in commit order
+    payload: bytes  # a serialized payments.v1.PaymentEvent
+
+
+class PaymentFeed(Protocol):
+    async def after(self, position: int, where: FeedFilter, limit: int) -> list[FeedEntry]:
+        """Entries after `position` that match, in position order."""
+        ...
+
+
 # ---------------------------------------------------------------- persistence
 
 

@@ -445,6 +445,11 @@ def _bases(known: Known) -> dict[str, st.SearchStrategy[Message]]:
             pay,
             st.booleans(),
         ),
+        "WatchPayments": st.builds(
+            lambda o, s: api.WatchPaymentsRequest(order_id=o, statuses=s),
+            st.just("") | st.sampled_from(known.order_ids),
+            st.lists(st.integers(1, 8), max_size=3),
+        ),
     }
 
 
@@ -714,6 +719,7 @@ def test_every_rpc_is_covered() -> None:
         "GetRefund",
         "ListRefunds",
         "WatchPaymentStatus",
+        "WatchPayments",
     }
     known = Known(("pay_1",), ("re_1",), ("ord_1",), ("t",))
     assert set(_bases(known)) == set(RPCS)

@@ -22,25 +22,26 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from payments.v1 import resources_pb2 as payments_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dorders/v1/order_service.proto\x12\torders.v1\"#\n\x0fGetOrderRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"3\n\x10GetOrderResponse\x12\x1f\n\x05order\x18\x01 \x01(\x0b\x32\x10.orders.v1.Order\"f\n\x05Order\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12\x13\n\x0btotal_minor\x18\x04 \x01(\x03\x12\x0f\n\x07payable\x18\x05 \x01(\x08\"e\n\x1bNotifyPaymentOutcomeRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x12\n\npayment_id\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x03\"\x1e\n\x1cNotifyPaymentOutcomeResponse2\xbc\x01\n\x0cOrderService\x12\x43\n\x08GetOrder\x12\x1a.orders.v1.GetOrderRequest\x1a\x1b.orders.v1.GetOrderResponse\x12g\n\x14NotifyPaymentOutcome\x12&.orders.v1.NotifyPaymentOutcomeRequest\x1a\'.orders.v1.NotifyPaymentOutcomeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dorders/v1/order_service.proto\x12\torders.v1\x1a\x1bpayments/v1/resources.proto\"#\n\x0fGetOrderRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"3\n\x10GetOrderResponse\x12\x1f\n\x05order\x18\x01 \x01(\x0b\x32\x10.orders.v1.Order\"f\n\x05Order\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12\x13\n\x0btotal_minor\x18\x04 \x01(\x03\x12\x0f\n\x07payable\x18\x05 \x01(\x08\"\x94\x01\n\x1bNotifyPaymentOutcomeRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x12\n\npayment_id\x18\x02 \x01(\t\x12*\n\x06status\x18\x05 \x01(\x0e\x32\x1a.payments.v1.PaymentStatus\x12\x10\n\x08sequence\x18\x04 \x01(\x03J\x04\x08\x03\x10\x04R\x0bstatus_name\"\x1e\n\x1cNotifyPaymentOutcomeResponse2\xbc\x01\n\x0cOrderService\x12\x43\n\x08GetOrder\x12\x1a.orders.v1.GetOrderRequest\x1a\x1b.orders.v1.GetOrderResponse\x12g\n\x14NotifyPaymentOutcome\x12&.orders.v1.NotifyPaymentOutcomeRequest\x1a\'.orders.v1.NotifyPaymentOutcomeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'orders.v1.order_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETORDERREQUEST']._serialized_start=44
-  _globals['_GETORDERREQUEST']._serialized_end=79
-  _globals['_GETORDERRESPONSE']._serialized_start=81
-  _globals['_GETORDERRESPONSE']._serialized_end=132
-  _globals['_ORDER']._serialized_start=134
-  _globals['_ORDER']._serialized_end=236
-  _globals['_NOTIFYPAYMENTOUTCOMEREQUEST']._serialized_start=238
-  _globals['_NOTIFYPAYMENTOUTCOMEREQUEST']._serialized_end=339
-  _globals['_NOTIFYPAYMENTOUTCOMERESPONSE']._serialized_start=341
-  _globals['_NOTIFYPAYMENTOUTCOMERESPONSE']._serialized_end=371
-  _globals['_ORDERSERVICE']._serialized_start=374
-  _globals['_ORDERSERVICE']._serialized_end=562
+  _globals['_GETORDERREQUEST']._serialized_start=73
+  _globals['_GETORDERREQUEST']._serialized_end=108
+  _globals['_GETORDERRESPONSE']._serialized_start=110
+  _globals['_GETORDERRESPONSE']._serialized_end=161
+  _globals['_ORDER']._serialized_start=163
+  _globals['_ORDER']._serialized_end=265
+  _globals['_NOTIFYPAYMENTOUTCOMEREQUEST']._serialized_start=268
+  _globals['_NOTIFYPAYMENTOUTCOMEREQUEST']._serialized_end=416
+  _globals['_NOTIFYPAYMENTOUTCOMERESPONSE']._serialized_start=418
+  _globals['_NOTIFYPAYMENTOUTCOMERESPONSE']._serialized_end=448
+  _globals['_ORDERSERVICE']._serialized_start=451
+  _globals['_ORDERSERVICE']._serialized_end=639
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,7 @@ isort:skip_file
 
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from payments.v1 import resources_pb2 as _resources_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -102,7 +103,10 @@ Global___Order: _TypeAlias = Order  # noqa: Y015
 
 @_typing.final
 class NotifyPaymentOutcomeRequest(_message.Message):
-    """A payment outcome for an order."""
+    """A payment outcome for an order.
+    Delivered at least once, in sequence order per payment: `payment_id` + `sequence` is the
+    dedupe id (a receiver drops a sequence it has already seen).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -114,8 +118,8 @@ class NotifyPaymentOutcomeRequest(_message.Message):
     """The order."""
     payment_id: _builtins.str
     """The payment."""
-    status: _builtins.str
-    """The payment's status name, e.g. "PAYMENT_STATUS_CAPTURED"."""
+    status: _resources_pb2.PaymentStatus.ValueType
+    """The payment's status after the reported event, e.g. PAYMENT_STATUS_CAPTURED."""
     sequence: _builtins.int
     """Gap-free sequence of the payment event being reported; lets the receiver drop duplicates."""
     def __init__(
@@ -123,7 +127,7 @@ class NotifyPaymentOutcomeRequest(_message.Message):
         *,
         order_id: _builtins.str = ...,
         payment_id: _builtins.str = ...,
-        status: _builtins.str = ...,
+        status: _resources_pb2.PaymentStatus.ValueType = ...,
         sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015

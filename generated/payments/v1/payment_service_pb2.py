@@ -25,11 +25,12 @@ _sym_db = _symbol_database.Default()
 from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from payments.v1 import events_pb2 as payments_dot_v1_dot_events__pb2
 from payments.v1 import resources_pb2 as payments_dot_v1_dot_resources__pb2
 from payments.v1 import rules_pb2 as payments_dot_v1_dot_rules__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!payments/v1/payment_service.proto\x12\x0bpayments.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bpayments/v1/resources.proto\x1a\x17payments/v1/rules.proto\"\xbe\x04\n\rChargeRequest\x12\x34\n\x08order_id\x18\x01 \x01(\tB\"\xbaH\x1fr\x1d\x10\x01\x18\x80\x01\x32\x12^[A-Za-z0-9_.:-]+$\x88\x88\'\x01\x12z\n\x06\x61mount\x18\x02 \x01(\x0b\x32\x12.payments.v1.MoneyBV\xbaHS\xba\x01M\n\x0f\x61mount.positive\x12#amount_minor must be greater than 0\x1a\x15this.amount_minor > 0\xc8\x01\x01\x12:\n\x0epayment_method\x18\x03 \x01(\x0b\x32\x1a.payments.v1.PaymentMethodB\x06\xbaH\x03\xc8\x01\x01\x12<\n\x0e\x63\x61pture_method\x18\x04 \x01(\x0e\x32\x1a.payments.v1.CaptureMethodB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x35\n\x0b\x63ustomer_id\x18\x05 \x01(\tB \xbaH\x1dr\x1b\x18\x80\x01\x32\x12^[A-Za-z0-9_.:-]*$\x88\x88\'\x01\x12%\n\x0b\x64\x65scription\x18\x06 \x01(\tB\x10\xbaH\rr\x0b\x18\xf4\x03\x88\x88\'\x01\x90\x88\'\x01\x12r\n\x08metadata\x18\x07 \x03(\x0b\x32(.payments.v1.ChargeRequest.MetadataEntryB6\xbaH3\x9a\x01\x30\x10\x14\"\x1dr\x1b\x10\x01\x18(2\x11^[A-Za-z0-9_.-]+$\x88\x88\'\x01*\rr\x0b\x18\xf4\x03\x88\x88\'\x01\x90\x88\'\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\x0e\x43hargeResponse\x12%\n\x07payment\x18\x01 \x01(\x0b\x32\x14.payments.v1.Payment\"\xc4\x01\n\x15\x43\x61pturePaymentRequest\x12\x32\n\npayment_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18@2\x0f^[A-Za-z0-9_]+$\x88\x88\'\x01\x12w\n\x06\x61mount\x18\x02 \x01(\x0b\x32\x12.payments.v1.MoneyBS\xbaHP\xba\x01M\n\x0f\x61mount.positive\x12#amount_minor must be greater than 0\x1a\x15this.amount_minor > 0\"?\n\x16\x43\x61pturePaymentResponse\x12%\n\x07payment\x18\x01 \x01(\x0b\x32\x14.payments.v1.Payment\"J\n\x14\x43\x61ncelPaymentRequest\x12\x32\n\npayment_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18@2\x0f^[A-Za-z0-9_]+$\x88\x88\'\x01\">\n\x15\x43\x61ncelPaymentResponse\x12%\n\x07payment\x18\x01 \x01(\x0b\x32\x14.payments.v1.Payment\"\xf1\x01\n\rRefundRequest\x12\x32\n\npayment_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18@2\x0f^[A-Za-z0-9_]+$\x88\x88\'\x01\x12w\n\x06\x61mount\x18\x02 \x01(\x0b\x32\x12.payments.v1.MoneyBS\xbaHP\xba\x01M\n\x0f\x61mount.positive\x12#amount_minor must be greater than 0\x1a\x15this.amount_minor > 0\x12\x33\n\x06reason\x18\x03 \x01(\x0e\x32\x19.payments.v1.RefundReasonB\x08\xbaH\x05\x82\x01\x02\x10\x01\"\\\n\x0eRefundResponse\x12#\n\x06refund\x18\x01 \x01(\x0b\x32\x13.payments.v1.Refund\x12%\n\x07payment\x18\x02 \x01(\x0b\x32\x14.payments.v1.Payment\"G\n\x11GetPaymentRequest\x12\x32\n\npayment_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18@2\x0f^[A-Za-z0-9_]+$\x88\x88\'\x01\";\n\x12GetPaymentResponse\x12%\n\x07payment\x18\x01 \x01(\x0b\x32\x14.payments.v1.Payment\"\xf0\x01\n\x13ListPaymentsRequest\x12\x32\n\x08order_id\x18\x01 \x01(\tB \xbaH\x1dr\x1b\x18\x80\x01\x32\x12^[A-Za-z0-9_.:-]*$\x88\x88\'\x01\x12\x35\n\x0b\x63ustomer_id\x18\x02 \x01(\tB \xbaH\x1dr\x1b\x18\x80\x01\x32\x12^[A-Za-z0-9_.:-]*$\x88\x88\'\x01\x12\x34\n\x06status\x18\x03 \x01(\x0e\x32\x1a.payments.v1.PaymentStatusB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x1a\n\tpage_size\x18\x04 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x05 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"W\n\x14ListPaymentsResponse\x12&\n\x08payments\x18\x01 \x03(\x0b\x32\x14.payments.v1.Payment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"E\n\x10GetRefundRequest\x12\x31\n\trefund_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18@2\x0f^[A-Za-z0-9_]+$\x88\x88\'\x01\"8\n\x11GetRefundResponse\x12#\n\x06refund\x18\x01 \x01(\x0b\x32\x13.payments.v1.Refund\"\x82\x01\n\x12ListRefundsRequest\x12\x32\n\npayment_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18@2\x0f^[A-Za-z0-9_]+$\x88\x88\'\x01\x12\x1a\n\tpage_size\x18\x02 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"T\n\x13ListRefundsResponse\x12$\n\x07refunds\x18\x01 \x03(\x0b\x32\x13.payments.v1.Refund\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x87\x01\n\x19WatchPaymentStatusRequest\x12\x32\n\npayment_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18@2\x0f^[A-Za-z0-9_]+$\x88\x88\'\x01\x12\x1e\n\rfrom_sequence\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12\x16\n\x0e\x66ollow_refunds\x18\x03 \x01(\x08\"\x80\x01\n\x1aWatchPaymentStatusResponse\x12.\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1f.payments.v1.PaymentStatusEvent\x12\x32\n\x0eheartbeat_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xce\x08\n\x0ePaymentService\x12\x61\n\x06\x43harge\x12\x1a.payments.v1.ChargeRequest\x1a\x1b.payments.v1.ChargeResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/v1/payments:charge:\x01*\x12\x87\x01\n\x0e\x43\x61pturePayment\x12\".payments.v1.CapturePaymentRequest\x1a#.payments.v1.CapturePaymentResponse\",\x82\xd3\xe4\x93\x02&\"!/v1/payments/{payment_id}:capture:\x01*\x12\x83\x01\n\rCancelPayment\x12!.payments.v1.CancelPaymentRequest\x1a\".payments.v1.CancelPaymentResponse\"+\x82\xd3\xe4\x93\x02%\" /v1/payments/{payment_id}:cancel:\x01*\x12o\n\x06Refund\x12\x1a.payments.v1.RefundRequest\x1a\x1b.payments.v1.RefundResponse\",\x82\xd3\xe4\x93\x02&\"!/v1/payments/{payment_id}/refunds:\x01*\x12p\n\nGetPayment\x12\x1e.payments.v1.GetPaymentRequest\x1a\x1f.payments.v1.GetPaymentResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/payments/{payment_id}\x12i\n\x0cListPayments\x12 .payments.v1.ListPaymentsRequest\x1a!.payments.v1.ListPaymentsResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/payments\x12k\n\tGetRefund\x12\x1d.payments.v1.GetRefundRequest\x1a\x1e.payments.v1.GetRefundResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/refunds/{refund_id}\x12{\n\x0bListRefunds\x12\x1f.payments.v1.ListRefundsRequest\x1a .payments.v1.ListRefundsResponse\")\x82\xd3\xe4\x93\x02#\x12!/v1/payments/{payment_id}/refunds\x12\x90\x01\n\x12WatchPaymentStatus\x12&.payments.v1.WatchPaymentStatusRequest\x1a\'.payments.v1.WatchPaymentStatusResponse\"\'\x82\xd3\xe4\x93\x02!\x12\x1f/v1/payments/{payment_id}:watch0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!payments/v1/payment_service.proto\x12\x0bpayments.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18payments/v1/events.proto\x1a\x1bpayments/v1/resources.proto\x1a\x17payments/v1/rules.proto\"\xbe\x04\n\rChargeRequest\x12\x34\n\x08order_id\x18\x01 \x01(\tB\"\xbaH\x1fr\x1d\x10\x01\x18\x80\x01\x32\x12^[A-Za-z0-9_.:-]+$\x88\x88\'\x01\x12z\n\x06\x61mount\x18\x02 \x01(\x0b\x32\x12.payments.v1.MoneyBV\xbaHS\xba\x01M\n\x0f\x61mount.positive\x12#amount_minor must be greater than 0\x1a\x15this.amount_minor > 0\xc8\x01\x01\x12:\n\x0epayment_method\x18\x03 \x01(\x0b\x32\x1a.payments.v1.PaymentMethodB\x06\xbaH\x03\xc8\x01\x01\x12<\n\x0e\x63\x61pture_method\x18\x04 \x01(\x0e\x32\x1a.payments.v1.CaptureMethodB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x35\n\x0b\x63ustomer_id\x18\x05 \x01(\tB \xbaH\x1dr\x1b\x18\x80\x01\x32\x12^[A-Za-z0-9_.:-]*$\x88\x88\'\x01\x12%\n\x0b\x64\x65scription\x18\x06 \x01(\tB\x10\xbaH\rr\x0b\x18\xf4\x03\x88\x88\'\x01\x90\x88\'\x01\x12r\n\x08metadata\x18\x07 \x03(\x0b\x32(.payments.v1.ChargeRequest.MetadataEntryB6\xbaH3\x9a\x01\x30\x10\x14\"\x1dr\x1b\x10\x01\x18(2\x11^[A-Za-z0-9_.-]+$\x88\x88\'\x01*\rr\x0b\x18\xf4\x03\x88\x88\'\x01\x90\x88\'\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\x0e\x43hargeResponse\x12%\n\x07payment\x18\x01 \x01(\x0b\x32\x14.payments.v1.Payment\"\xc4\x01\n\x15\x43\x61pturePaymentRequest\x12\x32\n\npayment_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18@2\x0f^[A-Za-z0-9_]+$\x88\x88\'\x01\x12w\n\x06\x61mount\x18\x02 \x01(\x0b\x32\x12.payments.v1.MoneyBS\xbaHP\xba\x01M\n\x0f\x61mount.positive\x12#amount_minor must be greater than 0\x1a\x15this.amount_minor > 0\"?\n\x16\x43\x61pturePaymentResponse\x12%\n\x07payment\x18\x01 \x01(\x0b\x32\x14.payments.v1.Payment\"J\n\x14\x43\x61ncelPaymentRequest\x12\x32\n\npayment_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18@2\x0f^[A-Za-z0-9_]+$\x88\x88\'\x01\">\n\x15\x43\x61ncelPaymentResponse\x12%\n\x07payment\x18\x01 \x01(\x0b\x32\x14.payments.v1.Payment\"\xf1\x01\n\rRefundRequest\x12\x32\n\npayment_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18@2\x0f^[A-Za-z0-9_]+$\x88\x88\'\x01\x12w\n\x06\x61mount\x18\x02 \x01(\x0b\x32\x12.payments.v1.MoneyBS\xbaHP\xba\x01M\n\x0f\x61mount.positive\x12#amount_minor must be greater than 0\x1a\x15this.amount_minor > 0\x12\x33\n\x06reason\x18\x03 \x01(\x0e\x32\x19.payments.v1.RefundReasonB\x08\xbaH\x05\x82\x01\x02\x10\x01\"\\\n\x0eRefundResponse\x12#\n\x06refund\x18\x01 \x01(\x0b\x32\x13.payments.v1.Refund\x12%\n\x07payment\x18\x02 \x01(\x0b\x32\x14.payments.v1.Payment\"G\n\x11GetPaymentRequest\x12\x32\n\npayment_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18@2\x0f^[A-Za-z0-9_]+$\x88\x88\'\x01\";\n\x12GetPaymentResponse\x12%\n\x07payment\x18\x01 \x01(\x0b\x32\x14.payments.v1.Payment\"\xf0\x01\n\x13ListPaymentsRequest\x12\x32\n\x08order_id\x18\x01 \x01(\tB \xbaH\x1dr\x1b\x18\x80\x01\x32\x12^[A-Za-z0-9_.:-]*$\x88\x88\'\x01\x12\x35\n\x0b\x63ustomer_id\x18\x02 \x01(\tB \xbaH\x1dr\x1b\x18\x80\x01\x32\x12^[A-Za-z0-9_.:-]*$\x88\x88\'\x01\x12\x34\n\x06status\x18\x03 \x01(\x0e\x32\x1a.payments.v1.PaymentStatusB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x1a\n\tpage_size\x18\x04 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x05 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"W\n\x14ListPaymentsResponse\x12&\n\x08payments\x18\x01 \x03(\x0b\x32\x14.payments.v1.Payment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"E\n\x10GetRefundRequest\x12\x31\n\trefund_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18@2\x0f^[A-Za-z0-9_]+$\x88\x88\'\x01\"8\n\x11GetRefundResponse\x12#\n\x06refund\x18\x01 \x01(\x0b\x32\x13.payments.v1.Refund\"\x82\x01\n\x12ListRefundsRequest\x12\x32\n\npayment_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18@2\x0f^[A-Za-z0-9_]+$\x88\x88\'\x01\x12\x1a\n\tpage_size\x18\x02 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"T\n\x13ListRefundsResponse\x12$\n\x07refunds\x18\x01 \x03(\x0b\x32\x13.payments.v1.Refund\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x87\x01\n\x19WatchPaymentStatusRequest\x12\x32\n\npayment_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18@2\x0f^[A-Za-z0-9_]+$\x88\x88\'\x01\x12\x1e\n\rfrom_sequence\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12\x16\n\x0e\x66ollow_refunds\x18\x03 \x01(\x08\"\x80\x01\n\x1aWatchPaymentStatusResponse\x12.\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1f.payments.v1.PaymentStatusEvent\x12\x32\n\x0eheartbeat_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xdc\x01\n\x14WatchPaymentsRequest\x12\x18\n\x06\x63ursor\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\x12\x32\n\x08order_id\x18\x02 \x01(\tB \xbaH\x1dr\x1b\x18\x80\x01\x32\x12^[A-Za-z0-9_.:-]*$\x88\x88\'\x01\x12\x35\n\x0b\x63ustomer_id\x18\x03 \x01(\tB \xbaH\x1dr\x1b\x18\x80\x01\x32\x12^[A-Za-z0-9_.:-]*$\x88\x88\'\x01\x12?\n\x08statuses\x18\x04 \x03(\x0e\x32\x1a.payments.v1.PaymentStatusB\x11\xbaH\x0e\x92\x01\x0b\x10\x08\"\x07\x82\x01\x04\x10\x01 \x00\"Q\n\x15WatchPaymentsResponse\x12(\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x19.payments.v1.PaymentEvent\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t2\xc7\t\n\x0ePaymentService\x12\x61\n\x06\x43harge\x12\x1a.payments.v1.ChargeRequest\x1a\x1b.payments.v1.ChargeResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/v1/payments:charge:\x01*\x12\x87\x01\n\x0e\x43\x61pturePayment\x12\".payments.v1.CapturePaymentRequest\x1a#.payments.v1.CapturePaymentResponse\",\x82\xd3\xe4\x93\x02&\"!/v1/payments/{payment_id}:capture:\x01*\x12\x83\x01\n\rCancelPayment\x12!.payments.v1.CancelPaymentRequest\x1a\".payments.v1.CancelPaymentResponse\"+\x82\xd3\xe4\x93\x02%\" /v1/payments/{payment_id}:cancel:\x01*\x12o\n\x06Refund\x12\x1a.payments.v1.RefundRequest\x1a\x1b.payments.v1.RefundResponse\",\x82\xd3\xe4\x93\x02&\"!/v1/payments/{payment_id}/refunds:\x01*\x12p\n\nGetPayment\x12\x1e.payments.v1.GetPaymentRequest\x1a\x1f.payments.v1.GetPaymentResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/payments/{payment_id}\x12i\n\x0cListPayments\x12 .payments.v1.ListPaymentsRequest\x1a!.payments.v1.ListPaymentsResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/payments\x12k\n\tGetRefund\x12\x1d.payments.v1.GetRefundRequest\x1a\x1e.payments.v1.GetRefundResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/refunds/{refund_id}\x12{\n\x0bListRefunds\x12\x1f.payments.v1.ListRefundsRequest\x1a .payments.v1.ListRefundsResponse\")\x82\xd3\xe4\x93\x02#\x12!/v1/payments/{payment_id}/refunds\x12\x90\x01\n\x12WatchPaymentStatus\x12&.payments.v1.WatchPaymentStatusRequest\x1a\'.payments.v1.WatchPaymentStatusResponse\"\'\x82\xd3\xe4\x93\x02!\x12\x1f/v1/payments/{payment_id}:watch0\x01\x12w\n\rWatchPayments\x12!.payments.v1.WatchPaymentsRequest\x1a\".payments.v1.WatchPaymentsResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/payments:watchAll0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -88,6 +89,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHPAYMENTSTATUSREQUEST'].fields_by_name['payment_id']._serialized_options = b'\272H\033r\031\020\001\030@2\017^[A-Za-z0-9_]+$\210\210\'\001'
   _globals['_WATCHPAYMENTSTATUSREQUEST'].fields_by_name['from_sequence']._loaded_options = None
   _globals['_WATCHPAYMENTSTATUSREQUEST'].fields_by_name['from_sequence']._serialized_options = b'\272H\004\"\002(\000'
+  _globals['_WATCHPAYMENTSREQUEST'].fields_by_name['cursor']._loaded_options = None
+  _globals['_WATCHPAYMENTSREQUEST'].fields_by_name['cursor']._serialized_options = b'\272H\005r\003\030\200\001'
+  _globals['_WATCHPAYMENTSREQUEST'].fields_by_name['order_id']._loaded_options = None
+  _globals['_WATCHPAYMENTSREQUEST'].fields_by_name['order_id']._serialized_options = b'\272H\035r\033\030\200\0012\022^[A-Za-z0-9_.:-]*$\210\210\'\001'
+  _globals['_WATCHPAYMENTSREQUEST'].fields_by_name['customer_id']._loaded_options = None
+  _globals['_WATCHPAYMENTSREQUEST'].fields_by_name['customer_id']._serialized_options = b'\272H\035r\033\030\200\0012\022^[A-Za-z0-9_.:-]*$\210\210\'\001'
+  _globals['_WATCHPAYMENTSREQUEST'].fields_by_name['statuses']._loaded_options = None
+  _globals['_WATCHPAYMENTSREQUEST'].fields_by_name['statuses']._serialized_options = b'\272H\016\222\001\013\020\010\"\007\202\001\004\020\001 \000'
   _globals['_PAYMENTSERVICE'].methods_by_name['Charge']._loaded_options = None
   _globals['_PAYMENTSERVICE'].methods_by_name['Charge']._serialized_options = b'\202\323\344\223\002\030\"\023/v1/payments:charge:\001*'
   _globals['_PAYMENTSERVICE'].methods_by_name['CapturePayment']._loaded_options = None
@@ -106,44 +115,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PAYMENTSERVICE'].methods_by_name['ListRefunds']._serialized_options = b'\202\323\344\223\002#\022!/v1/payments/{payment_id}/refunds'
   _globals['_PAYMENTSERVICE'].methods_by_name['WatchPaymentStatus']._loaded_options = None
   _globals['_PAYMENTSERVICE'].methods_by_name['WatchPaymentStatus']._serialized_options = b'\202\323\344\223\002!\022\037/v1/payments/{payment_id}:watch'
-  _globals['_CHARGEREQUEST']._serialized_start=197
-  _globals['_CHARGEREQUEST']._serialized_end=771
-  _globals['_CHARGEREQUEST_METADATAENTRY']._serialized_start=724
-  _globals['_CHARGEREQUEST_METADATAENTRY']._serialized_end=771
-  _globals['_CHARGERESPONSE']._serialized_start=773
-  _globals['_CHARGERESPONSE']._serialized_end=828
-  _globals['_CAPTUREPAYMENTREQUEST']._serialized_start=831
-  _globals['_CAPTUREPAYMENTREQUEST']._serialized_end=1027
-  _globals['_CAPTUREPAYMENTRESPONSE']._serialized_start=1029
-  _globals['_CAPTUREPAYMENTRESPONSE']._serialized_end=1092
-  _globals['_CANCELPAYMENTREQUEST']._serialized_start=1094
-  _globals['_CANCELPAYMENTREQUEST']._serialized_end=1168
-  _globals['_CANCELPAYMENTRESPONSE']._serialized_start=1170
-  _globals['_CANCELPAYMENTRESPONSE']._serialized_end=1232
-  _globals['_REFUNDREQUEST']._serialized_start=1235
-  _globals['_REFUNDREQUEST']._serialized_end=1476
-  _globals['_REFUNDRESPONSE']._serialized_start=1478
-  _globals['_REFUNDRESPONSE']._serialized_end=1570
-  _globals['_GETPAYMENTREQUEST']._serialized_start=1572
-  _globals['_GETPAYMENTREQUEST']._serialized_end=1643
-  _globals['_GETPAYMENTRESPONSE']._serialized_start=1645
-  _globals['_GETPAYMENTRESPONSE']._serialized_end=1704
-  _globals['_LISTPAYMENTSREQUEST']._serialized_start=1707
-  _globals['_LISTPAYMENTSREQUEST']._serialized_end=1947
-  _globals['_LISTPAYMENTSRESPONSE']._serialized_start=1949
-  _globals['_LISTPAYMENTSRESPONSE']._serialized_end=2036
-  _globals['_GETREFUNDREQUEST']._serialized_start=2038
-  _globals['_GETREFUNDREQUEST']._serialized_end=2107
-  _globals['_GETREFUNDRESPONSE']._serialized_start=2109
-  _globals['_GETREFUNDRESPONSE']._serialized_end=2165
-  _globals['_LISTREFUNDSREQUEST']._serialized_start=2168
-  _globals['_LISTREFUNDSREQUEST']._serialized_end=2298
-  _globals['_LISTREFUNDSRESPONSE']._serialized_start=2300
-  _globals['_LISTREFUNDSRESPONSE']._serialized_end=2384
-  _globals['_WATCHPAYMENTSTATUSREQUEST']._serialized_start=2387
-  _globals['_WATCHPAYMENTSTATUSREQUEST']._serialized_end=2522
-  _globals['_WATCHPAYMENTSTATUSRESPONSE']._serialized_start=2525
-  _globals['_WATCHPAYMENTSTATUSRESPONSE']._serialized_end=2653
-  _globals['_PAYMENTSERVICE']._serialized_start=2656
-  _globals['_PAYMENTSERVICE']._serialized_end=3758
+  _globals['_PAYMENTSERVICE'].methods_by_name['WatchPayments']._loaded_options = None
+  _globals['_PAYMENTSERVICE'].methods_by_name['WatchPayments']._serialized_options = b'\202\323\344\223\002\027\022\025/v1/payments:watchAll'
+  _globals['_CHARGEREQUEST']._serialized_start=223
+  _globals['_CHARGEREQUEST']._serialized_end=797
+  _globals['_CHARGEREQUEST_METADATAENTRY']._serialized_start=750
+  _globals['_CHARGEREQUEST_METADATAENTRY']._serialized_end=797
+  _globals['_CHARGERESPONSE']._serialized_start=799
+  _globals['_CHARGERESPONSE']._serialized_end=854
+  _globals['_CAPTUREPAYMENTREQUEST']._serialized_start=857
+  _globals['_CAPTUREPAYMENTREQUEST']._serialized_end=1053
+  _globals['_CAPTUREPAYMENTRESPONSE']._serialized_start=1055
+  _globals['_CAPTUREPAYMENTRESPONSE']._serialized_end=1118
+  _globals['_CANCELPAYMENTREQUEST']._serialized_start=1120
+  _globals['_CANCELPAYMENTREQUEST']._serialized_end=1194
+  _globals['_CANCELPAYMENTRESPONSE']._serialized_start=1196
+  _globals['_CANCELPAYMENTRESPONSE']._serialized_end=1258
+  _globals['_REFUNDREQUEST']._serialized_start=1261
+  _globals['_REFUNDREQUEST']._serialized_end=1502
+  _globals['_REFUNDRESPONSE']._serialized_start=1504
+  _globals['_REFUNDRESPONSE']._serialized_end=1596
+  _globals['_GETPAYMENTREQUEST']._serialized_start=1598
+  _globals['_GETPAYMENTREQUEST']._serialized_end=1669
+  _globals['_GETPAYMENTRESPONSE']._serialized_start=1671
+  _globals['_GETPAYMENTRESPONSE']._serialized_end=1730
+  _globals['_LISTPAYMENTSREQUEST']._serialized_start=1733
+  _globals['_LISTPAYMENTSREQUEST']._serialized_end=1973
+  _globals['_LISTPAYMENTSRESPONSE']._serialized_start=1975
+  _globals['_LISTPAYMENTSRESPONSE']._serialized_end=2062
+  _globals['_GETREFUNDREQUEST']._serialized_start=2064
+  _globals['_GETREFUNDREQUEST']._serialized_end=2133
+  _globals['_GETREFUNDRESPONSE']._serialized_start=2135
+  _globals['_GETREFUNDRESPONSE']._serialized_end=2191
+  _globals['_LISTREFUNDSREQUEST']._serialized_start=2194
+  _globals['_LISTREFUNDSREQUEST']._serialized_end=2324
+  _globals['_LISTREFUNDSRESPONSE']._serialized_start=2326
+  _globals['_LISTREFUNDSRESPONSE']._serialized_end=2410
+  _globals['_WATCHPAYMENTSTATUSREQUEST']._serialized_start=2413
+  _globals['_WATCHPAYMENTSTATUSREQUEST']._serialized_end=2548
+  _globals['_WATCHPAYMENTSTATUSRESPONSE']._serialized_start=2551
+  _globals['_WATCHPAYMENTSTATUSRESPONSE']._serialized_end=2679
+  _globals['_WATCHPAYMENTSREQUEST']._serialized_start=2682
+  _globals['_WATCHPAYMENTSREQUEST']._serialized_end=2902
+  _globals['_WATCHPAYMENTSRESPONSE']._serialized_start=2904
+  _globals['_WATCHPAYMENTSRESPONSE']._serialized_end=2985
+  _globals['_PAYMENTSERVICE']._serialized_start=2988
+  _globals['_PAYMENTSERVICE']._serialized_end=4211
 # @@protoc_insertion_point(module_scope)

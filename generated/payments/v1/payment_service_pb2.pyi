@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from payments.v1 import events_pb2 as _events_pb2
 from payments.v1 import resources_pb2 as _resources_pb2
 import builtins as _builtins
 import sys
@@ -558,3 +559,67 @@ class WatchPaymentStatusResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchPaymentStatusResponse: _TypeAlias = WatchPaymentStatusResponse  # noqa: Y015
+
+@_typing.final
+class WatchPaymentsRequest(_message.Message):
+    """Request to follow every payment event (the change feed)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURSOR_FIELD_NUMBER: _builtins.int
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    STATUSES_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.str
+    """Resume after the event that carried this cursor; empty: from the oldest event kept."""
+    order_id: _builtins.str
+    """Only events of payments of this order."""
+    customer_id: _builtins.str
+    """Only events of payments of this customer (a customer token sees only its own)."""
+    @_builtins.property
+    def statuses(self) -> _containers.RepeatedScalarFieldContainer[_resources_pb2.PaymentStatus.ValueType]:
+        """Only events that left the payment in one of these statuses; empty: all."""
+
+    def __init__(
+        self,
+        *,
+        cursor: _builtins.str = ...,
+        order_id: _builtins.str = ...,
+        customer_id: _builtins.str = ...,
+        statuses: _abc.Iterable[_resources_pb2.PaymentStatus.ValueType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "customer_id", b"customer_id", "order_id", b"order_id", "statuses", b"statuses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchPaymentsRequest: _TypeAlias = WatchPaymentsRequest  # noqa: Y015
+
+@_typing.final
+class WatchPaymentsResponse(_message.Message):
+    """One event of the change feed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.str
+    """Opaque position just after this event: pass it as `cursor` to resume."""
+    @_builtins.property
+    def event(self) -> _events_pb2.PaymentEvent:
+        """The event, with the payment as of it."""
+
+    def __init__(
+        self,
+        *,
+        event: _events_pb2.PaymentEvent | None = ...,
+        cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "event", b"event"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchPaymentsResponse: _TypeAlias = WatchPaymentsResponse  # noqa: Y015

@@ -83,6 +83,11 @@ class PaymentServiceStub:
                 request_serializer=payments_dot_v1_dot_payment__service__pb2.WatchPaymentStatusRequest.SerializeToString,
                 response_deserializer=payments_dot_v1_dot_payment__service__pb2.WatchPaymentStatusResponse.FromString,
                 _registered_method=True)
+        self.WatchPayments = channel.unary_stream(
+                '/payments.v1.PaymentService/WatchPayments',
+                request_serializer=payments_dot_v1_dot_payment__service__pb2.WatchPaymentsRequest.SerializeToString,
+                response_deserializer=payments_dot_v1_dot_payment__service__pb2.WatchPaymentsResponse.FromString,
+                _registered_method=True)
 
 
 class PaymentServiceServicer:
@@ -157,6 +162,17 @@ class PaymentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchPayments(self, request, context):
+        """Streams every payment event after a cursor, in commit order, optionally filtered;
+        stays open for new events. Each message carries the cursor to resume after it: a
+        stream resumed with it misses nothing and repeats nothing, across restarts and
+        replicas. A consumer too slow to take the stream is cut with RESOURCE_EXHAUSTED
+        (reason WATCH_CONSUMER_TOO_SLOW) and resumes from its last cursor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PaymentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -204,6 +220,11 @@ def add_PaymentServiceServicer_to_server(servicer, server):
                     servicer.WatchPaymentStatus,
                     request_deserializer=payments_dot_v1_dot_payment__service__pb2.WatchPaymentStatusRequest.FromString,
                     response_serializer=payments_dot_v1_dot_payment__service__pb2.WatchPaymentStatusResponse.SerializeToString,
+            ),
+            'WatchPayments': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchPayments,
+                    request_deserializer=payments_dot_v1_dot_payment__service__pb2.WatchPaymentsRequest.FromString,
+                    response_serializer=payments_dot_v1_dot_payment__service__pb2.WatchPaymentsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -453,6 +474,33 @@ class PaymentService:
             '/payments.v1.PaymentService/WatchPaymentStatus',
             payments_dot_v1_dot_payment__service__pb2.WatchPaymentStatusRequest.SerializeToString,
             payments_dot_v1_dot_payment__service__pb2.WatchPaymentStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchPayments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/payments.v1.PaymentService/WatchPayments',
+            payments_dot_v1_dot_payment__service__pb2.WatchPaymentsRequest.SerializeToString,
+            payments_dot_v1_dot_payment__service__pb2.WatchPaymentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

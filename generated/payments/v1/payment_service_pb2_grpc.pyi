@@ -59,6 +59,13 @@ class PaymentServiceStub:
     """Streams a payment's current snapshot, then every change in order, gap-free.
     Ends OK after a final status.
     """
+    WatchPayments: _grpc.UnaryStreamMultiCallable[_payment_service_pb2.WatchPaymentsRequest, _payment_service_pb2.WatchPaymentsResponse]
+    """Streams every payment event after a cursor, in commit order, optionally filtered;
+    stays open for new events. Each message carries the cursor to resume after it: a
+    stream resumed with it misses nothing and repeats nothing, across restarts and
+    replicas. A consumer too slow to take the stream is cut with RESOURCE_EXHAUSTED
+    (reason WATCH_CONSUMER_TOO_SLOW) and resumes from its last cursor.
+    """
 
 @_typing.type_check_only
 class PaymentServiceAsyncStub(PaymentServiceStub):
@@ -90,6 +97,13 @@ class PaymentServiceAsyncStub(PaymentServiceStub):
     WatchPaymentStatus: _aio.UnaryStreamMultiCallable[_payment_service_pb2.WatchPaymentStatusRequest, _payment_service_pb2.WatchPaymentStatusResponse]  # type: ignore[assignment]
     """Streams a payment's current snapshot, then every change in order, gap-free.
     Ends OK after a final status.
+    """
+    WatchPayments: _aio.UnaryStreamMultiCallable[_payment_service_pb2.WatchPaymentsRequest, _payment_service_pb2.WatchPaymentsResponse]  # type: ignore[assignment]
+    """Streams every payment event after a cursor, in commit order, optionally filtered;
+    stays open for new events. Each message carries the cursor to resume after it: a
+    stream resumed with it misses nothing and repeats nothing, across restarts and
+    replicas. A consumer too slow to take the stream is cut with RESOURCE_EXHAUSTED
+    (reason WATCH_CONSUMER_TOO_SLOW) and resumes from its last cursor.
     """
 
 class PaymentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -173,6 +187,19 @@ class PaymentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_payment_service_pb2.WatchPaymentStatusResponse], _abc.AsyncIterator[_payment_service_pb2.WatchPaymentStatusResponse]]:
         """Streams a payment's current snapshot, then every change in order, gap-free.
         Ends OK after a final status.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchPayments(
+        self,
+        request: _payment_service_pb2.WatchPaymentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_payment_service_pb2.WatchPaymentsResponse], _abc.AsyncIterator[_payment_service_pb2.WatchPaymentsResponse]]:
+        """Streams every payment event after a cursor, in commit order, optionally filtered;
+        stays open for new events. Each message carries the cursor to resume after it: a
+        stream resumed with it misses nothing and repeats nothing, across restarts and
+        replicas. A consumer too slow to take the stream is cut with RESOURCE_EXHAUSTED
+        (reason WATCH_CONSUMER_TOO_SLOW) and resumes from its last cursor.
         """
 
 def add_PaymentServiceServicer_to_server(servicer: PaymentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -12,6 +12,8 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from payment_grpc.service.ports import ALL_PAYMENTS
+
 
 class _Subscription:
     def __init__(self) -> None:
@@ -41,8 +43,9 @@ class InProcessStatusBus:
         self.wake(payment_id)
 
     def wake(self, payment_id: str) -> None:
-        for subscription in self._subscribers.get(payment_id, ()):
-            subscription.notify()
+        for key in (payment_id, ALL_PAYMENTS):  # the change feed hears every payment
+            for subscription in self._subscribers.get(key, ()):
+                subscription.notify()
 
     def wake_all(self) -> None:
         for watchers in self._subscribers.values():

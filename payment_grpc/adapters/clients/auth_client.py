@@ -1,8 +1,9 @@
 """The auth service (protos/auth/v1): token introspection on top of local checks, and the
 public keys for RS256/ES256 tokens (`AuthServiceClient.signing_keys`).
 
-Every call has a deadline; transient failures (UNAVAILABLE, DEADLINE_EXCEEDED,
-RESOURCE_EXHAUSTED) are retried with exponential backoff and jitter; answers are cached
+Calls go through the shared resilience piece (adapters/clients/resilience.py): a deadline
+on every attempt (never past the incoming call's), retries of UNAVAILABLE and
+DEADLINE_EXCEEDED only, and the auth service's own circuit breaker. Answers are cached
 per token until min(exp, TTL). If the service cannot answer and nothing is cached, the
 caller is refused with AuthUnavailable (fail closed). Introspection only ever narrows what
 the locally verified token grants: it may revoke, drop scopes or add a customer
@@ -11,9 +12,7 @@ restriction, never the opposite.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import random
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -24,18 +23,17 @@ from auth.v1 import auth_service_pb2, auth_service_pb2_grpc
 from grpc import aio
 
 from payment_grpc.adapters.auth.jwt_verifier import CUSTOMER_SCOPES
+from payment_grpc.adapters.clients.resilience import (
+    CallPolicy,
+    CircuitOpen,
+    Collaborator,
+    DeadlinePassed,
+)
 from payment_grpc.service.errors import AuthUnavailable, Unauthenticated
 from payment_grpc.service.limits import MAX_CUSTOMER_ID_LENGTH, storable_text
 from payment_grpc.service.ports import Clock, Principal, TokenVerifier
 from payment_grpc.telemetry.client import tracing_interceptors
 
-TRANSIENT = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-    }
-)
 REFUSED = frozenset(
     {
         grpc.StatusCode.UNAUTHENTICATED,
@@ -55,40 +53,38 @@ class AuthServiceClient:
     ) -> None:
         self._channel = aio.insecure_channel(target, interceptors=tracing_interceptors())
         self._stub = auth_service_pb2_grpc.AuthServiceStub(self._channel)
-        self._timeout_s = timeout_s
-        self._attempts = attempts
-        self._backoff_s = backoff_s
+        self._service = Collaborator(
+            "auth-service",
+            CallPolicy(timeout_s=timeout_s, attempts=attempts, backoff_initial_s=backoff_s),
+        )
 
     async def verify_token(self, token: str, audience: str) -> auth_service_pb2.VerifyTokenResponse:
         """Raises Unauthenticated when the service refuses the token, else AuthUnavailable."""
         request = auth_service_pb2.VerifyTokenRequest(token=token, audience=audience)
         return await self._call(
-            lambda: self._stub.VerifyToken(request, timeout=self._timeout_s), refused=REFUSED
+            lambda timeout: self._stub.VerifyToken(request, timeout=timeout), refused=REFUSED
         )
 
     async def signing_keys(self) -> str:
         """The JWKS of the service's token-signing keys; raises AuthUnavailable."""
         request = auth_service_pb2.GetSigningKeysRequest()
         reply = await self._call(
-            lambda: self._stub.GetSigningKeys(request, timeout=self._timeout_s),
+            lambda timeout: self._stub.GetSigningKeys(request, timeout=timeout),
             refused=frozenset(),
         )
         return reply.jwks_json
 
     async def _call(
-        self, attempt: Callable[[], Awaitable[Reply]], *, refused: frozenset[grpc.StatusCode]
+        self, attempt: Callable[[float], Awaitable[Reply]], *, refused: frozenset[grpc.StatusCode]
     ) -> Reply:
-        for number in range(self._attempts):
-            try:
-                return await attempt()
-            except aio.AioRpcError as exc:
-                if exc.code() in refused:
-                    raise Unauthenticated() from exc
-                if exc.code() not in TRANSIENT or number == self._attempts - 1:
-                    raise AuthUnavailable() from exc
-            delay = self._backoff_s * 2**number
-            await asyncio.sleep(delay + random.uniform(0, delay))
-        raise AuthUnavailable()
+        try:
+            return await self._service.call(attempt)
+        except aio.AioRpcError as exc:
+            if exc.code() in refused:
+                raise Unauthenticated() from exc
+            raise AuthUnavailable() from exc
+        except (CircuitOpen, DeadlinePassed) as exc:
+            raise AuthUnavailable() from exc
 
     async def close(self) -> None:
         await self._channel.close(None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -18,9 +19,14 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from payment_grpc.adapters.db.crypto import FieldCipher
+from payment_grpc.adapters.db.event_log import EventLog
 from payment_grpc.adapters.db.gateway_events import SqlGatewayEventRepository
 from payment_grpc.adapters.db.idempotency import SqlIdempotencyRepository
-from payment_grpc.adapters.db.repositories import SqlPaymentRepository, SqlRefundRepository
+from payment_grpc.adapters.db.repositories import (
+    SqlPaymentRepository,
+    SqlRefundRepository,
+    Written,
+)
 from payment_grpc.domain.payment import Payment, PaymentEvent
 from payment_grpc.domain.refund import Refund
 from payment_grpc.service.errors import StorageUnavailable
@@ -85,12 +91,22 @@ def _sqlite_engine(url: str, timeouts: Timeouts) -> AsyncEngine:
 
 
 class SqlUnitOfWork:
-    def __init__(self, conn: AsyncConnection, row_locks: bool, cipher: FieldCipher) -> None:
+    def __init__(
+        self,
+        conn: AsyncConnection,
+        row_locks: bool,
+        cipher: FieldCipher,
+        event_log: EventLog | None = None,
+    ) -> None:
         self._conn = conn
         self.events: list[PaymentEvent] = []  # written in this transaction, in order
+        self._changed: Written = []  # the same, with the payment each left behind
+        self._event_log = event_log
         self.committed = False
         self._on_commit: list[Callable[[], None]] = []
-        self.payments = SqlPaymentRepository(conn, row_locks, cipher, written=self.events)
+        self.payments = SqlPaymentRepository(
+            conn, row_locks, cipher, written=self.events, changed=self._changed
+        )
         self.refunds = SqlRefundRepository(conn)
         self.idempotency = SqlIdempotencyRepository(conn, row_locks, cipher)
         self.gateway_events = SqlGatewayEventRepository(conn)
@@ -100,12 +116,18 @@ class SqlUnitOfWork:
 
     async def commit(self) -> None:
         # The one place where what a transaction's events imply is written with them: the
-        # transactional outbox (issue 9) adds its rows for `self.events` here, before COMMIT.
+        # change feed and the transactional outbox rows, before COMMIT.
+        log = self._event_log
+        wrote_outbox = log is not None and await log.write(
+            self._conn, self._changed, datetime.now(UTC)
+        )
         await self._conn.commit()
         self.committed = True
         count_committed(self.payments.changed, self.refunds.changed)
         for action in self._on_commit:
             action()
+        if wrote_outbox and log is not None:
+            log.wake()  # the relay delivers now, not at its next poll
 
 
 def count_committed(
@@ -134,14 +156,19 @@ def count_committed(
 
 class SqlUnitOfWorkFactory:
     def __init__(
-        self, engine: AsyncEngine, cipher: FieldCipher, bus: StatusBus | None = None
+        self,
+        engine: AsyncEngine,
+        cipher: FieldCipher,
+        bus: StatusBus | None = None,
+        event_log: EventLog | None = None,
     ) -> None:
         """`bus` hears the events of every committed transaction (None: nobody listens,
-        as for tools that only read)."""
+        as for tools that only read); `event_log` writes their feed and outbox rows."""
         self._engine = engine
         self._sqlite = engine.dialect.name == "sqlite"
         self._cipher = cipher  # encrypts sensitive columns (built once, shared)
         self._bus = bus
+        self._event_log = event_log
 
     @asynccontextmanager
     async def __call__(self, *, read_only: bool = False) -> AsyncIterator[SqlUnitOfWork]:
@@ -151,7 +178,9 @@ class SqlUnitOfWorkFactory:
                 if self._sqlite and read_only:
                     conn = await conn.execution_options(sqlite_begin="DEFERRED")
                 await conn.begin()
-                uow = SqlUnitOfWork(conn, row_locks=not self._sqlite, cipher=self._cipher)
+                uow = SqlUnitOfWork(
+                    conn, not self._sqlite, cipher=self._cipher, event_log=self._event_log
+                )
                 yield uow
         except PoolTimeout as exc:
             # Every pooled connection busy for pool_timeout: overloaded, not broken.

@@ -51,6 +51,9 @@ _UPDATE_REFUND = refunds.update().where(refunds.c.id == sa.bindparam("b_id"))
 _SELECT_REFUND = sa.select(refunds).where(refunds.c.id == sa.bindparam("b_id"))
 
 
+Written = list[tuple[Payment, Sequence[PaymentEvent]]]
+
+
 class SqlPaymentRepository:
     def __init__(
         self,
@@ -58,14 +61,16 @@ class SqlPaymentRepository:
         row_locks: bool,
         cipher: FieldCipher,
         written: list[PaymentEvent] | None = None,
+        changed: Written | None = None,
     ) -> None:
-        """`written` collects the events this repository writes (its unit of work's)."""
+        """`written` collects the events this repository writes (its unit of work's);
+        `changed` the same as (payment, its events), for the feed and the outbox."""
         self._conn = conn
         self._row_locks = row_locks
         self._cipher = cipher
         self._written = [] if written is None else written
         # (payment, its events) written in this transaction: counted once it commits.
-        self.changed: list[tuple[Payment, Sequence[PaymentEvent]]] = []
+        self.changed: Written = [] if changed is None else changed
 
     async def add(self, payment: Payment, events: Sequence[PaymentEvent]) -> None:
         try:

@@ -178,3 +178,63 @@ gateway_events = sa.Table(
     sa.Column("detail", sa.String(500), nullable=False),
     sa.Column("received_at", UtcDateTime, nullable=False),
 )
+
+# Transactional outbox: one row per (payment event, sink), written in the transaction that
+# records the event; the relay delivers it (DESIGN.md "Changes, outbox, events").
+# `state`: pending -> delivered, or parked after too many attempts (with `last_error`).
+OUTBOX_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite: rowid alias
+outbox = sa.Table(
+    "outbox",
+    metadata,
+    sa.Column("id", OUTBOX_ID, primary_key=True, autoincrement=True),
+    sa.Column("sink", sa.String(32), nullable=False),
+    sa.Column("dedupe_id", sa.String(96), nullable=False),  # <payment_id>:<sequence>
+    sa.Column("payment_id", sa.String(64), nullable=False),
+    sa.Column("sequence", sa.BigInteger, nullable=False),
+    sa.Column("event_type", sa.String(64), nullable=False),
+    sa.Column("payload", sa.LargeBinary, nullable=False),  # payments.v1.PaymentEvent
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("next_attempt_at", UtcDateTime, nullable=False),
+    sa.Column("claimed_by", sa.String(128)),
+    sa.Column("claimed_until", UtcDateTime),
+    sa.Column("last_error", sa.String(512)),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("delivered_at", UtcDateTime),
+    sa.UniqueConstraint("sink", "dedupe_id"),
+    # The relay's scan: only rows still to deliver.
+    sa.Index(
+        "ix_outbox_due",
+        "next_attempt_at",
+        postgresql_where=sa.text("state = 'pending'"),
+        sqlite_where=sa.text("state = 'pending'"),
+    ),
+    # Per-payment order: is an earlier event of this payment still undelivered to the sink?
+    sa.Index("ix_outbox_sink_payment_sequence", "sink", "payment_id", "sequence"),
+)
+
+# The change feed (WatchPayments): every payment event with a global `position` taken from
+# `feed_counter` in the transaction that records it. The counter row is updated right
+# before COMMIT and stays locked until then, so positions become visible in order: a
+# reader that saw position N has seen every position below it (no gap on resume).
+payment_feed = sa.Table(
+    "payment_feed",
+    metadata,
+    sa.Column("position", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("payment_id", sa.String(64), nullable=False),
+    sa.Column("sequence", sa.BigInteger, nullable=False),
+    sa.Column("order_id", sa.String(128), nullable=False),
+    sa.Column("customer_id", sa.String(128), nullable=False),
+    sa.Column("status", sa.String(24), nullable=False),
+    sa.Column("payload", sa.LargeBinary, nullable=False),  # payments.v1.PaymentEvent
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Index("ix_payment_feed_order_position", "order_id", "position"),
+    sa.Index("ix_payment_feed_customer_position", "customer_id", "position"),
+)
+
+feed_counter = sa.Table(
+    "feed_counter",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("last_position", sa.BigInteger, nullable=False),
+)

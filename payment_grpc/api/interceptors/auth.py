@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from payment_grpc.api.context import current_request
+from payment_grpc.api.context import current_request, remember_deadline
 from payment_grpc.api.errors import status_for
 from payment_grpc.api.interceptors.guard import abort_with
 from payment_grpc.api.interceptors.wrapping import (
@@ -40,6 +40,7 @@ REQUIRED_SCOPE = {
     "GetRefund": "payments.read",
     "ListRefunds": "payments.read",
     "WatchPaymentStatus": "payments.read",
+    "WatchPayments": "payments.read",
 }
 
 
@@ -76,6 +77,7 @@ class AuthInterceptor(ServerInterceptor):
         method, metadata = details.method, details.invocation_metadata
 
         async def authenticate(context: aio.ServicerContext[Any, Any]) -> None:
+            remember_deadline(context)  # the auth service is the first collaborator asked
             try:
                 principal = await self._verifier.verify(bearer_token(metadata))
                 authorize(principal, method)

@@ -1,0 +1,43 @@
+"""The wire form of a payment event (protos/payments/v1/events.proto): what the outbox
+stores and the sinks and feeds send. Built here, where proto <-> domain conversion lives."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from payments.v1 import events_pb2
+from payments.v1 import resources_pb2 as pb
+
+from payment_grpc.api.convert import STATUS_TO_PB, payment_to_pb, timestamp
+from payment_grpc.domain.payment import Payment, PaymentEvent
+from payment_grpc.service.outbox import dedupe_id
+
+
+def as_of(payment: Payment, event: PaymentEvent) -> Payment:
+    """The payment as this event left it (a transaction may write several events)."""
+    return replace(
+        payment,
+        status=event.status,
+        captured_minor=event.captured.amount_minor,
+        refunded_minor=event.refunded.amount_minor,
+        failure=event.failure,
+        sequence=event.sequence,
+        updated_at=event.occurred_at,
+    )
+
+
+def event_message(payment: Payment, event: PaymentEvent, kind: str) -> events_pb2.PaymentEvent:
+    return events_pb2.PaymentEvent(
+        event_id=dedupe_id(event.payment_id, event.sequence),
+        type=kind,
+        payment=payment_to_pb(as_of(payment, event)),
+        sequence=event.sequence,
+        previous_status=STATUS_TO_PB.get(event.previous_status, pb.PAYMENT_STATUS_UNSPECIFIED),
+        occur_time=timestamp(event.occurred_at),
+        # The W3C traceparent joins when tracing (issue 11) exposes the current span.
+        trace=events_pb2.TraceContext(trace_id=event.trace_id),
+    )
+
+
+def encode_event(payment: Payment, event: PaymentEvent, kind: str) -> bytes:
+    return event_message(payment, event, kind).SerializeToString(deterministic=True)

@@ -1,0 +1,182 @@
+"""The outbox relay: delivers the payment events the transactions wrote to the outbox, to
+every sink (order service notifications, the broker), in every replica.
+
+- Claims due rows (at most the earliest undelivered event per payment and sink, so a later
+  sequence never overtakes an earlier one) under a lease, delivers them outside any
+  transaction, marks them delivered. A crash leaves them claimed until the lease ends;
+  another replica (or this one restarted) delivers them again: at least once, with a
+  stable dedupe id (`<payment_id>:<sequence>`) the receivers drop repeats by.
+- A failed delivery is due again after exponential backoff with jitter; after
+  `max_attempts` it is parked with its last error (`payment-grpc outbox list|retry`).
+  A parked event holds back the later events of its payment for that sink.
+- Woken right after each commit that wrote outbox rows; a slow poll is the safety net
+  (other replicas' commits, expired leases).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from payment_grpc.domain.payment import PaymentEvent, PaymentStatus
+from payment_grpc.service.ports import (
+    Clock,
+    EventSink,
+    OutboxMessage,
+    OutboxStore,
+    SinkUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+# What the order service hears about: every outcome, none of the steps before one.
+OUTCOME_TYPES = frozenset(
+    f"payment.{status.value.lower()}"
+    for status in (
+        PaymentStatus.AUTHORIZED,
+        PaymentStatus.CAPTURED,
+        PaymentStatus.FAILED,
+        PaymentStatus.CANCELED,
+        PaymentStatus.PARTIALLY_REFUNDED,
+        PaymentStatus.REFUNDED,
+    )
+)
+MAX_ERROR_CHARS = 500
+MIN_IDLE_S = 0.01  # never a hot loop, whatever the clocks of the replicas say
+
+
+def event_type(event: PaymentEvent) -> str:
+    """`payment.created` for the first event, else `payment.<new status>`."""
+    if event.previous_status is None:
+        return "payment.created"
+    return f"payment.{event.status.value.lower()}"
+
+
+def dedupe_id(payment_id: str, sequence: int) -> str:
+    return f"{payment_id}:{sequence}"
+
+
+@dataclass(frozen=True, slots=True)
+class RelayPolicy:
+    batch_size: int = 100
+    lease: timedelta = timedelta(seconds=30)  # a claim older than this is taken over
+    poll: timedelta = timedelta(seconds=5)  # safety net when no commit wakes the relay
+    backoff_initial: timedelta = timedelta(seconds=1)
+    backoff_max: timedelta = timedelta(minutes=5)
+    max_attempts: int = 12  # then parked
+
+
+@dataclass
+class RelayStats:
+    """What this replica's relay did since it started (metrics, and what tests await)."""
+
+    delivered: int = 0
+    failed: int = 0
+    parked: int = 0
+
+
+class Relay:
+    def __init__(
+        self,
+        store: OutboxStore,
+        sinks: Sequence[EventSink],
+        clock: Clock,
+        policy: RelayPolicy,
+        owner: str,
+    ) -> None:
+        self._store = store
+        self._sinks: Mapping[str, EventSink] = {sink.name: sink for sink in sinks}
+        self._clock = clock
+        self._policy = policy
+        self._owner = owner
+        self._wakeup = asyncio.Event()
+        self.stats = RelayStats()
+        self._progress = asyncio.Condition()
+
+    async def wait_until(self, condition: Callable[[RelayStats], bool]) -> None:
+        """Return once `condition(stats)` holds (checked after every recorded outcome)."""
+        async with self._progress:
+            await self._progress.wait_for(lambda: condition(self.stats))
+
+    async def _count(self, field: str) -> None:
+        async with self._progress:
+            setattr(self.stats, field, getattr(self.stats, field) + 1)
+            self._progress.notify_all()
+
+    def wake(self) -> None:
+        """Something was committed to the outbox: look now, not at the next poll."""
+        self._wakeup.set()
+
+    async def run_forever(self) -> None:
+        while True:
+            self._wakeup.clear()  # before the pass: a commit during it wakes the next one
+            try:
+                claimed = await self.deliver_due()
+            except Exception:
+                log.exception("outbox relay pass failed")
+                claimed = 0
+            if claimed == 0:
+                await self._idle()
+
+    async def deliver_due(self) -> int:
+        """One pass: claim due messages, deliver each; returns how many were claimed."""
+        now = self._clock.now()
+        batch = await self._store.claim(
+            self._owner, now, now + self._policy.lease, self._policy.batch_size
+        )
+        await asyncio.gather(*(self._deliver(message) for message in batch))
+        return len(batch)
+
+    async def _idle(self) -> None:
+        timeout = self._policy.poll.total_seconds()
+        due = await self._store.next_due()
+        if due is not None:
+            until_due = (due - self._clock.now()).total_seconds()
+            timeout = min(timeout, max(MIN_IDLE_S, until_due))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
+
+    async def _deliver(self, message: OutboxMessage) -> None:
+        sink = self._sinks.get(message.sink)
+        try:
+            if sink is None:
+                raise SinkUnavailable(f"sink {message.sink} is not configured here")
+            await sink.deliver(message)
+        except Exception as exc:  # any failure of one message is that message's
+            await self._failed(message, exc)
+            return
+        await self._store.delivered(message, self._clock.now())
+        await self._count("delivered")
+
+    async def _failed(self, message: OutboxMessage, exc: Exception) -> None:
+        error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+        attempts = message.attempts + 1
+        retry_at = None if attempts >= self._policy.max_attempts else self._retry_at(attempts)
+        level = logging.WARNING if isinstance(exc, SinkUnavailable) else logging.ERROR
+        log.log(
+            level,
+            "outbox delivery failed",
+            extra={"sink": message.sink, "dedupe_id": message.dedupe_id, "error": error,
+                   "attempts": attempts, "parked": retry_at is None},
+        )  # fmt: skip
+        await self._store.failed(message, self._owner, error, retry_at)
+        await self._count("failed" if retry_at is not None else "parked")
+
+    def _retry_at(self, attempts: int) -> datetime:
+        """Exponential backoff with full jitter in its upper half, capped."""
+        base = self._policy.backoff_initial * (1 << min(attempts - 1, 30))
+        delay = min(base, self._policy.backoff_max) * random.uniform(0.5, 1.0)
+        return self._clock.now() + delay
+
+    async def start_sinks(self) -> None:
+        for sink in self._sinks.values():
+            await sink.start()
+
+    async def close_sinks(self) -> None:
+        for sink in self._sinks.values():
+            await sink.close()

@@ -1,0 +1,133 @@
+"""Payment events on the real NATS JetStream (127.0.0.1:4222): every event once in the
+stream, on `<prefix>.<type>`, protobuf PaymentEvent with Nats-Msg-Id = dedupe id, also when
+the relay delivers a message again. Each test has its own stream and subjects (uuid) and
+deletes them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pathlib
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats
+import pytest
+import sqlalchemy as sa
+from nats.js import JetStreamContext
+from payments.v1 import events_pb2
+from payments.v1 import payment_service_pb2 as api
+from payments.v1 import resources_pb2 as pb
+
+from payment_grpc.adapters.db.tables import outbox, payment_events
+from payment_grpc.bootstrap import Application
+from tests.conftest import make_settings
+from tests.helpers import charge_request, keyed, serving
+
+NATS_URL = os.environ.get("NATS_TEST_URL", "nats://127.0.0.1:4222")
+WAIT_S = 30
+
+
+@pytest.fixture
+async def jetstream() -> AsyncIterator[tuple[JetStreamContext, str, str]]:
+    """(JetStream, stream name, subject prefix), unique to the test and deleted after it."""
+    try:
+        client = await nats.connect(NATS_URL, connect_timeout=2, max_reconnect_attempts=0)
+    except Exception as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"NATS must be reachable under CI=true: {exc}")
+        pytest.skip(f"NATS not reachable: {exc}")
+    suffix = uuid.uuid4().hex[:12]
+    stream, prefix = f"PAYMENTS_T{suffix}", f"t{suffix}.payments.v1"
+    js = client.jetstream()
+    try:
+        yield js, stream, prefix
+    finally:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_stream(stream)
+        await client.close()
+
+
+async def stored_events(app: Application) -> dict[str, tuple[int, str]]:
+    """dedupe id -> (sequence, status) of every stored payment event."""
+    async with app.engine.connect() as conn:
+        rows = await conn.execute(
+            sa.select(
+                payment_events.c.payment_id, payment_events.c.sequence, payment_events.c.status
+            )
+        )
+        return {f"{p}:{s}": (s, status) for p, s, status in rows}
+
+
+async def read_all(js: JetStreamContext, stream: str, prefix: str, count: int) -> list[Any]:
+    sub = await js.subscribe(f"{prefix}.>", stream=stream, ordered_consumer=True)
+    try:
+        return [await sub.next_msg(timeout=WAIT_S) for _ in range(count)]
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_jetstream_gets_every_event_once_with_its_dedupe_id(
+    database_url: str, tmp_path: pathlib.Path, jetstream
+) -> None:
+    js, stream, prefix = jetstream
+    settings = make_settings(
+        database_url, tmp_path, nats_url=NATS_URL, nats_stream=stream, nats_subject_prefix=prefix
+    )
+    async with serving(settings) as (app, stub):
+        assert app.relay is not None
+        payment = (await stub.Charge(charge_request(10_000), metadata=keyed("n1"))).payment
+        refund = api.RefundRequest(
+            payment_id=payment.payment_id, amount=pb.Money(currency="USD", amount_minor=2_500)
+        )
+        await stub.Refund(refund, metadata=keyed("n2"))
+        expected = await stored_events(app)
+        assert len(expected) == 4  # created, processing, captured, partially refunded
+        await asyncio.wait_for(app.relay.wait_until(lambda s: s.delivered >= len(expected)), WAIT_S)
+        # the relay delivers everything again, as after a crash before it marked them
+        async with app.engine.begin() as conn:
+            await conn.execute(outbox.update().values(state="pending", claimed_until=None))
+        app.relay.wake()
+        await asyncio.wait_for(
+            app.relay.wait_until(lambda s: s.delivered >= 2 * len(expected)), WAIT_S
+        )
+    info = await js.stream_info(stream)
+    assert info.state.messages == len(expected)  # JetStream dropped every redelivery
+    messages = await read_all(js, stream, prefix, len(expected))
+    by_id = {m.headers["Nats-Msg-Id"]: m for m in messages}
+    assert set(by_id) == set(expected)
+    for dedupe_id, message in by_id.items():
+        event = events_pb2.PaymentEvent.FromString(message.data)
+        assert event.event_id == dedupe_id
+        assert message.subject == f"{prefix}.{event.type}"
+        sequence, status = expected[dedupe_id]
+        assert event.sequence == sequence
+        assert pb.PaymentStatus.Name(event.payment.status) == f"PAYMENT_STATUS_{status}"
+        assert event.payment.payment_id == payment.payment_id
+        assert event.trace.trace_id
+    types = sorted(events_pb2.PaymentEvent.FromString(m.data).type for m in messages)
+    assert types == [
+        "payment.captured",
+        "payment.created",
+        "payment.partially_refunded",
+        "payment.processing",
+    ]
+
+
+async def test_events_wait_in_the_outbox_while_the_broker_is_unreachable(
+    database_url: str, tmp_path: pathlib.Path
+) -> None:
+    settings = make_settings(
+        database_url, tmp_path, nats_url="nats://127.0.0.1:1", outbox_backoff_initial_seconds=0.01,
+        outbox_backoff_max_seconds=0.05,
+    )  # fmt: skip
+    async with serving(settings) as (app, stub):
+        assert app.relay is not None
+        await stub.Charge(charge_request(10_000), metadata=keyed("n3"))
+        await asyncio.wait_for(app.relay.wait_until(lambda s: s.failed >= 3), WAIT_S)
+        async with app.engine.connect() as conn:
+            states = (await conn.execute(sa.select(outbox.c.state, outbox.c.last_error))).all()
+    assert {state for state, _ in states} == {"pending"}
+    assert all("NATS unreachable" in error for _, error in states if error)
