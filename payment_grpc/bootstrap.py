@@ -50,7 +50,7 @@ from payment_grpc.api.interceptors.rate_limit import RateLimitInterceptor, Token
 from payment_grpc.api.responses import encode_answer, refusal_answer
 from payment_grpc.api.server import PaymentServer
 from payment_grpc.api.servicer import PaymentServicer
-from payment_grpc.config import Settings
+from payment_grpc.config import Settings, UnsafeSetting
 from payment_grpc.service.admin import Admin
 from payment_grpc.service.charging import Charging
 from payment_grpc.service.deps import Deps, Records
@@ -455,5 +455,8 @@ def build_application(settings: Settings) -> Application:
     server.add_readiness_check(gateway_ready(gateway))
     app.webhooks = build_webhooks(settings, gateway, GatewayEvents(records, settlements))
     address = f"{settings.server.host}:{settings.server.port}"
-    app.port = server.bind(address, server_credentials(settings))
+    try:
+        app.port = server.bind(address, server_credentials(settings))
+    except RuntimeError:  # grpc says only "Failed to bind"
+        raise UnsafeSetting(f"PORT: cannot listen on {address} (in use?)") from None
     return app

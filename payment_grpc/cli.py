@@ -1,20 +1,31 @@
 """`payment-grpc serve | migrate | probe | token | rotate-keys | outbox`
-(also `python -m payment_grpc`)."""
+(also `python -m payment_grpc`).
+
+Settings come from environment variables (README "Settings"). Every error is one line on
+stderr: exit 2 for a setting the process refuses (it names the variable), 1 otherwise.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
+import importlib.metadata
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Callable
 
+from pydantic import ValidationError
+
 from payment_grpc import gateway_sim, reconcile_cli
 from payment_grpc.adapters.db.crypto import KeyConfigError
-from payment_grpc.config import Settings
+from payment_grpc.adapters.db.startup import DatabaseUnavailable, wait_for_database
+from payment_grpc.config import Settings, UnsafeSetting, check_deployment
 from payment_grpc.logging_setup import configure_logging
 from payment_grpc.telemetry.metrics import MetricsPortUnavailable
+from payment_grpc.workers import WorkersConfigError
 
 log = logging.getLogger("payment_grpc")
 
@@ -46,17 +57,17 @@ async def _serve(settings: Settings, on_ready: Callable[[], None]) -> None:
     log.info("stopped")
 
 
-def serve(settings: Settings) -> int:
-    from payment_grpc.workers import Supervisor, WorkersConfigError, worker_count
+def serve(settings: Settings, args: argparse.Namespace) -> int:
+    from payment_grpc.workers import Supervisor, worker_count
 
-    try:
-        workers = worker_count(settings)
-    except WorkersConfigError as exc:
-        print(f"payment-grpc: {exc}", file=sys.stderr)
-        return 2
+    workers = worker_count(settings)
+    check_deployment(settings)
+    _check_port_free(settings.server.host, settings.server.port)
     settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
     if settings.database.migrate_on_start:
-        migrate(settings)
+        migrate(settings, args)
+    else:
+        wait_for_database(settings.database.url, settings.database.wait_seconds)
     if workers == 1:
         run_server(settings.replace({"WORKERS": 1}))
         return 0
@@ -73,15 +84,30 @@ def run_server(settings: Settings, on_ready: Callable[[], None] = lambda: None) 
         uvloop.run(_serve(settings, on_ready))
 
 
-def migrate(settings: Settings) -> int:
+def _check_port_free(host: str, port: int) -> None:
+    """Says "in use" in one line before grpc would log its own bind error."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UnsafeSetting(f"PORT: {host}:{port} is already in use") from None
+            raise UnsafeSetting(f"HOST/PORT: cannot listen on {host}:{port}: {exc}") from None
+
+
+def migrate(settings: Settings, _args: argparse.Namespace) -> int:
     from payment_grpc.adapters.db.migrate import upgrade
 
+    wait_for_database(settings.database.url, settings.database.wait_seconds)
     upgrade(settings.database.url)
     log.info("database migrated to head")
     return 0
 
 
-def probe(settings: Settings) -> int:
+def probe(settings: Settings, _args: argparse.Namespace) -> int:
     """Exit 0 when the local server reports SERVING (Docker HEALTHCHECK)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -103,12 +129,8 @@ def probe(settings: Settings) -> int:
 def token(settings: Settings, args: argparse.Namespace) -> int:
     """Print a token signed with this server's HS256 secret (embedded default)."""
     from payment_grpc.adapters.auth.tokens import mint_token
-    from payment_grpc.bootstrap import jwt_secret
 
-    secret = jwt_secret(settings)
-    if secret is None:
-        print("no HS256 secret configured (JWT_JWKS_FILE only)", file=sys.stderr)
-        return 2
+    secret = _existing_jwt_secret(settings)
     print(
         mint_token(
             secret,
@@ -170,33 +192,60 @@ async def _outbox(settings: Settings, args: argparse.Namespace) -> int:
         await engine.dispose()
 
 
+def _existing_jwt_secret(settings: Settings) -> str:
+    """JWT_SECRET_KEY, or the secret the server generated into DATA_DIR. Never a new one:
+    a token signed with a secret no server knows is useless (run from another directory,
+    DATA_DIR would point elsewhere)."""
+    if settings.jwt.secret_key is not None:
+        return settings.jwt.secret_key.get_secret_value()
+    if settings.jwt.jwks_file is not None:
+        raise UnsafeSetting("JWT_SECRET_KEY: unset and JWT_JWKS_FILE is set: no HS256 secret")
+    path = (settings.storage.data_dir / "jwt_secret").resolve()
+    if not path.is_file():
+        raise UnsafeSetting(
+            f"DATA_DIR: no JWT secret at {path}: run where the server runs, or set DATA_DIR "
+            "to the server's data directory, or JWT_SECRET_KEY"
+        )
+    return path.read_text().strip()
+
+
 def _customer_id(value: str) -> str:
     if not value.strip():
         raise argparse.ArgumentTypeError("must name a customer (an empty id is refused)")
     return value
 
 
-COMMANDS = {"serve": serve, "migrate": migrate, "probe": probe}
+Command = Callable[[Settings, argparse.Namespace], int]
+COMMANDS: dict[str, tuple[Command, str]] = {
+    "serve": (serve, "run the gRPC server (migrates first unless MIGRATE_ON_START=false)"),
+    "migrate": (migrate, "upgrade the database schema to the newest revision, then exit"),
+    "probe": (probe, "exit 0 when the local server reports SERVING (Docker HEALTHCHECK)"),
+    "token": (token, "print a token signed with the server's HS256 secret"),
+    "rotate-keys": (rotate_keys, "re-encrypt values written under an older ENCRYPTION_KEYS key"),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="payment-grpc", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name in COMMANDS:
-        commands.add_parser(name)
-    minting = commands.add_parser("token", help="mint a token with the local HS256 secret")
+    version = importlib.metadata.version("payment-grpc")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = {
+        name: commands.add_parser(name, help=about, description=about)
+        for name, (_, about) in COMMANDS.items()
+    }
+    minting = sub["token"]
     minting.add_argument("--scope", action="append", help="repeatable, e.g. payments.charge")
     minting.add_argument(
         "--customer",
         type=_customer_id,
         help="make a customer token (read-only, own payments)",
     )
-    minting.add_argument("--subject", default="cli")
-    minting.add_argument("--ttl", type=int, default=3600, help="seconds")
-    rotating = commands.add_parser(
-        "rotate-keys", help="re-encrypt values written under an older ENCRYPTION_KEYS key"
+    minting.add_argument("--subject", default="cli", help="the token's `sub` (default: cli)")
+    minting.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (3600)")
+    sub["rotate-keys"].add_argument(
+        "--batch-size", type=int, default=500, help="rows per transaction"
     )
-    rotating.add_argument("--batch-size", type=int, default=500, help="rows per transaction")
     gateway_sim.add_parser(commands)
     reconcile_cli.add_parser(commands)
     relay = commands.add_parser("outbox", help="events waiting for delivery, parked ones")
@@ -209,28 +258,43 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refuse(message: str, code: int = 2) -> int:
+    print(f"payment-grpc: {message}", file=sys.stderr)
+    return code
+
+
+def _invalid_setting(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ": ".join(str(part) for part in first["loc"])
+    return f"invalid setting {where}: {first['msg']}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        return _refuse(_invalid_setting(error))
     configure_logging(settings.log.level, settings.log.format)
-    if args.command == "token":
-        return token(settings, args)
     if args.command == "gateway-sim":
         return gateway_sim.run(args)
     try:
-        if args.command == "rotate-keys":
-            return rotate_keys(settings, args)
         if args.command == "reconcile":
             return reconcile_cli.run(settings, args)
         if args.command == "outbox":
             return outbox(settings, args)
-        return COMMANDS[args.command](settings)
+        command, _ = COMMANDS[args.command]
+        return command(settings, args)
     except KeyConfigError as exc:  # malformed ENCRYPTION_KEYS: refuse to start
-        print(f"payment-grpc: invalid encryption keys: {exc}", file=sys.stderr)
-        return 2
+        return _refuse(f"invalid encryption keys: {exc}")
     except MetricsPortUnavailable as exc:
-        print(f"payment-grpc: cannot serve metrics: {exc}", file=sys.stderr)
-        return 2
+        return _refuse(f"cannot serve metrics: {exc}")
+    except (UnsafeSetting, DatabaseUnavailable, WorkersConfigError) as exc:
+        return _refuse(str(exc))
+    except Exception as exc:  # one line, never a traceback wall; LOG_LEVEL=DEBUG has it
+        log.debug("%s failed", args.command, exc_info=True)
+        first_line = (str(exc).splitlines() or [""])[0]
+        return _refuse(f"{args.command} failed: {type(exc).__name__}: {first_line}", 1)
 
 
 if __name__ == "__main__":

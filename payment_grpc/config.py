@@ -40,9 +40,8 @@ DATABASE_DRIVERS = {
     "postgresql": "postgresql+psycopg",
 }
 # Every JWT algorithm the verifier knows; `none` is never among them.
-JWT_ALGORITHMS = frozenset(
-    {"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512"}
-)
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})  # the others take public keys
+JWT_ALGORITHMS = HMAC_ALGORITHMS | {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512"}
 
 
 class _Group(BaseSettings):
@@ -151,6 +150,9 @@ class DatabaseSettings(_Group):
     """PostgreSQL statement_timeout."""
     pool_timeout_seconds: float = Field(5.0, gt=0, validation_alias="DB_POOL_TIMEOUT_SECONDS")
     """Longest a call waits for a free pooled connection; past it UNAVAILABLE + RetryInfo."""
+    wait_seconds: float = Field(30.0, ge=0, validation_alias="DATABASE_WAIT_SECONDS")
+    """At start, how long to wait for an unreachable PostgreSQL (one log line per attempt)
+    before giving up with one line; 0: try once."""
 
     @property
     def is_sqlite(self) -> bool:
@@ -463,3 +465,42 @@ def _locate(name: str) -> tuple[str, str]:
             if field_info.validation_alias == wanted:
                 return group, field
     raise KeyError(f"no setting is read from {wanted}")
+
+
+class UnsafeSetting(ValueError):
+    """A setting this process must not serve with; the message is one line that starts
+    with the environment variable's name."""
+
+
+def check_deployment(settings: Settings) -> None:
+    """Refuse settings that would start but then serve wrongly: every JWT algorithm needs a
+    key, and on PostgreSQL every replica must share the keys (nothing generated per
+    replica into DATA_DIR). Raises UnsafeSetting."""
+    shared = not settings.database.is_sqlite
+    if shared and settings.storage.encryption_keys is None:
+        raise UnsafeSetting(
+            "ENCRYPTION_KEYS: required on PostgreSQL (a key generated into DATA_DIR is not "
+            "shared by the other replicas)"
+        )
+    for algorithm in settings.jwt.algorithms:
+        _check_jwt_key(settings, algorithm, shared=shared)
+
+
+def _check_jwt_key(settings: Settings, algorithm: str, *, shared: bool) -> None:
+    jwt, auth = settings.jwt, settings.auth_service
+    if algorithm not in HMAC_ALGORITHMS:
+        if jwt.jwks_file is None and auth.addr is None:
+            raise UnsafeSetting(
+                f"JWT_ALGORITHMS: {algorithm} has no keys: set JWT_JWKS_FILE or AUTH_SERVICE_ADDR"
+            )
+    elif jwt.secret_key is None and jwt.jwks_file is not None:
+        raise UnsafeSetting(
+            f"JWT_ALGORITHMS: {algorithm} has no key: set JWT_SECRET_KEY (none is generated "
+            "when JWT_JWKS_FILE is set), or drop it from the list"
+        )
+    elif jwt.secret_key is None and shared:
+        raise UnsafeSetting(
+            f"JWT_SECRET_KEY: required on PostgreSQL for {algorithm} (a secret generated into "
+            "DATA_DIR is not shared by the other replicas); or use RS256 with JWT_JWKS_FILE "
+            "or AUTH_SERVICE_ADDR"
+        )

@@ -16,7 +16,7 @@ import pathlib
 
 import grpc
 
-from payment_grpc.config import Settings
+from payment_grpc.config import Settings, UnsafeSetting
 
 
 def _read(path: pathlib.Path) -> bytes:
@@ -28,10 +28,12 @@ def _cert_and_key(settings: Settings) -> tuple[pathlib.Path, pathlib.Path] | Non
     silent plaintext port."""
     cert, key = settings.tls.cert_file, settings.tls.key_file
     if (cert is None) != (key is None):
-        raise ValueError("TLS_CERT_FILE and TLS_KEY_FILE must be set together")
+        raise UnsafeSetting("TLS_CERT_FILE and TLS_KEY_FILE must be set together")
     if cert is None or key is None:
         if settings.tls.client_ca_file is not None:
-            raise ValueError("TLS_CLIENT_CA_FILE (mutual TLS) needs TLS_CERT_FILE and TLS_KEY_FILE")
+            raise UnsafeSetting(
+                "TLS_CLIENT_CA_FILE (mutual TLS) needs TLS_CERT_FILE and TLS_KEY_FILE"
+            )
         return None
     return cert, key
 

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from payment_grpc.adapters.db.engine import make_engine
 from payment_grpc.adapters.db.tables import payment_events, payments, refunds
-from tests.helpers import TEST_JWT_SECRET
+from tests.helpers import TEST_ENCRYPTION_KEYS, TEST_JWT_SECRET
 
 # Text (`port=N`) or JSON (`"port": N`) log lines.
 LISTENING = re.compile(r'payment-grpc listening.*\bport"?[=:] ?(\d+)')
@@ -27,7 +27,7 @@ LISTENING = re.compile(r'payment-grpc listening.*\bport"?[=:] ?(\d+)')
 def server_env(database_url: str, tmp_path: pathlib.Path, **extra: str) -> dict[str, str]:
     """A server on 127.0.0.1 (port 0) over an already migrated database, its simulated
     gateway's ledger at tmp_path/gateway.db, no gateway latency, no fault point, and the
-    tests' JWT secret (channels use tests.helpers.client_metadata)."""
+    tests' JWT secret (channels use tests.helpers.client_metadata) and encryption keys."""
     return {
         "HOST": "127.0.0.1",
         "PORT": "0",
@@ -41,6 +41,7 @@ def server_env(database_url: str, tmp_path: pathlib.Path, **extra: str) -> dict[
         "SHUTDOWN_GRACE_SECONDS": "5",
         "JWT_SECRET_KEY": TEST_JWT_SECRET,
         "LOG_FORMAT": "text",  # the tests read its lines; unset it would be JSON (a pipe)
+        "ENCRYPTION_KEYS": TEST_ENCRYPTION_KEYS,  # PostgreSQL refuses to start without
         **extra,
     }
 

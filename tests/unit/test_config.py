@@ -25,7 +25,9 @@ def _env_names() -> set[str]:
 
 def test_every_setting_is_read_from_the_variable_the_readme_documents() -> None:
     first_columns = re.findall(r"^\| (`[A-Z].*?) \|", README.read_text(), re.M)
-    documented = {name for column in first_columns for name in re.findall(r"`(\w+)`", column)}
+    documented = {
+        name for column in first_columns for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", column)
+    }
     assert _env_names() == documented
 
 

@@ -12,8 +12,12 @@ from grpc import aio
 
 if TYPE_CHECKING:
     ServerInterceptor = aio.ServerInterceptor[Any, Any]
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler]]
 else:  # not subscriptable at run time
     ServerInterceptor = aio.ServerInterceptor
+    Handler = grpc.RpcMethodHandler
+    Continuation = Callable
 
 Unary = Callable[[Any, aio.ServicerContext[Any, Any]], Awaitable[Any]]
 Streaming = Callable[[Any, aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
