@@ -22,6 +22,8 @@ import psycopg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import make_url
 
+from payment_grpc.adapters.bus.postgres import libpq_dsn
+
 HOST = "127.0.0.1"
 PG_ADMIN_URL = os.environ.get(
     "BENCH_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -144,19 +146,15 @@ def free_port() -> int:
         return port
 
 
-def _libpq(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 def _recreate_postgres(name: str) -> str:
-    with psycopg.connect(_libpq(PG_ADMIN_URL), autocommit=True, connect_timeout=5) as admin:
+    with psycopg.connect(libpq_dsn(PG_ADMIN_URL), autocommit=True, connect_timeout=5) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.execute(f'CREATE DATABASE "{name}"')
     return make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
 
 
 def _drop_postgres(name: str) -> None:
-    with psycopg.connect(_libpq(PG_ADMIN_URL), autocommit=True, connect_timeout=5) as admin:
+    with psycopg.connect(libpq_dsn(PG_ADMIN_URL), autocommit=True, connect_timeout=5) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

@@ -6,9 +6,7 @@ import json
 import logging
 import sys
 
-from payment_grpc.pan_masking import PanMaskingFilter
-
-_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+from payment_grpc.pan_masking import STANDARD_RECORD_ATTRS, PanMaskingFilter
 
 
 def _exception_text(formatter: logging.Formatter, record: logging.LogRecord) -> str:
@@ -25,7 +23,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
-            **{k: v for k, v in record.__dict__.items() if k not in _STANDARD},
+            **{k: v for k, v in record.__dict__.items() if k not in STANDARD_RECORD_ATTRS},
         }
         exception = _exception_text(self, record)
         if exception:
@@ -35,7 +33,9 @@ class JsonFormatter(logging.Formatter):
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        extras = " ".join(f"{k}={v}" for k, v in record.__dict__.items() if k not in _STANDARD)
+        extras = " ".join(
+            f"{k}={v}" for k, v in record.__dict__.items() if k not in STANDARD_RECORD_ATTRS
+        )
         line = f"{self.formatTime(record)} {record.levelname} {record.name}: {record.getMessage()}"
         line = f"{line} {extras}" if extras else line
         exception = _exception_text(self, record)

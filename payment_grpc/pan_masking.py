@@ -101,7 +101,8 @@ def mask_pans(text: str) -> str:
     return _RUN.sub(_mask_run, text)
 
 
-_STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+# Attributes every LogRecord has; any other attribute is an `extra` field.
+STANDARD_RECORD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 _EXCEPTION_FORMATTER = logging.Formatter()
 
 
@@ -137,7 +138,7 @@ class PanMaskingFilter(logging.Filter):
         if record.stack_info:
             record.stack_info = mask_pans(record.stack_info)
         for key, value in list(record.__dict__.items()):
-            if key not in _STANDARD_ATTRS:
+            if key not in STANDARD_RECORD_ATTRS:
                 record.__dict__[key] = _masked_value(value)
         return True
 

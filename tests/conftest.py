@@ -16,6 +16,7 @@ from grpc import aio
 from payments.v1 import payment_service_pb2_grpc
 from sqlalchemy.engine import make_url
 
+from payment_grpc.adapters.bus.postgres import libpq_dsn
 from payment_grpc.adapters.db.migrate import upgrade
 from payment_grpc.bootstrap import Application, build_application
 from payment_grpc.config import Settings
@@ -33,10 +34,6 @@ TABLES = (
 )
 
 
-def _libpq(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 @pytest.fixture(scope="session")
 def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     path = tmp_path_factory.mktemp("template") / "payments.db"
@@ -49,7 +46,7 @@ def postgres_url() -> Iterator[str]:
     """A fresh database for this test session, migrated once, dropped at the end."""
     name = f"payment_grpc_test_{uuid.uuid4().hex[:12]}"
     try:
-        admin = psycopg.connect(_libpq(PG_ADMIN_URL), autocommit=True, connect_timeout=5)
+        admin = psycopg.connect(libpq_dsn(PG_ADMIN_URL), autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as exc:
         if os.environ.get("CI") == "true":
             pytest.fail(f"PostgreSQL must be reachable under CI=true: {exc}")
@@ -72,7 +69,7 @@ def database_url(
         shutil.copyfile(sqlite_template, path)
         return f"sqlite+aiosqlite:///{path}"
     url: str = request.getfixturevalue("postgres_url")
-    with psycopg.connect(_libpq(url), autocommit=True) as conn:
+    with psycopg.connect(libpq_dsn(url), autocommit=True) as conn:
         conn.execute(f"TRUNCATE {', '.join(TABLES)}")
     return url
 

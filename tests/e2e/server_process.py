@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from payment_grpc.adapters.db.engine import make_engine
+from payment_grpc.adapters.db.engine import make_engine, without_writer_lock
 from payment_grpc.adapters.db.tables import payment_events, payments, refunds
 from tests.helpers import TEST_ENCRYPTION_KEYS, TEST_JWT_SECRET
 
@@ -154,7 +154,7 @@ async def stored_payments(database_url: str) -> dict[str, StoredPayment]:
     engine = make_engine(database_url, pool_size=1)
     try:
         async with engine.connect() as conn:
-            conn = await conn.execution_options(sqlite_begin="DEFERRED")
+            conn = await without_writer_lock(conn)
             rows = (await conn.execute(sa.select(payments))).mappings().all()
             events = await conn.execute(
                 sa.select(
@@ -187,7 +187,7 @@ async def stored_money(database_url: str, payment_id: str) -> StoredMoney:
     engine = make_engine(database_url, pool_size=1)
     try:
         async with engine.connect() as conn:
-            conn = await conn.execution_options(sqlite_begin="DEFERRED")
+            conn = await without_writer_lock(conn)
             row = (
                 await conn.execute(
                     sa.select(

@@ -90,6 +90,13 @@ def _sqlite_engine(url: str, timeouts: Timeouts) -> AsyncEngine:
     return engine
 
 
+async def without_writer_lock(conn: AsyncConnection) -> AsyncConnection:
+    """For a read-only transaction: on SQLite it begins DEFERRED, taking no writer lock."""
+    if conn.dialect.name != "sqlite":
+        return conn
+    return await conn.execution_options(sqlite_begin="DEFERRED")
+
+
 class SqlUnitOfWork:
     def __init__(
         self,
@@ -175,8 +182,8 @@ class SqlUnitOfWorkFactory:
         uow: SqlUnitOfWork | None = None
         try:
             async with self._engine.connect() as conn:
-                if self._sqlite and read_only:
-                    conn = await conn.execution_options(sqlite_begin="DEFERRED")
+                if read_only:
+                    conn = await without_writer_lock(conn)
                 await conn.begin()
                 uow = SqlUnitOfWork(
                     conn, not self._sqlite, cipher=self._cipher, event_log=self._event_log

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from payment_grpc.adapters.db.crypto import DecryptionError, FieldCipher
-from payment_grpc.adapters.db.engine import make_engine
+from payment_grpc.adapters.db.engine import make_engine, without_writer_lock
 from payment_grpc.adapters.db.idempotency import RESPONSE_BODY
 from payment_grpc.adapters.db.rows import ENCRYPTED_PAYMENT_COLUMNS
 from payment_grpc.adapters.db.tables import idempotency_keys, payments
@@ -188,8 +188,7 @@ class KeyRotation:
 
     async def _read(self, query: sa.Select[Any]) -> list[sa.RowMapping]:
         async with self._engine.connect() as conn:
-            if conn.dialect.name == "sqlite":
-                conn = await conn.execution_options(sqlite_begin="DEFERRED")
+            conn = await without_writer_lock(conn)
             async with conn.begin():
                 return list((await conn.execute(query)).mappings().all())
 
@@ -202,8 +201,7 @@ class KeyRotation:
     async def _count(self, table: sa.Table, where: sa.ColumnElement[bool]) -> int:
         query = sa.select(sa.func.count()).select_from(table).where(where)
         async with self._engine.connect() as conn:
-            if conn.dialect.name == "sqlite":
-                conn = await conn.execution_options(sqlite_begin="DEFERRED")
+            conn = await without_writer_lock(conn)
             async with conn.begin():
                 return int((await conn.execute(query)).scalar_one())
 
