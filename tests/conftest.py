@@ -20,7 +20,7 @@ from payment_grpc.adapters.bus.postgres import libpq_dsn
 from payment_grpc.adapters.db.migrate import upgrade
 from payment_grpc.bootstrap import Application, build_application
 from payment_grpc.config import Settings
-from tests.helpers import TEST_ENCRYPTION_KEYS, TEST_JWT_SECRET, client_metadata
+from tests.helpers.credentials import TEST_ENCRYPTION_KEYS, TEST_JWT_SECRET, client_metadata
 
 PG_ADMIN_URL = os.environ.get("PG_TEST_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 TABLES = (

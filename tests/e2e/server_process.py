@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from payment_grpc.adapters.db.engine import make_engine, without_writer_lock
 from payment_grpc.adapters.db.tables import payment_events, payments, refunds
-from tests.helpers import TEST_ENCRYPTION_KEYS, TEST_JWT_SECRET
+from tests.helpers.credentials import TEST_ENCRYPTION_KEYS, TEST_JWT_SECRET
 
 # Text (`port=N`) or JSON (`"port": N`) log lines.
 LISTENING = re.compile(r'payment-grpc listening.*\bport"?[=:] ?(\d+)')
@@ -27,7 +27,7 @@ LISTENING = re.compile(r'payment-grpc listening.*\bport"?[=:] ?(\d+)')
 def server_env(database_url: str, tmp_path: pathlib.Path, **extra: str) -> dict[str, str]:
     """A server on 127.0.0.1 (port 0) over an already migrated database, its simulated
     gateway's ledger at tmp_path/gateway.db, no gateway latency, no fault point, and the
-    tests' JWT secret (channels use tests.helpers.client_metadata) and encryption keys."""
+    tests' JWT secret (channels use tests.helpers.credentials.client_metadata) and encryption keys."""
     return {
         "HOST": "127.0.0.1",
         "PORT": "0",

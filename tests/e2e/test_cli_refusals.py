@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.helpers import TEST_ENCRYPTION_KEYS, TEST_JWT_SECRET
+from tests.helpers.credentials import TEST_ENCRYPTION_KEYS, TEST_JWT_SECRET
 
 NOWHERE_PG = "postgresql://postgres@127.0.0.1:1/payments"  # nothing listens on port 1
 

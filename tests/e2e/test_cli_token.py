@@ -15,7 +15,7 @@ from payments.v1 import payment_service_pb2_grpc
 
 from payment_grpc.bootstrap import build_application, jwt_secret
 from tests.conftest import make_settings
-from tests.helpers import rpc_error
+from tests.helpers.calls import rpc_error
 
 
 async def _mint(data_dir: pathlib.Path, *args: str) -> str:

@@ -33,16 +33,9 @@ from tests.e2e.server_process import (
     stored_money,
     stored_payments,
 )
-from tests.helpers import (
-    S,
-    card,
-    charge_request,
-    client_metadata,
-    replayed,
-    replayed_error,
-    rpc_error,
-    usd,
-)
+from tests.helpers.builders import S, card, charge_request, usd
+from tests.helpers.calls import replayed, replayed_error, rpc_error
+from tests.helpers.credentials import client_metadata
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,8 @@ from payment_grpc.bootstrap import Application
 from payment_grpc.config import Settings
 from tests.conftest import make_settings
 from tests.e2e.envoy import Gateway, Response, envoy_gateway
-from tests.helpers import order_id, token
+from tests.helpers.builders import order_id
+from tests.helpers.credentials import token
 
 ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
 BAD_REQUEST = "type.googleapis.com/google.rpc.BadRequest"

@@ -12,7 +12,9 @@ from grpc import aio
 from payments.v1 import payment_service_pb2_grpc
 
 from tests.e2e.server_process import ServerProcess
-from tests.helpers import TEST_JWT_SECRET, S, charge_request, client_metadata, rpc_error
+from tests.helpers.builders import S, charge_request
+from tests.helpers.calls import rpc_error
+from tests.helpers.credentials import TEST_JWT_SECRET, client_metadata
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 

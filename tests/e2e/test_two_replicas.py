@@ -26,15 +26,9 @@ from tests.e2e.server_process import (
     server_env,
     stored_payments,
 )
-from tests.helpers import (
-    RichError,
-    S,
-    call_like_a_client,
-    card,
-    charge_request,
-    client_metadata,
-    keyed,
-)
+from tests.helpers.builders import S, card, charge_request, keyed
+from tests.helpers.calls import RichError, call_like_a_client
+from tests.helpers.credentials import client_metadata
 
 pytestmark = [
     pytest.mark.slow,

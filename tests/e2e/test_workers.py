@@ -22,7 +22,8 @@ from payments.v1 import resources_pb2 as pb
 
 from bench.server import free_port
 from tests.e2e.server_process import ServerProcess, server_env
-from tests.helpers import card, charge_request, client_metadata
+from tests.helpers.builders import card, charge_request
+from tests.helpers.credentials import client_metadata
 
 pytestmark = pytest.mark.slow
 

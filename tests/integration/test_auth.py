@@ -24,17 +24,10 @@ from payment_grpc.service.context import RequestContext
 from payment_grpc.service.deps import Deps
 from payment_grpc.service.ports import PaymentFilter
 from payment_grpc.service.queries import Queries
-from tests.helpers import (
-    S,
-    charge_request,
-    client_metadata,
-    events_of,
-    row_counts,
-    rpc_error,
-    token,
-    token_with_claims,
-    usd,
-)
+from tests.helpers.builders import S, charge_request, usd
+from tests.helpers.calls import rpc_error
+from tests.helpers.credentials import client_metadata, token, token_with_claims
+from tests.helpers.db import events_of, row_counts
 
 READ_CALLS = {
     "GetPayment": lambda s: s.GetPayment(api.GetPaymentRequest(payment_id="pay_x")),

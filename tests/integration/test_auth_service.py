@@ -26,14 +26,10 @@ from payment_grpc.adapters.clients.auth_client import AuthServiceClient, AuthSer
 from payment_grpc.bootstrap import Application, build_application
 from payment_grpc.service.errors import Unauthenticated
 from tests.conftest import make_settings
-from tests.helpers import (
-    TEST_JWT_SECRET,
-    SettableClock,
-    charge_request,
-    client_metadata,
-    rpc_error,
-    token,
-)
+from tests.helpers.builders import charge_request
+from tests.helpers.calls import rpc_error
+from tests.helpers.clock import SettableClock
+from tests.helpers.credentials import TEST_JWT_SECRET, client_metadata, token
 
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 RSA_NEXT = rsa.generate_private_key(public_exponent=65537, key_size=2048)

@@ -7,7 +7,9 @@ import pytest
 from payments.v1 import payment_service_pb2 as api
 from payments.v1 import resources_pb2 as pb
 
-from tests.helpers import S, card, charge_request, events_of, order_id, rpc_error
+from tests.helpers.builders import S, card, charge_request, order_id
+from tests.helpers.calls import rpc_error
+from tests.helpers.db import events_of
 
 DECLINES = {
     "tok_chargeDeclined": ("card_declined", "generic_decline"),

@@ -30,7 +30,10 @@ from payment_grpc.bootstrap import Application, build_application, build_cipher
 from payment_grpc.config import Settings
 from payment_grpc.domain.payment import Payment
 from tests.conftest import make_settings
-from tests.helpers import S, card, charge_request, client_metadata, events_of, rpc_error, usd
+from tests.helpers.builders import S, card, charge_request, usd
+from tests.helpers.calls import rpc_error
+from tests.helpers.credentials import client_metadata
+from tests.helpers.db import events_of
 
 Stub = payment_service_pb2_grpc.PaymentServiceStub
 OLD = "old:" + base64.b64encode(os.urandom(32)).decode()

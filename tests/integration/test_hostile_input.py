@@ -37,7 +37,9 @@ from payments.v1 import resources_pb2 as pb
 from payment_grpc.bootstrap import Application
 from payment_grpc.config import Settings
 from tests.conftest import make_settings
-from tests.helpers import RichError, S, card, charge_request, row_counts, usd
+from tests.helpers.builders import S, card, charge_request, usd
+from tests.helpers.calls import RichError
+from tests.helpers.db import row_counts
 
 SERVICE = api.DESCRIPTOR.services_by_name["PaymentService"]
 METHODS = {method.name: method for method in SERVICE.methods}

@@ -19,24 +19,11 @@ from payment_grpc.bootstrap import build_application
 from payment_grpc.config import Settings
 from payment_grpc.pan_masking import looks_like_card_number
 from tests.conftest import make_settings
-from tests.helpers import (
-    RichError,
-    S,
-    bearer,
-    call_like_a_client,
-    card,
-    charge_request,
-    client_metadata,
-    expire_idempotency_keys,
-    keyed,
-    replayed,
-    row_counts,
-    rpc_error,
-    serving,
-    stored_key,
-    token,
-    usd,
-)
+from tests.helpers.builders import S, card, charge_request, keyed, usd
+from tests.helpers.calls import RichError, call_like_a_client, replayed, rpc_error
+from tests.helpers.credentials import bearer, client_metadata, token
+from tests.helpers.db import expire_idempotency_keys, row_counts, stored_key
+from tests.helpers.servers import serving
 
 
 @pytest.fixture

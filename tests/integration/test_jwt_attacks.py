@@ -22,7 +22,8 @@ from payments.v1 import payment_service_pb2_grpc
 
 from payment_grpc.bootstrap import Application, build_application
 from tests.conftest import make_settings
-from tests.helpers import TEST_JWT_SECRET, rpc_error
+from tests.helpers.calls import rpc_error
+from tests.helpers.credentials import TEST_JWT_SECRET
 
 AUD, ISS = "payment-service", "payment-grpc"
 SIGNING_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)

@@ -14,7 +14,9 @@ from payments.v1 import resources_pb2 as pb
 
 from payment_grpc.bootstrap import build_application
 from tests.conftest import make_settings
-from tests.helpers import S, card, charge_request, client_metadata, order_id, rpc_error, usd
+from tests.helpers.builders import S, card, charge_request, order_id, usd
+from tests.helpers.calls import rpc_error
+from tests.helpers.credentials import client_metadata
 
 
 async def _charge(stub: Any, n: int, **fields: Any) -> list[pb.Payment]:

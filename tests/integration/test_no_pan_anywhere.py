@@ -25,7 +25,7 @@ from payments.v1 import resources_pb2 as pb
 
 from payment_grpc.bootstrap import Application
 from payment_grpc.logging_setup import configure_logging
-from tests.helpers import charge_request, usd
+from tests.helpers.builders import charge_request, usd
 
 TEST_PANS = ("4242424242424242", "378282246310005", "5555555555554444")
 

@@ -7,7 +7,8 @@ import asyncio
 import grpc
 from payments.v1 import payment_service_pb2 as api
 
-from tests.helpers import S, charge_request, events_of, usd
+from tests.helpers.builders import S, charge_request, usd
+from tests.helpers.db import events_of
 
 
 async def _outcomes(calls):  # type: ignore[no-untyped-def]

@@ -12,7 +12,8 @@ from payments.v1 import payment_service_pb2_grpc
 
 from payment_grpc.bootstrap import build_application
 from tests.conftest import make_settings
-from tests.helpers import client_metadata, rpc_error, token
+from tests.helpers.calls import rpc_error
+from tests.helpers.credentials import client_metadata, token
 
 
 async def test_a_caller_over_its_burst_is_limited_alone(

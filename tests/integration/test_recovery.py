@@ -26,24 +26,18 @@ from payment_grpc.api.interceptors.idempotency import fingerprint
 from payment_grpc.bootstrap import Application
 from payment_grpc.service.ports import KeyRecord, Operation, RecoveryPoint
 from tests.conftest import make_settings
-from tests.helpers import (
-    S,
+from tests.helpers.builders import S, card, charge_request, keyed, usd
+from tests.helpers.calls import replayed, replayed_error, rpc_error
+from tests.helpers.db import (
     abandon_key,
-    card,
-    charge_request,
     events_of,
     expire_idempotency_keys,
     insert_pending_refund,
-    keyed,
     refund_status,
-    replayed,
-    replayed_error,
     row_counts,
-    rpc_error,
-    serving,
     stored_key,
-    usd,
 )
+from tests.helpers.servers import serving
 
 SUBJECT = "svc-tests"  # the subject of the tests' admin token: the keys' scope
 CHARGE = "/payments.v1.PaymentService/Charge"

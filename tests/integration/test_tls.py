@@ -28,7 +28,8 @@ from payment_grpc.bootstrap import Application, build_application
 from payment_grpc.config import Settings
 from payment_grpc.tls import server_credentials
 from tests.conftest import make_settings
-from tests.helpers import charge_request, client_metadata
+from tests.helpers.builders import charge_request
+from tests.helpers.credentials import client_metadata
 
 PEM = serialization.Encoding.PEM
 

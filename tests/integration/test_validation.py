@@ -17,7 +17,9 @@ from grpc_status import rpc_status
 from payments.v1 import payment_service_pb2 as api
 from payments.v1 import resources_pb2 as pb
 
-from tests.helpers import RichError, card, charge_request, row_counts, rpc_error, usd
+from tests.helpers.builders import card, charge_request, usd
+from tests.helpers.calls import RichError, rpc_error
+from tests.helpers.db import row_counts
 
 INT64_MAX = 2**63 - 1
 PAN = "4242424242424242"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import grpc
 from payments.v1 import payment_service_pb2 as api
 
-from tests.helpers import S, charge_request, rpc_error, usd
+from tests.helpers.builders import S, charge_request, usd
+from tests.helpers.calls import rpc_error
 
 
 def _watch(stub, payment_id: str, **fields):  # type: ignore[no-untyped-def]

@@ -10,7 +10,8 @@ from payments.v1 import payment_service_pb2_grpc
 
 from payment_grpc.bootstrap import build_application
 from tests.conftest import make_settings
-from tests.helpers import S, charge_request, client_metadata
+from tests.helpers.builders import S, charge_request
+from tests.helpers.credentials import client_metadata
 
 
 async def test_watch_on_one_replica_follows_changes_made_on_another(

@@ -12,7 +12,8 @@ from payment_grpc.adapters.auth.jwt_verifier import JwtVerifier
 from payment_grpc.adapters.auth.verified_cache import CachedVerifier
 from payment_grpc.service.errors import Unauthenticated
 from payment_grpc.service.ports import Principal
-from tests.helpers import TEST_JWT_SECRET, SettableClock, token_with_claims
+from tests.helpers.clock import SettableClock
+from tests.helpers.credentials import TEST_JWT_SECRET, token_with_claims
 
 START = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 

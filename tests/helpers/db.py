@@ -1,0 +1,108 @@
+"""Looking into (and arranging) the database behind a running Application."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import sqlalchemy as sa
+
+from payment_grpc.adapters.db.engine import SqlUnitOfWorkFactory
+from payment_grpc.adapters.db.tables import idempotency_keys, payment_events, payments, refunds
+from payment_grpc.api.responses import OPERATIONS
+from payment_grpc.bootstrap import Application, build_cipher
+from payment_grpc.service.ports import KeyRecord, Operation, RecoveryPoint
+
+
+async def row_counts(app: Application) -> dict[str, int]:
+    async with app.engine.connect() as conn:
+        return {
+            table.name: (
+                await conn.execute(sa.select(sa.func.count()).select_from(table))
+            ).scalar_one()
+            for table in (payments, payment_events, refunds)
+        }
+
+
+async def events_of(app: Application, payment_id: str) -> list[tuple[int, str | None, str]]:
+    async with app.engine.connect() as conn:
+        rows = await conn.execute(
+            sa.select(
+                payment_events.c.sequence, payment_events.c.previous_status, payment_events.c.status
+            )
+            .where(payment_events.c.payment_id == payment_id)
+            .order_by(payment_events.c.sequence)
+        )
+        return [tuple(r) for r in rows]  # type: ignore[misc]
+
+
+async def expire_idempotency_keys(app: Application) -> None:
+    """Push every stored key past its retention, as if 72 h had gone by."""
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    async with app.engine.begin() as conn:
+        await conn.execute(idempotency_keys.update().values(expires_at=past))
+
+
+def operation_of(rpc: str) -> Operation:
+    """The keyed operation an RPC of PaymentService (by its name) runs."""
+    return OPERATIONS[f"/payments.v1.PaymentService/{rpc}"]
+
+
+async def stored_key(
+    app: Application, rpc: str, key: str, subject: str = "svc-tests"
+) -> KeyRecord | None:
+    """The key's record read through the real repository (its answer decrypted)."""
+    uow = SqlUnitOfWorkFactory(app.engine, build_cipher(app.settings))
+    async with uow(read_only=True) as tx:
+        return await tx.idempotency.get_for_update(subject, operation_of(rpc), key)
+
+
+async def abandon_key(
+    app: Application, rpc: str, key: str, point: RecoveryPoint, *, locked_at: datetime
+) -> None:
+    """Put a finished key back where a crash would have left it: its answer not yet
+    stored, held by a replica that stopped at `locked_at`."""
+    async with app.engine.begin() as conn:
+        await conn.execute(
+            idempotency_keys.update()
+            .where(
+                idempotency_keys.c.operation == operation_of(rpc).value,
+                idempotency_keys.c.key == key,
+            )
+            .values(
+                recovery_point=point.value,
+                response_code=None,
+                response_body=None,
+                locked_by="replica-gone",
+                locked_at=locked_at,
+            )
+        )
+
+
+async def insert_pending_refund(
+    app: Application, payment_id: str, amount_minor: int, *, updated_at: datetime
+) -> str:
+    """A refund row left PENDING (the gateway never answered), for the recovery worker."""
+    refund_id = f"re_{uuid.uuid4().hex}"
+    async with app.engine.begin() as conn:
+        await conn.execute(
+            refunds.insert().values(
+                id=refund_id,
+                payment_id=payment_id,
+                currency="USD",
+                amount_minor=amount_minor,
+                status="PENDING",
+                reason="UNSPECIFIED",
+                gateway_reference="",
+                failure_code="",
+                created_at=updated_at,
+                updated_at=updated_at,
+            )
+        )
+    return refund_id
+
+
+async def refund_status(app: Application, refund_id: str) -> str:
+    async with app.engine.connect() as conn:
+        query = sa.select(refunds.c.status).where(refunds.c.id == refund_id)
+        return str((await conn.execute(query)).scalar_one())
