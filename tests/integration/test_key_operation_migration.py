@@ -15,9 +15,10 @@ import sqlalchemy as sa
 from alembic import command
 from sqlalchemy.engine import make_url
 
+from payment_grpc.adapters.bus.postgres import libpq_dsn
 from payment_grpc.adapters.db.migrate import alembic_config
 from payment_grpc.api.responses import OPERATIONS
-from tests.conftest import PG_ADMIN_URL, _libpq
+from tests.conftest import PG_ADMIN_URL
 
 REVISION = "0005_key_operation"
 STORED = {path: operation.value for path, operation in OPERATIONS.items()}
@@ -30,7 +31,7 @@ def fresh_url(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Iterato
         yield f"sqlite+aiosqlite:///{tmp_path / 'keys.db'}"
         return
     name = f"payment_grpc_migration_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(_libpq(PG_ADMIN_URL), autocommit=True, connect_timeout=5) as admin:
+    with psycopg.connect(libpq_dsn(PG_ADMIN_URL), autocommit=True, connect_timeout=5) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
         try:
             yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
