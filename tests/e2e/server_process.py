@@ -27,7 +27,8 @@ LISTENING = re.compile(r'payment-grpc listening.*\bport"?[=:] ?(\d+)')
 def server_env(database_url: str, tmp_path: pathlib.Path, **extra: str) -> dict[str, str]:
     """A server on 127.0.0.1 (port 0) over an already migrated database, its simulated
     gateway's ledger at tmp_path/gateway.db, no gateway latency, no fault point, and the
-    tests' JWT secret (channels use tests.helpers.credentials.client_metadata) and encryption keys."""
+    tests' JWT secret (channels use tests.helpers.credentials.client_metadata) and
+    encryption keys."""
     return {
         "HOST": "127.0.0.1",
         "PORT": "0",
