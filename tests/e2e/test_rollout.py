@@ -20,7 +20,8 @@ from sqlalchemy.engine import make_url
 from tests.conftest import PG_ADMIN_URL, _libpq
 from tests.e2e.envoy import envoy_gateway
 from tests.e2e.server_process import ServerProcess, ledger_authorizations, server_env
-from tests.helpers import TEST_ENCRYPTION_KEYS, order_id, token
+from tests.helpers.builders import order_id
+from tests.helpers.credentials import TEST_ENCRYPTION_KEYS, token
 
 pytestmark = pytest.mark.slow
 

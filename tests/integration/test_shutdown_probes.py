@@ -16,7 +16,9 @@ from payments.v1 import payment_service_pb2_grpc
 
 from payment_grpc.bootstrap import build_application
 from tests.conftest import make_settings
-from tests.helpers import RichError, S, charge_request, client_metadata
+from tests.helpers.builders import S, charge_request
+from tests.helpers.calls import RichError
+from tests.helpers.credentials import client_metadata
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
