@@ -17,7 +17,8 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.conftest import PG_ADMIN_URL, _libpq
+from payment_grpc.adapters.bus.postgres import libpq_dsn
+from tests.conftest import PG_ADMIN_URL
 from tests.e2e.envoy import envoy_gateway
 from tests.e2e.server_process import ServerProcess, ledger_authorizations, server_env
 from tests.helpers.builders import order_id
@@ -45,7 +46,7 @@ def empty_database(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> It
         return
     request.getfixturevalue("postgres_url")  # skips (or fails under CI) without PostgreSQL
     name = f"payment_grpc_empty_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(_libpq(PG_ADMIN_URL), autocommit=True) as admin:
+    with psycopg.connect(libpq_dsn(PG_ADMIN_URL), autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
         try:
             yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
@@ -84,7 +85,7 @@ def schema_version(database_url: str) -> list[str]:
     if url.get_backend_name() == "sqlite":
         with contextlib.closing(sqlite3.connect(url.database or "")) as db:
             return [row[0] for row in db.execute("SELECT version_num FROM alembic_version")]
-    with psycopg.connect(_libpq(database_url)) as conn:
+    with psycopg.connect(libpq_dsn(database_url)) as conn:
         return [row[0] for row in conn.execute("SELECT version_num FROM alembic_version")]
 
 
