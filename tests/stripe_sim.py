@@ -19,7 +19,7 @@ from payment_grpc.adapters.gateways.stripe_simulator import (
 from payment_grpc.adapters.gateways.stripe_webhooks_out import DeliveryPolicy, WebhookSender
 from payment_grpc.bootstrap import Application, build_application
 from tests.conftest import make_settings
-from tests.helpers import client_metadata
+from tests.helpers.credentials import client_metadata
 
 API_KEY = "sk_test_simulator"
 WEBHOOK_SECRET = "whsec_test_simulator"

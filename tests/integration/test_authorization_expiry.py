@@ -12,7 +12,8 @@ from payment_grpc.adapters.gateways.simulated import SimulatedGateway
 from payment_grpc.bootstrap import Application
 from payment_grpc.config import Settings
 from tests.conftest import make_settings
-from tests.helpers import S, charge_request, events_of
+from tests.helpers.builders import S, charge_request
+from tests.helpers.db import events_of
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from payment_grpc.adapters.gateways.guarded import GuardedGateway
 from payment_grpc.api.server import SERVICE_NAME
-from tests.helpers import S, charge_request, rpc_error
+from tests.helpers.builders import S, charge_request
+from tests.helpers.calls import rpc_error
 from tests.stripe_sim import payment_stub, running_simulator, stripe_service
 
 

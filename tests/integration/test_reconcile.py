@@ -17,7 +17,7 @@ from payment_grpc.domain.money import Money
 from payment_grpc.domain.payment import PaymentMethod, PaymentMethodType
 from payment_grpc.reconcile_cli import report
 from payment_grpc.service.ports import AuthorizationRequest
-from tests.helpers import card, charge_request, usd
+from tests.helpers.builders import card, charge_request, usd
 
 
 async def traffic(stub) -> dict[str, str]:  # type: ignore[no-untyped-def]

@@ -12,7 +12,8 @@ from payments.v1 import payment_service_pb2 as api
 from payments.v1 import payment_service_pb2_grpc
 
 from payment_grpc.adapters.gateways.stripe_simulator import RunningSimulator
-from tests.helpers import S, card, charge_request, rpc_error, usd
+from tests.helpers.builders import S, card, charge_request, usd
+from tests.helpers.calls import rpc_error
 from tests.stripe_sim import payment_stub, running_simulator, stripe_service
 
 

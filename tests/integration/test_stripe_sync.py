@@ -12,7 +12,7 @@ from payments.v1 import payment_service_pb2 as api
 from payments.v1 import resources_pb2 as pb
 
 from payment_grpc.reconcile_cli import report
-from tests.helpers import S, charge_request, usd
+from tests.helpers.builders import S, charge_request, usd
 from tests.stripe_sim import payment_stub, running_simulator, stripe_service
 
 

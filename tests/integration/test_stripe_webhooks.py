@@ -18,7 +18,8 @@ from payments.v1 import resources_pb2 as pb
 from payment_grpc.adapters.gateways.stripe_simulator import RunningSimulator
 from payment_grpc.adapters.gateways.stripe_webhooks_out import signature_header
 from payment_grpc.bootstrap import Application
-from tests.helpers import S, charge_request, events_of
+from tests.helpers.builders import S, charge_request
+from tests.helpers.db import events_of
 from tests.stripe_sim import (
     WEBHOOK_SECRET,
     payment_stub,
