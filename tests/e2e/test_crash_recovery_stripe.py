@@ -19,7 +19,9 @@ from payments.v1 import payment_service_pb2_grpc
 
 from payment_grpc.adapters.gateways.stripe_simulator import RunningSimulator
 from tests.e2e.server_process import ServerProcess, ledger_authorizations, server_env
-from tests.helpers import S, charge_request, client_metadata, rpc_error, usd
+from tests.helpers.builders import S, charge_request, usd
+from tests.helpers.calls import rpc_error
+from tests.helpers.credentials import client_metadata
 from tests.stripe_sim import API_KEY, running_simulator
 
 pytestmark = pytest.mark.slow

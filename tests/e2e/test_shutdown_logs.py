@@ -15,7 +15,8 @@ from grpc import aio
 from payments.v1 import payment_service_pb2_grpc
 
 from tests.e2e.server_process import ServerProcess, server_env
-from tests.helpers import charge_request, client_metadata
+from tests.helpers.builders import charge_request
+from tests.helpers.credentials import client_metadata
 
 IN_FLIGHT = 4
 

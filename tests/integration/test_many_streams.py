@@ -22,7 +22,9 @@ from payments.v1 import payment_service_pb2_grpc
 from payment_grpc.bootstrap import Application, build_application
 from payment_grpc.config import Settings
 from tests.conftest import make_settings
-from tests.helpers import RichError, charge_request, client_metadata
+from tests.helpers.builders import charge_request
+from tests.helpers.calls import RichError
+from tests.helpers.credentials import client_metadata
 
 STREAMS = 2_000
 LIMIT = 3

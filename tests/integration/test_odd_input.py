@@ -24,15 +24,10 @@ from payments.v1 import payment_service_pb2 as api
 from payments.v1 import payment_service_pb2_grpc
 
 from payment_grpc.bootstrap import Application
-from tests.helpers import (
-    TEST_JWT_SECRET,
-    RichError,
-    charge_request,
-    client_metadata,
-    row_counts,
-    token,
-    usd,
-)
+from tests.helpers.builders import charge_request, usd
+from tests.helpers.calls import RichError
+from tests.helpers.credentials import TEST_JWT_SECRET, client_metadata, token
+from tests.helpers.db import row_counts
 from tests.integration.test_hostile_input import assert_still_serving, run_examples
 
 DOMAIN = "payments.v1"

@@ -25,12 +25,14 @@ from payments.v1 import payment_service_pb2 as api
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from payment_grpc.adapters.bus.postgres import libpq_dsn
 from payment_grpc.adapters.db.engine import SqlUnitOfWorkFactory
 from payment_grpc.bootstrap import Application, build_cipher
 from payment_grpc.config import Settings
 from payment_grpc.service.errors import StorageUnavailable
-from tests.conftest import _libpq, make_settings
-from tests.helpers import RichError, charge_request
+from tests.conftest import make_settings
+from tests.helpers.builders import charge_request
+from tests.helpers.calls import RichError
 
 LOCKED_CALLS = 12  # more than the pool holds (2 + 2 overflow)
 OTHER_CHARGES = 8
@@ -62,7 +64,7 @@ async def payment_row_locked(url: str, payment_id: str) -> AsyncIterator[None]:
             conn.execute("ROLLBACK")
             conn.close()
         return
-    async with await psycopg.AsyncConnection.connect(_libpq(url)) as conn:
+    async with await psycopg.AsyncConnection.connect(libpq_dsn(url)) as conn:
         await conn.execute("SELECT id FROM payments WHERE id = %s FOR UPDATE", (payment_id,))
         yield
         await conn.rollback()
