@@ -14,13 +14,12 @@ from payments.v1 import payment_service_pb2 as api
 
 from payment_grpc.api import convert
 from payment_grpc.api.errors import code_for, status_proto_for
-from payment_grpc.api.methods import PAYMENT_SERVICE_PATH
 from payment_grpc.domain.errors import ReportableError
 from payment_grpc.domain.payment import Payment
 from payment_grpc.domain.refund import Refund
 from payment_grpc.service.ports import Operation, StoredAnswer
 
-SERVICE = PAYMENT_SERVICE_PATH
+SERVICE = "/payments.v1.PaymentService/"
 
 
 def charge_response(payment: Payment) -> api.ChargeResponse:

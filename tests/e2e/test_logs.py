@@ -16,7 +16,9 @@ from payments.v1 import payment_service_pb2 as api
 from payments.v1 import payment_service_pb2_grpc
 
 from tests.e2e.server_process import ServerProcess, server_env
-from tests.helpers import charge_request, client_metadata, keyed, rpc_error
+from tests.helpers.builders import charge_request, keyed
+from tests.helpers.calls import rpc_error
+from tests.helpers.credentials import client_metadata
 
 pytestmark = pytest.mark.slow
 

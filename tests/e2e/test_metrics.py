@@ -17,7 +17,9 @@ from payments.v1 import payment_service_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.server_process import ServerProcess, server_env
-from tests.helpers import charge_request, client_metadata, keyed, rpc_error, usd
+from tests.helpers.builders import charge_request, keyed, usd
+from tests.helpers.calls import rpc_error
+from tests.helpers.credentials import client_metadata
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,9 @@ from payments.v1 import payment_service_pb2_grpc
 from payment_grpc.telemetry.tracing import export_configured
 from tests.e2e.otlp_collector import ExportedSpan, otlp_collector
 from tests.e2e.server_process import ServerProcess, server_env
-from tests.helpers import charge_request, client_metadata, rpc_error
+from tests.helpers.builders import charge_request
+from tests.helpers.calls import rpc_error
+from tests.helpers.credentials import client_metadata
 from tests.integration.test_auth_service import FakeAuthService
 
 pytestmark = pytest.mark.slow

@@ -20,14 +20,10 @@ from payments.v1 import resources_pb2 as pb
 
 from payment_grpc.bootstrap import Application, build_application
 from tests.conftest import make_settings
-from tests.helpers import (
-    card,
-    charge_request,
-    client_metadata,
-    events_of,
-    rpc_error,
-    token,
-)
+from tests.helpers.builders import card, charge_request
+from tests.helpers.calls import rpc_error
+from tests.helpers.credentials import client_metadata, token
+from tests.helpers.db import events_of
 
 AdminStub = admin_service_pb2_grpc.AdminServiceStub
 PaymentStub = payment_service_pb2_grpc.PaymentServiceStub

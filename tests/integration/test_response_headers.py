@@ -11,7 +11,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from payments.v1 import payment_service_pb2 as api
 from payments.v1 import payment_service_pb2_grpc
 
-from tests.helpers import charge_request, keyed, replayed, rpc_error
+from tests.helpers.builders import charge_request, keyed
+from tests.helpers.calls import replayed, rpc_error
 
 Stub = payment_service_pb2_grpc.PaymentServiceStub
 
