@@ -19,7 +19,8 @@ from payments.v1 import resources_pb2 as pb
 
 from tests.e2e.server_process import ServerProcess, server_env, stored_payments
 from tests.fake_order_service import FakeOrderService, order_service
-from tests.helpers import charge_request, client_metadata, order_id
+from tests.helpers.builders import charge_request, order_id
+from tests.helpers.credentials import client_metadata
 
 pytestmark = pytest.mark.slow
 

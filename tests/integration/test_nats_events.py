@@ -24,7 +24,8 @@ from payments.v1 import resources_pb2 as pb
 from payment_grpc.adapters.db.tables import outbox, payment_events
 from payment_grpc.bootstrap import Application
 from tests.conftest import make_settings
-from tests.helpers import charge_request, keyed, serving
+from tests.helpers.builders import charge_request, keyed
+from tests.helpers.servers import serving
 
 NATS_URL = os.environ.get("NATS_TEST_URL", "nats://127.0.0.1:4222")
 WAIT_S = 30

@@ -18,7 +18,10 @@ from purgatory.domain import model as breaker_model
 from payment_grpc.config import Settings
 from tests.conftest import make_settings
 from tests.fake_order_service import FakeOrderService, order_service
-from tests.helpers import charge_request, keyed, order_id, row_counts, rpc_error, serving
+from tests.helpers.builders import charge_request, keyed, order_id
+from tests.helpers.calls import rpc_error
+from tests.helpers.db import row_counts
+from tests.helpers.servers import serving
 
 
 def fresh_key() -> tuple[tuple[str, str], ...]:

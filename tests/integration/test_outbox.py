@@ -22,7 +22,8 @@ from payment_grpc.config import Settings
 from payment_grpc.service.outbox import OUTCOME_TYPES
 from tests.conftest import make_settings
 from tests.fake_order_service import FakeOrderService, order_service
-from tests.helpers import charge_request, keyed, order_id, serving
+from tests.helpers.builders import charge_request, keyed, order_id
+from tests.helpers.servers import serving
 
 OUTCOME_STATUSES = {name.removeprefix("payment.").upper() for name in OUTCOME_TYPES}
 WAIT_S = 30

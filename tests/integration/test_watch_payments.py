@@ -19,7 +19,10 @@ from payments.v1 import resources_pb2 as pb
 from payment_grpc.adapters.db.tables import payment_events
 from payment_grpc.bootstrap import Application
 from tests.conftest import make_settings
-from tests.helpers import charge_request, client_metadata, keyed, rpc_error, serving, token
+from tests.helpers.builders import charge_request, keyed
+from tests.helpers.calls import rpc_error
+from tests.helpers.credentials import client_metadata, token
+from tests.helpers.servers import serving
 
 WAIT_S = 30
 
