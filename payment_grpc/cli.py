@@ -107,7 +107,7 @@ def migrate(settings: Settings, _args: argparse.Namespace) -> int:
     return 0
 
 
-def probe(settings: Settings, _args: argparse.Namespace) -> int:
+def probe(settings: Settings, _args: argparse.Namespace | None = None) -> int:
     """Exit 0 when the local server reports SERVING (Docker HEALTHCHECK)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
