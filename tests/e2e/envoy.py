@@ -49,8 +49,8 @@ class Gateway:
         try:
             sent = dict(headers or {})
             payload = None
-            if body is not None:
-                payload = json.dumps(body).encode()
+            if body is not None:  # bytes go as they are (malformed JSON on purpose)
+                payload = body if isinstance(body, bytes) else json.dumps(body).encode()
                 sent.setdefault("content-type", "application/json")
             conn.request(method, path, body=payload, headers=sent)
             reply = conn.getresponse()

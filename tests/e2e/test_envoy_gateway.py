@@ -193,6 +193,22 @@ async def test_path_and_body_naming_different_payments_is_400_and_refunds_neithe
         assert payment["payment"]["status"] == "PAYMENT_STATUS_CAPTURED"
 
 
+async def test_envoys_own_refusals_are_json_status_bodies(gateway: Gateway) -> None:
+    """What Envoy refuses before the service sees it (the path/body collision, a body
+    that is not JSON, a path no route knows) reads like the service's errors: a JSON
+    google.rpc.Status with the matching code, never plain text."""
+    first, second = await charged(gateway), await charged(gateway)
+    collision = await gateway.post(
+        f"/v1/payments/{first}/refunds",
+        {"payment_id": second, "amount": usd("500")},
+        browser_headers(),
+    )
+    assert "conflicting" in error_json(collision, 400, 3)["message"]
+    malformed = await gateway.post("/v1/payments:charge", b'{"order_id": ', browser_headers())
+    error_json(malformed, 400, 3)
+    error_json(await gateway.get("/v1/nothing-here", browser_headers()), 404, 5)
+
+
 async def test_a_json_typo_is_400_unknown_field_and_charges_nothing(gateway: Gateway) -> None:
     order = order_id()
     body = {**charge_body(order), "capture_metod": "CAPTURE_METHOD_MANUAL"}
