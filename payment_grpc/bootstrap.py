@@ -70,6 +70,7 @@ from payment_grpc.service.ports import (
 from payment_grpc.service.queries import Queries
 from payment_grpc.service.recovery import Recovery
 from payment_grpc.service.settlements import Settlements
+from payment_grpc.telemetry.client import tracing_interceptors
 from payment_grpc.telemetry.metrics import watch_pool
 from payment_grpc.telemetry.tracing import trace_database
 from payment_grpc.tls import client_channel, server_credentials
@@ -229,6 +230,7 @@ def build_order_client(settings: Settings) -> OrderServiceClient | None:
         cert_file=orders.tls_cert_file,
         key_file=orders.tls_key_file,
         server_name=orders.tls_server_name,
+        interceptors=tracing_interceptors(),  # a client span, the traceparent sent
     )
     policy = CallPolicy(
         timeout_s=orders.timeout_seconds,

@@ -13,6 +13,8 @@ Files are read once at startup; a rotated certificate takes effect on restart.
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Sequence
+from typing import Any
 
 import grpc
 
@@ -76,19 +78,23 @@ def client_channel(
     cert_file: pathlib.Path | None = None,
     key_file: pathlib.Path | None = None,
     server_name: str | None = None,
+    interceptors: Sequence[Any] = (),
 ) -> grpc.aio.Channel:
     """A channel to a collaborator: TLS when a CA is given (mutual with cert + key),
-    plaintext otherwise. A half client-certificate configuration is an error."""
+    plaintext otherwise. A half client-certificate configuration is an error.
+    `interceptors`: client interceptors of every call (tracing)."""
     if (cert_file is None) != (key_file is None):
         raise ValueError("a client certificate needs both its cert and key file")
     if ca_file is None:
         if cert_file is not None:
             raise ValueError("a client certificate needs the collaborator's CA file (TLS)")
-        return grpc.aio.insecure_channel(target)
+        return grpc.aio.insecure_channel(target, interceptors=list(interceptors))
     credentials = grpc.ssl_channel_credentials(
         root_certificates=_read(ca_file),
         private_key=_read(key_file) if key_file is not None else None,
         certificate_chain=_read(cert_file) if cert_file is not None else None,
     )
     options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
-    return grpc.aio.secure_channel(target, credentials, options=options)
+    return grpc.aio.secure_channel(
+        target, credentials, options=options, interceptors=list(interceptors)
+    )

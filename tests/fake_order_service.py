@@ -28,6 +28,8 @@ class FakeOrderService(order_service_pb2_grpc.OrderServiceServicer):
     notifications_hanging: bool = False  # hold NotifyPaymentOutcome until released
     refused_notifications: int = 0
     hung_notifications: int = 0
+    # (method, the call's `traceparent` metadata or "") of every call, in arrival order
+    traceparents: list[tuple[str, str]] = field(default_factory=list)
 
     def add(self, order_id: str, total_minor: int = 10_000, **fields: Any) -> orders.Order:
         fields.setdefault("currency", "USD")
@@ -37,8 +39,10 @@ class FakeOrderService(order_service_pb2_grpc.OrderServiceServicer):
         self.orders[order_id] = order
         return order
 
-    async def _gate(self, context: aio.ServicerContext[Any, Any]) -> None:
+    async def _gate(self, context: aio.ServicerContext[Any, Any], method: str) -> None:
         self.deadlines_seen.append(context.time_remaining())
+        metadata = dict(context.invocation_metadata() or ())
+        self.traceparents.append((method, str(metadata.get("traceparent", ""))))
         if self.hanging:
             await self.released.wait()
         if self.down:
@@ -46,14 +50,14 @@ class FakeOrderService(order_service_pb2_grpc.OrderServiceServicer):
 
     async def GetOrder(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
         self.get_calls += 1
-        await self._gate(context)
+        await self._gate(context, "GetOrder")
         order = self.orders.get(request.order_id)
         if order is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such order")
         return orders.GetOrderResponse(order=order)
 
     async def NotifyPaymentOutcome(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
-        await self._gate(context)
+        await self._gate(context, "NotifyPaymentOutcome")
         if self.notifications_hanging:
             async with self.notified:
                 self.hung_notifications += 1

@@ -1,5 +1,10 @@
 """The wire form of a payment event (protos/payments/v1/events.proto): what the outbox
-stores and the sinks and feeds send. Built here, where proto <-> domain conversion lives."""
+stores and the sinks and feeds send. Built here, where proto <-> domain conversion lives.
+
+`encode_event` runs in the transaction that records the event (the unit of work's commit),
+inside the call that made the change: the envelope's W3C traceparent is that call's
+current span, captured there, so the relay can continue the trace long after the call
+(NATS headers, the order service notification's metadata)."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from payments.v1 import resources_pb2 as pb
 from payment_grpc.api.convert import STATUS_TO_PB, payment_to_pb, timestamp
 from payment_grpc.domain.payment import Payment, PaymentEvent
 from payment_grpc.service.outbox import dedupe_id
+from payment_grpc.telemetry.tracing import traceparent_of_trace
 
 
 def as_of(payment: Payment, event: PaymentEvent) -> Payment:
@@ -26,7 +32,9 @@ def as_of(payment: Payment, event: PaymentEvent) -> Payment:
     )
 
 
-def event_message(payment: Payment, event: PaymentEvent, kind: str) -> events_pb2.PaymentEvent:
+def event_message(
+    payment: Payment, event: PaymentEvent, kind: str, traceparent: str = ""
+) -> events_pb2.PaymentEvent:
     return events_pb2.PaymentEvent(
         event_id=dedupe_id(event.payment_id, event.sequence),
         type=kind,
@@ -34,10 +42,12 @@ def event_message(payment: Payment, event: PaymentEvent, kind: str) -> events_pb
         sequence=event.sequence,
         previous_status=STATUS_TO_PB.get(event.previous_status, pb.PAYMENT_STATUS_UNSPECIFIED),
         occur_time=timestamp(event.occurred_at),
-        # The W3C traceparent joins when tracing (issue 11) exposes the current span.
-        trace=events_pb2.TraceContext(trace_id=event.trace_id),
+        trace=events_pb2.TraceContext(trace_id=event.trace_id, traceparent=traceparent),
     )
 
 
 def encode_event(payment: Payment, event: PaymentEvent, kind: str) -> bytes:
-    return event_message(payment, event, kind).SerializeToString(deterministic=True)
+    """The envelope as stored in the outbox and the feed, with the current traceparent when
+    it belongs to the event's trace (a change made by a traced call)."""
+    message = event_message(payment, event, kind, traceparent_of_trace(event.trace_id))
+    return message.SerializeToString(deterministic=True)

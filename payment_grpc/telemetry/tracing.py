@@ -10,15 +10,18 @@ passes through (logs, payment events and outgoing calls keep its trace id).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import SpanKind
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 TRACER_NAME = "payment_grpc"
@@ -93,6 +96,60 @@ def trace_headers() -> dict[str, str]:
 def current_traceparent() -> str | None:
     """The W3C traceparent of the current span, or None outside any trace."""
     return trace_headers().get("traceparent")
+
+
+def trace_id_in(traceparent: str) -> str:
+    """The trace id a W3C traceparent names ("" when it is not one)."""
+    context = trace.get_current_span(extract({"traceparent": traceparent})).get_span_context()
+    return trace.format_trace_id(context.trace_id) if context.is_valid else ""
+
+
+def traceparent_of_trace(trace_id: str) -> str:
+    """The current traceparent when it belongs to `trace_id`, else "": what a change made
+    under that trace records beside its trace id (payment events, outbox messages)."""
+    context = trace.get_current_span().get_span_context()
+    if not trace_id or not context.is_valid or trace.format_trace_id(context.trace_id) != trace_id:
+        return ""
+    # W3C format whatever OTEL_PROPAGATORS says: the envelope's field is a W3C traceparent.
+    return f"00-{trace_id}-{trace.format_span_id(context.span_id)}-{context.trace_flags:02x}"
+
+
+@contextlib.contextmanager
+def continued(traceparent: str) -> Iterator[None]:
+    """Run the block under the trace a stored `traceparent` names (the call that made a
+    change), so spans and outgoing calls made in it join that trace; an empty or malformed
+    one leaves the block outside any trace. For work done later, away from that call:
+    the outbox relay's deliveries, a broker message's handling."""
+    parent = extract({"traceparent": traceparent}) if traceparent else Context()
+    token = otel_context.attach(parent)
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
+@contextlib.contextmanager
+def producer_span(destination: str) -> Iterator[dict[str, str]]:
+    """A PRODUCER span (`<destination> publish`, OTel messaging conventions) in the current
+    trace, when the SDK is installed and there is a trace; yields the W3C headers the
+    message carries (those of the current trace without an SDK; none outside a trace)."""
+    if not trace.get_current_span().get_span_context().is_valid:
+        yield {}
+        return
+    span = tracer().start_span(
+        f"{destination} publish",
+        kind=SpanKind.PRODUCER,
+        attributes={
+            "messaging.system": "nats",
+            "messaging.destination.name": destination,
+            "messaging.operation": "publish",
+        },
+    )
+    if not span.get_span_context().is_valid:  # no SDK: the current trace's headers
+        yield trace_headers()
+        return
+    with trace.use_span(span, end_on_exit=True):
+        yield trace_headers()
 
 
 def trace_id_of(span: trace.Span) -> str:

@@ -4,6 +4,7 @@ server process, a real collector, a real auth service that sees our traceparent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pathlib
 import uuid
 from collections.abc import AsyncIterator
@@ -18,14 +19,16 @@ from payments.v1 import payment_service_pb2_grpc
 from payment_grpc.telemetry.tracing import export_configured
 from tests.e2e.otlp_collector import ExportedSpan, otlp_collector
 from tests.e2e.server_process import ServerProcess, server_env
-from tests.helpers.builders import charge_request
+from tests.fake_order_service import order_service
+from tests.helpers.builders import charge_request, order_id
 from tests.helpers.calls import rpc_error
 from tests.helpers.credentials import client_metadata
+from tests.helpers.nats import NATS_URL, own_jetstream, read_all
 from tests.integration.test_auth_service import FakeAuthService
 
 pytestmark = pytest.mark.slow
 
-SERVER, CLIENT = 2, 3  # OTLP span kinds
+SERVER, CLIENT, PRODUCER = 2, 3, 4  # OTLP span kinds
 CHARGE = "payments.v1.PaymentService/Charge"
 
 
@@ -190,3 +193,70 @@ def test_nothing_is_exported_without_an_endpoint() -> None:
     assert not export_configured(
         {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_TRACES_EXPORTER": "none"}
     )
+
+
+async def test_outbox_deliveries_continue_the_charges_trace(  # type: ignore[no-untyped-def]
+    database_url: str, tmp_path: pathlib.Path
+) -> None:
+    """With spans exported: the order service's notification is a CLIENT span and the NATS
+    message a PRODUCER span of ours, both children of the Charge's server span, and each
+    receiver sees its own span as the traceparent's parent."""
+    async with contextlib.AsyncExitStack() as stack:
+        js, stream, prefix = await stack.enter_async_context(own_jetstream())
+        orders, order_port = await stack.enter_async_context(order_service())
+        collector, endpoint = await stack.enter_async_context(otlp_collector())
+        order = orders.add(order_id(), 10_000)
+        server = ServerProcess(
+            server_env(
+                database_url, tmp_path, OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
+                OTEL_BSP_SCHEDULE_DELAY="20", ORDER_SERVICE_ADDR=f"127.0.0.1:{order_port}",
+                NATS_URL=NATS_URL, NATS_STREAM=stream, NATS_SUBJECT_PREFIX=prefix,
+            ),
+            cwd=tmp_path,
+        )  # fmt: skip
+        await server.start()
+        server.follow()
+        try:
+            trace_id, parent_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+            async with aio.insecure_channel(
+                f"127.0.0.1:{server.port}", interceptors=client_metadata()
+            ) as channel:
+                stub = payment_service_pb2_grpc.PaymentServiceStub(channel)
+                await stub.Charge(
+                    charge_request(10_000, order_id=order.order_id),
+                    metadata=(traceparent(trace_id, parent_id),),
+                    timeout=30,
+                )
+            messages = await read_all(js, stream, f"{prefix}.>", 3)
+            await asyncio.wait_for(
+                orders.wait_until(lambda: len(orders.notifications) >= 1), timeout=30
+            )
+            spans = await asyncio.wait_for(
+                collector.wait_for(
+                    lambda spans: (
+                        sum(s.trace_id == trace_id and s.kind == PRODUCER for s in spans) >= 3
+                        and sum(s.trace_id == trace_id and s.kind == CLIENT for s in spans) >= 2
+                    )
+                ),
+                timeout=30,
+            )
+        finally:
+            server.sigterm()
+            await server.wait()
+    charge = server_span(spans, trace_id, CHARGE)
+    assert charge is not None
+    ours = {s.span_id: s for s in spans if s.trace_id == trace_id}
+    for message in messages:
+        header_trace, header_parent = message.headers["traceparent"].split("-")[1:3]
+        assert header_trace == trace_id
+        producer = ours[header_parent]
+        assert (producer.kind, producer.parent_span_id) == (PRODUCER, charge.span_id)
+        assert producer.name == f"{message.subject} publish"
+    notified = next(tp for method, tp in orders.traceparents if method == "NotifyPaymentOutcome")
+    notify_trace, notify_parent = notified.split("-")[1:3]
+    assert notify_trace == trace_id
+    client = ours[notify_parent]
+    assert client.name == "orders.v1.OrderService/NotifyPaymentOutcome"
+    assert (client.kind, client.parent_span_id) == (CLIENT, charge.span_id)
+    get_order = next(tp for method, tp in orders.traceparents if method == "GetOrder")
+    assert ours[get_order.split("-")[2]].name == "orders.v1.OrderService/GetOrder"

@@ -6,14 +6,9 @@ deletes them."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import pathlib
-import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
-import nats
 import pytest
 import sqlalchemy as sa
 from nats.js import JetStreamContext
@@ -25,30 +20,14 @@ from payment_grpc.adapters.db.tables import outbox, payment_events
 from payment_grpc.bootstrap import Application
 from tests.conftest import make_settings
 from tests.helpers.builders import charge_request, keyed
+from tests.helpers.nats import NATS_URL, WAIT_S, own_jetstream, read_all
 from tests.helpers.servers import serving
-
-NATS_URL = os.environ.get("NATS_TEST_URL", "nats://127.0.0.1:4222")
-WAIT_S = 30
 
 
 @pytest.fixture
 async def jetstream() -> AsyncIterator[tuple[JetStreamContext, str, str]]:
-    """(JetStream, stream name, subject prefix), unique to the test and deleted after it."""
-    try:
-        client = await nats.connect(NATS_URL, connect_timeout=2, max_reconnect_attempts=0)
-    except Exception as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"NATS must be reachable under CI=true: {exc}")
-        pytest.skip(f"NATS not reachable: {exc}")
-    suffix = uuid.uuid4().hex[:12]
-    stream, prefix = f"PAYMENTS_T{suffix}", f"t{suffix}.payments.v1"
-    js = client.jetstream()
-    try:
-        yield js, stream, prefix
-    finally:
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await js.delete_stream(stream)
-        await client.close()
+    async with own_jetstream() as running:
+        yield running
 
 
 async def stored_events(app: Application) -> dict[str, tuple[int, str]]:
@@ -60,14 +39,6 @@ async def stored_events(app: Application) -> dict[str, tuple[int, str]]:
             )
         )
         return {f"{p}:{s}": (s, status) for p, s, status in rows}
-
-
-async def read_all(js: JetStreamContext, stream: str, prefix: str, count: int) -> list[Any]:
-    sub = await js.subscribe(f"{prefix}.>", stream=stream, ordered_consumer=True)
-    try:
-        return [await sub.next_msg(timeout=WAIT_S) for _ in range(count)]
-    finally:
-        await sub.unsubscribe()
 
 
 async def test_jetstream_gets_every_event_once_with_its_dedupe_id(
@@ -96,7 +67,7 @@ async def test_jetstream_gets_every_event_once_with_its_dedupe_id(
         )
     info = await js.stream_info(stream)
     assert info.state.messages == len(expected)  # JetStream dropped every redelivery
-    messages = await read_all(js, stream, prefix, len(expected))
+    messages = await read_all(js, stream, f"{prefix}.>", len(expected))
     by_id = {m.headers["Nats-Msg-Id"]: m for m in messages}
     assert set(by_id) == set(expected)
     for dedupe_id, message in by_id.items():

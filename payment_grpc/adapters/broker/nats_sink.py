@@ -4,6 +4,9 @@ Subject `<prefix>.<type>` (default prefix `payments.v1`, e.g. `payments.v1.payme
 in the stream (default `PAYMENTS`, created when missing, subjects `<prefix>.>`). The
 `Nats-Msg-Id` header is the event's dedupe id, so JetStream drops a relay's redelivery
 within its duplicate window; consumers dedupe beyond it by the envelope's `event_id`.
+The W3C `traceparent` header continues the trace of the call that made the change (captured
+in the envelope when the event was recorded): a PRODUCER span of ours when traces are
+exported, the recorded context itself otherwise.
 
 nats-py's exceptions are mapped here, once, to SinkUnavailable. A Kafka adapter would be a
 file like this one: the same four methods, the dedupe id as the record key (idempotent
@@ -19,8 +22,10 @@ import nats
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
+from payments.v1 import events_pb2
 
 from payment_grpc.service.ports import OutboxMessage, SinkUnavailable
+from payment_grpc.telemetry.tracing import continued, producer_span
 
 PUBLISH_TIMEOUT_S = 5.0
 RECONNECT_ATTEMPTS = 3
@@ -50,14 +55,17 @@ class NatsEventSink:
 
     async def deliver(self, message: OutboxMessage) -> None:
         js = await self._jetstream()
+        subject = self.subject(message.event_type)
+        traceparent = events_pb2.PaymentEvent.FromString(message.payload).trace.traceparent
         try:
-            await js.publish(
-                self.subject(message.event_type),
-                message.payload,
-                timeout=PUBLISH_TIMEOUT_S,
-                stream=self._stream,
-                headers={"Nats-Msg-Id": message.dedupe_id},
-            )
+            with continued(traceparent), producer_span(subject) as trace_headers:
+                await js.publish(
+                    subject,
+                    message.payload,
+                    timeout=PUBLISH_TIMEOUT_S,
+                    stream=self._stream,
+                    headers={**trace_headers, "Nats-Msg-Id": message.dedupe_id},
+                )
         except (NatsError, TimeoutError, OSError) as exc:
             raise SinkUnavailable(f"NATS publish failed: {type(exc).__name__}") from exc
 

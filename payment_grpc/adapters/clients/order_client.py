@@ -23,6 +23,7 @@ from payment_grpc.adapters.clients.resilience import (
 from payment_grpc.service.errors import OrderServiceUnavailable
 from payment_grpc.service.outbox import OUTCOME_TYPES
 from payment_grpc.service.ports import Order, OutboxMessage, SinkUnavailable
+from payment_grpc.telemetry.tracing import continued
 
 
 class OrderServiceClient:
@@ -88,7 +89,10 @@ class OrderNotificationSink:
             sequence=event.sequence,
         )
         try:
-            await self._client.notify_outcome(request)
+            # In the trace of the call that made the change: the traced channel's client
+            # span joins it and the call's metadata carries its traceparent.
+            with continued(event.trace.traceparent):
+                await self._client.notify_outcome(request)
         except OrderServiceUnavailable as exc:
             raise SinkUnavailable("the order service did not acknowledge") from exc
 
