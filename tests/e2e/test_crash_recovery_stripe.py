@@ -1,7 +1,8 @@
 """Crash tests with GATEWAY=stripe: a replica SIGKILLs itself at each phase boundary of
-Charge and of CapturePayment; restarted under the same INSTANCE_ID, a retry with the same
-idempotency-key finishes the operation, and the Stripe-compatible simulator's ledger shows
-the money moved exactly once (the adapter sends our gateway keys as Idempotency-Key)."""
+Charge, CapturePayment, CancelPayment and Refund; restarted under the same INSTANCE_ID, a
+retry with the same idempotency-key finishes the operation, and the Stripe-compatible
+simulator's ledger shows the money moved exactly once (the adapter sends our gateway keys
+as Idempotency-Key)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,19 @@ import pytest
 from grpc import aio
 from payments.v1 import payment_service_pb2 as api
 from payments.v1 import payment_service_pb2_grpc
+from payments.v1 import resources_pb2 as pb
 
 from payment_grpc.adapters.gateways.stripe_simulator import RunningSimulator
-from tests.e2e.server_process import ServerProcess, ledger_authorizations, server_env
+from tests.e2e.server_process import (
+    ServerProcess,
+    ledger_authorizations,
+    ledger_follow_ups,
+    server_env,
+    stored_money,
+    stored_payments,
+)
 from tests.helpers.builders import S, charge_request, usd
-from tests.helpers.calls import rpc_error
+from tests.helpers.calls import replayed, rpc_error
 from tests.helpers.credentials import client_metadata
 from tests.stripe_sim import API_KEY, running_simulator
 
@@ -111,3 +120,96 @@ async def test_capture_crash_then_retry_captures_once(
         assert answer.payment.captured_amount.amount_minor == 6_000
         (charge,) = await sim.simulator_engine.charges_of_payment(charged.payment.payment_id)
         assert charge.captured_minor == 6_000  # captured once at the gateway
+
+
+CHARGED_MINOR = 10_000
+REFUNDED_MINOR = 3_000
+
+
+@pytest.mark.parametrize("phase", PHASES)
+async def test_cancel_crash_then_retry_voids_once(
+    database_url: str, tmp_path: pathlib.Path, phase: str
+) -> None:
+    metadata = (("idempotency-key", f"cancel-{uuid.uuid4().hex}"),)
+    async with running_simulator(tmp_path) as sim:
+        crashing = replica(database_url, tmp_path, sim, f"cancel.{phase}")
+        async with serving(crashing, crashes=True) as stub:
+            charged = await stub.Charge(
+                charge_request(CHARGED_MINOR, manual=True),
+                metadata=(("idempotency-key", uuid.uuid4().hex),),
+                timeout=CALL_TIMEOUT_S,
+            )
+            assert charged.payment.status == S.PAYMENT_STATUS_AUTHORIZED, charged
+            payment_id = charged.payment.payment_id
+            cancel = api.CancelPaymentRequest(payment_id=payment_id)
+            lost = await rpc_error(
+                stub.CancelPayment(cancel, metadata=metadata, timeout=CALL_TIMEOUT_S)
+            )
+        assert lost.code == grpc.StatusCode.UNAVAILABLE
+        async with serving(replica(database_url, tmp_path, sim), crashes=False) as stub:
+            retry = stub.CancelPayment(cancel, metadata=metadata, timeout=CALL_TIMEOUT_S)
+            answer = await retry
+            assert await replayed(retry) == (phase == "after_commit")
+            third = stub.CancelPayment(cancel, metadata=metadata, timeout=CALL_TIMEOUT_S)
+            assert await third == answer
+            assert await replayed(third)
+        assert answer.payment.status == S.PAYMENT_STATUS_CANCELED, answer
+        assert answer.payment.captured_amount.amount_minor == 0
+        (charge,) = await sim.simulator_engine.charges_of_payment(payment_id)
+        assert charge.voided  # canceled at the gateway
+        assert charge.captured_minor == 0
+    ledger = tmp_path / "stripe-sim-ledger.db"
+    assert ledger_authorizations(ledger) == {payment_id: 1}
+    assert ledger_follow_ups(ledger, "void") == {payment_id: [(0, True)]}  # voided once
+    row = (await stored_payments(database_url))[payment_id]
+    assert [status for _, status in row.events] == [
+        "PENDING",
+        "PROCESSING",
+        "AUTHORIZED",
+        "CANCELED",
+    ], row
+    assert (await stored_money(database_url, payment_id)).in_flight == ""
+
+
+@pytest.mark.parametrize("phase", PHASES)
+async def test_refund_crash_then_retry_refunds_once(
+    database_url: str, tmp_path: pathlib.Path, phase: str
+) -> None:
+    metadata = (("idempotency-key", f"refund-{uuid.uuid4().hex}"),)
+    async with running_simulator(tmp_path) as sim:
+        crashing = replica(database_url, tmp_path, sim, f"refund.{phase}")
+        async with serving(crashing, crashes=True) as stub:
+            charged = await stub.Charge(
+                charge_request(CHARGED_MINOR),
+                metadata=(("idempotency-key", uuid.uuid4().hex),),
+                timeout=CALL_TIMEOUT_S,
+            )
+            assert charged.payment.status == S.PAYMENT_STATUS_CAPTURED, charged
+            payment_id = charged.payment.payment_id
+            refund = api.RefundRequest(
+                payment_id=payment_id,
+                amount=usd(REFUNDED_MINOR),
+                reason=pb.REFUND_REASON_REQUESTED_BY_CUSTOMER,
+            )
+            lost = await rpc_error(stub.Refund(refund, metadata=metadata, timeout=CALL_TIMEOUT_S))
+        assert lost.code == grpc.StatusCode.UNAVAILABLE
+        async with serving(replica(database_url, tmp_path, sim), crashes=False) as stub:
+            retry = stub.Refund(refund, metadata=metadata, timeout=CALL_TIMEOUT_S)
+            answer = await retry
+            assert await replayed(retry) == (phase == "after_commit")
+            third = stub.Refund(refund, metadata=metadata, timeout=CALL_TIMEOUT_S)
+            assert await third == answer
+            assert await replayed(third)
+        assert answer.payment.status == S.PAYMENT_STATUS_PARTIALLY_REFUNDED, answer
+        assert answer.payment.refunded_amount.amount_minor == REFUNDED_MINOR
+        assert answer.refund.status == pb.REFUND_STATUS_SUCCEEDED, answer
+        assert answer.refund.gateway_reference.startswith("re_"), answer
+        (charge,) = await sim.simulator_engine.charges_of_payment(payment_id)
+        assert charge.refunded_minor == REFUNDED_MINOR  # refunded once at the gateway
+        assert [r.key for r in charge.refunds] == [answer.refund.refund_id]
+    ledger = tmp_path / "stripe-sim-ledger.db"
+    assert ledger_authorizations(ledger) == {payment_id: 1}
+    assert ledger_follow_ups(ledger, "refund") == {payment_id: [(REFUNDED_MINOR, True)]}
+    money = await stored_money(database_url, payment_id)
+    assert money.refunded_minor == REFUNDED_MINOR, money
+    assert money.refunds == [(REFUNDED_MINOR, "SUCCEEDED")], money
