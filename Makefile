@@ -46,7 +46,7 @@ check-generated: generate
 
 proto-lint: generate
 	$(BIN)/buf lint generated/payments_descriptor_set.binpb --config buf.yaml \
-		--path payments/v1 --path orders/v1 --path auth/v1
+		--path payments/v1 --path orders/v1 --path auth/v1 --path inventory/v1
 
 # buf breaking (FILE + WIRE_JSON, buf.yaml) of protos/ against the descriptor set committed
 # on BREAKING_AGAINST (main; origin/main in a clone without a local main branch).
@@ -58,7 +58,7 @@ breaking: generate
 	git show "$$ref:generated/payments_descriptor_set.binpb" > $(VENV)/breaking-against.binpb && \
 	$(BIN)/buf breaking generated/payments_descriptor_set.binpb --config buf.yaml \
 		--against $(VENV)/breaking-against.binpb \
-		--path payments/v1 --path orders/v1 --path auth/v1 && \
+		--path payments/v1 --path orders/v1 --path auth/v1 --path inventory/v1 && \
 	echo "buf breaking: no breaking change against $(BREAKING_AGAINST) ($$ref)"
 
 lint: $(STAMP)

@@ -19,6 +19,7 @@ from payment_grpc.adapters.auth.keys import JwksFileKeys, PublicKeys, RemoteKeys
 from payment_grpc.adapters.auth.secrets import load_or_create_secret
 from payment_grpc.adapters.auth.verified_cache import CachedVerifier
 from payment_grpc.adapters.broker.nats_sink import NatsEventSink
+from payment_grpc.adapters.broker.saga_consumer import SagaConsumer, SagaConsumerConfig
 from payment_grpc.adapters.bus.memory import InProcessStatusBus
 from payment_grpc.adapters.bus.postgres import PostgresStatusBus
 from payment_grpc.adapters.clients.auth_client import AuthServiceClient, AuthServiceVerifier
@@ -48,6 +49,8 @@ from payment_grpc.api.interceptors.idempotency import IdempotencyInterceptor
 from payment_grpc.api.interceptors.json_fields import JsonFieldsInterceptor
 from payment_grpc.api.interceptors.rate_limit import RateLimitInterceptor, TokenBuckets
 from payment_grpc.api.responses import encode_answer, refusal_answer
+from payment_grpc.api.saga import InventoryReservedHandler
+from payment_grpc.api.saga import classify as classify_refusal
 from payment_grpc.api.server import PaymentServer
 from payment_grpc.api.servicer import PaymentServicer
 from payment_grpc.config import Settings, UnsafeSetting
@@ -63,12 +66,14 @@ from payment_grpc.service.ports import (
     EventSink,
     GatewayNews,
     Lifecycle,
+    Operation,
     PaymentGateway,
     StatusBus,
     TokenVerifier,
 )
 from payment_grpc.service.queries import Queries
 from payment_grpc.service.recovery import Recovery
+from payment_grpc.service.saga import CheckoutSaga
 from payment_grpc.service.settlements import Settlements
 from payment_grpc.telemetry.client import tracing_interceptors
 from payment_grpc.telemetry.metrics import watch_pool
@@ -100,6 +105,7 @@ class Application:
     probe: DatabaseProbe | None = None
     order_client: OrderServiceClient | None = None
     relay: Relay | None = None
+    saga: SagaConsumer | None = None
     servicer: PaymentServicer | None = None
     port: int = 0
     _recovery_task: asyncio.Task[None] | None = None
@@ -124,12 +130,16 @@ class Application:
         if self.relay is not None:
             await self.relay.start_sinks()
             self._relay_task = asyncio.create_task(self.relay.run_forever())
+        if self.saga is not None:
+            await self.saga.start()
         log.info(
             "payment-grpc listening",
             extra={"port": self.port, "instance_id": self.settings.server.instance_id},
         )
 
     async def stop(self) -> None:
+        if self.saga is not None:
+            await self.saga.close()  # unsettled messages are delivered again
         if self.webhooks is not None:
             await self.webhooks.stop()
         await self.server.stop(
@@ -253,6 +263,31 @@ def build_sinks(settings: Settings, orders: OrderServiceClient | None) -> list[E
             )
         )
     return sinks
+
+
+def build_saga(
+    settings: Settings, charging: Charging, keys: IdempotencyKeys
+) -> SagaConsumer | None:
+    """SAGA_CONSUME=true: the checkout saga's consumer (Settings requires NATS_URL)."""
+    events = settings.events
+    if not events.saga_consume or not events.nats_url:
+        return None
+    saga = CheckoutSaga(
+        charging,
+        keys,
+        lambda payment: encode_answer(Operation.CHARGE, payment),
+        refusal_answer,
+        classify_refusal,
+    )
+    config = SagaConsumerConfig(
+        url=events.nats_url,
+        stream=events.saga_stream,
+        subject=events.saga_subject,
+        durable=events.saga_durable,
+        ack_wait_s=events.saga_ack_wait_seconds,
+        retry_delay_s=events.saga_retry_delay_seconds,
+    )
+    return SagaConsumer(config, InventoryReservedHandler(saga))
 
 
 def build_relay(
@@ -451,6 +486,7 @@ def build_application(settings: Settings) -> Application:
         auth_client,
         order_client=order_client,
         relay=relay,
+        saga=build_saga(settings, charging, keys),
         servicer=servicer,
         probe=probe,
     )

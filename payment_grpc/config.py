@@ -321,6 +321,33 @@ class EventSettings(_Group):
         10.0, gt=0, validation_alias="WATCH_SEND_TIMEOUT_SECONDS"
     )
     """WatchPayments: a consumer that does not take a message this long is cut."""
+    saga_consume: bool = Field(False, validation_alias="SAGA_CONSUME")
+    """true: take part in the checkout saga: charge for each inventory.v1.reserved event
+    (a durable JetStream consumer on NATS_URL), answer payment.completed / payment.failed."""
+    saga_stream: str = Field(
+        "INVENTORY", pattern=r"^[A-Za-z0-9_-]{1,64}$", validation_alias="SAGA_STREAM"
+    )
+    """The JetStream stream holding the inventory events (created when missing)."""
+    saga_subject: str = Field(
+        "inventory.v1.reserved",
+        pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
+        validation_alias="SAGA_SUBJECT",
+    )
+    """The subject of the inventory.v1.InventoryReserved events."""
+    saga_durable: str = Field(
+        "payment-grpc-saga", pattern=r"^[A-Za-z0-9_-]{1,64}$", validation_alias="SAGA_DURABLE"
+    )
+    """Name of the durable consumer, shared by every replica."""
+    saga_retry_delay_seconds: float = Field(2.0, gt=0, validation_alias="SAGA_RETRY_DELAY_SECONDS")
+    """An event that cannot be charged now (storage, order service down) comes back after it."""
+    saga_ack_wait_seconds: float = Field(60.0, gt=0, validation_alias="SAGA_ACK_WAIT_SECONDS")
+    """An event not settled this long (its replica died) is delivered again."""
+
+    @model_validator(mode="after")
+    def _saga_needs_nats(self) -> Self:
+        if self.saga_consume and not self.nats_url:
+            raise ValueError("SAGA_CONSUME=true needs NATS_URL")
+        return self
 
 
 class FailureMix(BaseModel):

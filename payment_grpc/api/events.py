@@ -15,7 +15,7 @@ from payments.v1 import resources_pb2 as pb
 
 from payment_grpc.api.convert import STATUS_TO_PB, payment_to_pb, timestamp
 from payment_grpc.domain.payment import Payment, PaymentEvent
-from payment_grpc.service.outbox import dedupe_id
+from payment_grpc.service.outbox import event_id
 from payment_grpc.telemetry.tracing import traceparent_of_trace
 
 
@@ -36,7 +36,7 @@ def event_message(
     payment: Payment, event: PaymentEvent, kind: str, traceparent: str = ""
 ) -> events_pb2.PaymentEvent:
     return events_pb2.PaymentEvent(
-        event_id=dedupe_id(event.payment_id, event.sequence),
+        event_id=event_id(event, kind),
         type=kind,
         payment=payment_to_pb(as_of(payment, event)),
         sequence=event.sequence,

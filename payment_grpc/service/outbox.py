@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from payment_grpc.domain.payment import PaymentEvent, PaymentStatus
+from payment_grpc.domain.payment import Payment, PaymentEvent, PaymentStatus
 from payment_grpc.service.ports import (
     Clock,
     EventSink,
@@ -59,6 +59,35 @@ def event_type(event: PaymentEvent) -> str:
 
 def dedupe_id(payment_id: str, sequence: int) -> str:
     return f"{payment_id}:{sequence}"
+
+
+# The checkout saga's outcome events (service/saga.py): a payment the saga made (its
+# metadata names the inventory event) says `payment.completed` when it first succeeds, beside
+# the event of its own type; a failure is the ordinary `payment.failed`.
+SAGA_EVENT_KEY = "inventory_event_id"
+COMPLETED = "payment.completed"
+_SUCCEEDED = frozenset({PaymentStatus.AUTHORIZED, PaymentStatus.CAPTURED})
+
+
+def event_types(payment: Payment, event: PaymentEvent) -> tuple[str, ...]:
+    """What an event is published as: its own type, then `payment.completed` when it is the
+    success of a saga payment (leaving PROCESSING for AUTHORIZED or CAPTURED, whoever
+    recorded it: the charge, the recovery worker, a settlement, an operator)."""
+    own = event_type(event)
+    if (
+        SAGA_EVENT_KEY in payment.metadata
+        and event.previous_status is PaymentStatus.PROCESSING
+        and event.status in _SUCCEEDED
+    ):
+        return own, COMPLETED
+    return (own,)
+
+
+def event_id(event: PaymentEvent, kind: str) -> str:
+    """The dedupe id of an event published as `kind`: `<payment_id>:<sequence>`, and for
+    the saga's `payment.completed`, which shares its event's sequence, `...:completed`."""
+    own = dedupe_id(event.payment_id, event.sequence)
+    return own if kind == event_type(event) else f"{own}:{kind.removeprefix('payment.')}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -129,24 +129,26 @@ def continued(traceparent: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def producer_span(destination: str) -> Iterator[dict[str, str]]:
-    """A PRODUCER span (`<destination> publish`, OTel messaging conventions) in the current
-    trace, when the SDK is installed and there is a trace; yields the W3C headers the
-    message carries (those of the current trace without an SDK; none outside a trace)."""
-    if not trace.get_current_span().get_span_context().is_valid:
+def messaging_span(destination: str, operation: str) -> Iterator[dict[str, str]]:
+    """A span for a broker message (OTel messaging conventions), when the SDK is installed:
+    PRODUCER `<destination> publish` in the current trace (none outside a trace), or
+    CONSUMER `<destination> process` (a new trace when the message carried none). Yields
+    the W3C headers of the current trace for the message (none outside a trace)."""
+    publishing = operation == "publish"
+    if publishing and not trace.get_current_span().get_span_context().is_valid:
         yield {}
         return
     span = tracer().start_span(
-        f"{destination} publish",
-        kind=SpanKind.PRODUCER,
+        f"{destination} {operation}",
+        kind=SpanKind.PRODUCER if publishing else SpanKind.CONSUMER,
         attributes={
             "messaging.system": "nats",
             "messaging.destination.name": destination,
-            "messaging.operation": "publish",
+            "messaging.operation": operation,
         },
     )
-    if not span.get_span_context().is_valid:  # no SDK: the current trace's headers
-        yield trace_headers()
+    if not span.get_span_context().is_valid:  # no SDK and no trace
+        yield {}
         return
     with trace.use_span(span, end_on_exit=True):
         yield trace_headers()

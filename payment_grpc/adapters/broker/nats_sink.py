@@ -25,7 +25,7 @@ from nats.js import JetStreamContext
 from payments.v1 import events_pb2
 
 from payment_grpc.service.ports import OutboxMessage, SinkUnavailable
-from payment_grpc.telemetry.tracing import continued, producer_span
+from payment_grpc.telemetry.tracing import continued, messaging_span
 
 PUBLISH_TIMEOUT_S = 5.0
 RECONNECT_ATTEMPTS = 3
@@ -58,7 +58,7 @@ class NatsEventSink:
         subject = self.subject(message.event_type)
         traceparent = events_pb2.PaymentEvent.FromString(message.payload).trace.traceparent
         try:
-            with continued(traceparent), producer_span(subject) as trace_headers:
+            with continued(traceparent), messaging_span(subject, "publish") as trace_headers:
                 await js.publish(
                     subject,
                     message.payload,

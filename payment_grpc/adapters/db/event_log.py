@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from payment_grpc.adapters.db.outbox import EventEncoder, OutboxWriter, Recorded
 from payment_grpc.adapters.db.tables import feed_counter, payment_feed
 from payment_grpc.domain.payment import Payment, PaymentEvent
-from payment_grpc.service.outbox import event_type
+from payment_grpc.service.outbox import event_type, event_types
 
 # Taken last in the transaction: the counter row stays locked only for the COMMIT, and
 # transactions get their positions in the order they commit.
@@ -42,12 +42,15 @@ class EventLog:
             Recorded(payment, event, kind, self.encode(payment, event, kind))
             for payment, events in changes
             for event in events
-            for kind in (event_type(event),)
+            for kind in event_types(payment, event)
         ]
         if not recorded:
             return False
         wrote = self.outbox is not None and await self.outbox.write(conn, recorded, now)
-        await _append_to_feed(conn, recorded, now)
+        # The feed has one entry per event: the saga's extra `payment.completed` is published
+        # only (the feed's consumers see the success as its own event).
+        own = [item for item in recorded if item.kind == event_type(item.event)]
+        await _append_to_feed(conn, own, now)
         return wrote
 
     def wake(self) -> None:

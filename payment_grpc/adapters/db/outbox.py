@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from payment_grpc.adapters.db.tables import outbox
 from payment_grpc.domain.payment import Payment, PaymentEvent
-from payment_grpc.service.outbox import dedupe_id
+from payment_grpc.service.outbox import event_id
 from payment_grpc.service.ports import OutboxMessage
 
 PENDING, DELIVERED, PARKED = "pending", "delivered", "parked"
@@ -60,7 +60,7 @@ class OutboxWriter:
 def _row(sink: str, item: Recorded, now: datetime) -> dict[str, Any]:
     return {
         "sink": sink,
-        "dedupe_id": dedupe_id(item.event.payment_id, item.event.sequence),
+        "dedupe_id": event_id(item.event, item.kind),
         "payment_id": item.event.payment_id,
         "sequence": item.event.sequence,
         "event_type": item.kind,

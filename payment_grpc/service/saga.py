@@ -1,0 +1,148 @@
+"""The payment step of an event-driven checkout (saga participation).
+
+The inventory service announces `inventory.v1.reserved` (the items of an order are held);
+this use case charges for it exactly once per event, whatever the broker redelivers:
+
+- The idempotency key is derived from the event id (`inventory:<event_id>`, scope
+  `system:saga`, operation CHARGE), fingerprinted by the event's content. A redelivery
+  finds the key finished (nothing runs again), still running (retry later), or left
+  half-way by a crash (it resumes, as a retried Charge call does).
+- The outcome reaches the checkout through the outbox, in the transaction that records it:
+  a payment made here carries the event id in its metadata, so its success is published as
+  `payment.completed` beside its own event, and a decline as the ordinary
+  `payment.failed` (service/outbox.py, `event_types`).
+- The broker message is acknowledged only once the outcome is committed (`Verdict.DONE`);
+  a retryable failure, or an outcome still pending at the gateway, asks for a redelivery
+  (`Verdict.RETRY`); a message that can never be charged is dropped (`Verdict.REJECTED`).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from payment_grpc.domain.errors import ReportableError
+from payment_grpc.domain.payment import Payment, PaymentStatus
+from payment_grpc.service.charging import ChargeCommand, Charging
+from payment_grpc.service.context import RequestContext
+from payment_grpc.service.errors import IdempotencyKeyInUse, IdempotencyKeyReused
+from payment_grpc.service.idempotency import Checkpoint, IdempotencyKeys
+from payment_grpc.service.ports import KeyRecord, Operation, StoredAnswer
+
+log = logging.getLogger(__name__)
+
+SAGA_SUBJECT = "system:saga"
+KEY_PREFIX = "inventory:"
+
+
+class Verdict(enum.Enum):
+    DONE = "done"  # the outcome is committed (or was already): acknowledge
+    RETRY = "retry"  # nothing final yet: deliver the message again later
+    REJECTED = "rejected"  # can never be charged as it is: drop it
+
+
+class Refusals(enum.Enum):
+    """How a refusal of the charge is treated, as the transport's error table says."""
+
+    STORED = "stored"  # a definite answer (order not payable, ...): the key's answer
+    RETRYABLE = "retryable"  # storage or a collaborator down: try again later
+    INVALID = "invalid"  # the request itself is wrong: never chargeable
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """An `inventory.v1.reserved` event, converted: what to charge for it."""
+
+    event_id: str
+    command: ChargeCommand  # its metadata names the event (SAGA_EVENT_KEY)
+    fingerprint: str  # of the event's content: the same id with other content is refused
+
+
+class CheckoutSaga:
+    def __init__(
+        self,
+        charging: Charging,
+        keys: IdempotencyKeys,
+        encode: Callable[[Payment], bytes],
+        encode_refusal: Callable[[ReportableError], StoredAnswer],
+        classify: Callable[[ReportableError], Refusals],
+    ) -> None:
+        """`encode`/`encode_refusal`: the key's answers, the same bytes a Charge call with
+        that key would store; `classify`: the transport's view of a refusal."""
+        self._charging = charging
+        self._keys = keys
+        self._encode = encode
+        self._encode_refusal = encode_refusal
+        self._classify = classify
+
+    async def on_reserved(self, reservation: Reservation, ctx: RequestContext) -> Verdict:
+        key = KEY_PREFIX + reservation.event_id
+        try:
+            claimed = await self._keys.begin(
+                ctx.subject, Operation.CHARGE, key, reservation.fingerprint
+            )
+        except IdempotencyKeyInUse:
+            return Verdict.RETRY  # another delivery is charging it right now
+        except IdempotencyKeyReused:
+            log.error("inventory event %s seen before with other content", reservation.event_id)
+            return Verdict.REJECTED
+        except ReportableError as error:  # storage unavailable, ...
+            return self._verdict_before_charge(reservation, error)
+        if isinstance(claimed, StoredAnswer):
+            return Verdict.DONE  # charged before: its outcome was committed then
+        checkpoint = Checkpoint(claimed, self._encode, self._encode_refusal)
+        try:
+            payment = await self._charging.charge(reservation.command, ctx, checkpoint)
+        except ReportableError as error:
+            return await self._refused(reservation, claimed, checkpoint, error)
+        except BaseException:
+            await self._keys.release(claimed)
+            raise
+        if checkpoint.answer is None or payment.status is PaymentStatus.PROCESSING:
+            await self._keys.release(claimed)  # the gateway's answer is pending
+            return Verdict.RETRY
+        return Verdict.DONE
+
+    async def _refused(
+        self,
+        reservation: Reservation,
+        claimed: KeyRecord,
+        checkpoint: Checkpoint,
+        error: ReportableError,
+    ) -> Verdict:
+        if checkpoint.answer is not None:
+            return self._refusal_done(reservation, error)  # stored with its final change
+        kind = self._classify(error)
+        if kind is Refusals.STORED:
+            await self._keys.store_answer(claimed, self._encode_refusal(error))
+            return self._refusal_done(reservation, error)
+        await self._keys.release(claimed)
+        if kind is Refusals.RETRYABLE:
+            log.warning(
+                "inventory event %s: charge not possible now (%s), retried later",
+                reservation.event_id,
+                error.reason,
+            )
+            return Verdict.RETRY
+        log.error("inventory event %s can never be charged: %s", reservation.event_id, error)
+        return Verdict.REJECTED
+
+    def _verdict_before_charge(self, reservation: Reservation, error: ReportableError) -> Verdict:
+        if self._classify(error) is Refusals.RETRYABLE:
+            return Verdict.RETRY
+        log.error("inventory event %s refused: %s", reservation.event_id, error)
+        return Verdict.REJECTED
+
+    @staticmethod
+    def _refusal_done(reservation: Reservation, error: ReportableError) -> Verdict:
+        # No payment was made, so no payment event says so: the checkout learns it from
+        # its own timeout (README, "Saga participation").
+        log.warning(
+            "inventory event %s: order %s not charged: %s",
+            reservation.event_id,
+            reservation.command.order_id,
+            error.reason,
+        )
+        return Verdict.DONE
