@@ -45,14 +45,20 @@ from payment_grpc.adapters.gateways.stripe.webhook import StripeWebhookListener
 from payment_grpc.api.admin_servicer import AdminServicer
 from payment_grpc.api.events import encode_event
 from payment_grpc.api.interceptors.auth import AuthInterceptor
+from payment_grpc.api.interceptors.guard import GuardInterceptor
 from payment_grpc.api.interceptors.idempotency import IdempotencyInterceptor
 from payment_grpc.api.interceptors.json_fields import JsonFieldsInterceptor
+from payment_grpc.api.interceptors.observability import InFlight, ObservabilityInterceptor
 from payment_grpc.api.interceptors.rate_limit import RateLimitInterceptor, TokenBuckets
+from payment_grpc.api.interceptors.request_context import RequestContextInterceptor
+from payment_grpc.api.interceptors.stream_limit import StreamLimitInterceptor
+from payment_grpc.api.interceptors.wrapping import ServerInterceptor
 from payment_grpc.api.responses import encode_answer, refusal_answer
 from payment_grpc.api.saga import InventoryReservedHandler
 from payment_grpc.api.saga import classify as classify_refusal
 from payment_grpc.api.server import PaymentServer
 from payment_grpc.api.servicer import PaymentServicer
+from payment_grpc.api.streams import StreamDrain
 from payment_grpc.config import Settings, UnsafeSetting
 from payment_grpc.service.admin import Admin
 from payment_grpc.service.charging import Charging
@@ -355,6 +361,28 @@ def rate_limit(settings: Settings) -> list[RateLimitInterceptor]:
     return [RateLimitInterceptor(buckets)]
 
 
+def interceptors(
+    settings: Settings,
+    verifier: TokenVerifier,
+    keys: IdempotencyKeys,
+    calls: InFlight,
+    streams: StreamDrain,
+) -> list[ServerInterceptor]:
+    """Every call passes these in this order (the first sees it first) before the
+    servicer. Health and reflection pass only observability and the request context."""
+    return [
+        ObservabilityInterceptor(calls),  # span, metrics, log line: every outcome below
+        RequestContextInterceptor(),  # the use cases' RequestContext, the incoming deadline
+        StreamLimitInterceptor(settings.server.max_streams),  # before any work
+        streams,  # ends open streams at shutdown
+        AuthInterceptor(verifier),  # names the caller (the context's subject, scopes)
+        *rate_limit(settings),  # per caller, so after auth
+        JsonFieldsInterceptor(),  # unknown JSON fields from the HTTP edge
+        GuardInterceptor(),  # validation; every failure below -> its gRPC status
+        IdempotencyInterceptor(keys),  # next to the handler: stores what it answers
+    ]
+
+
 def build_cipher(settings: Settings) -> FieldCipher:
     """Column encryption at rest: ENCRYPTION_KEYS (newest first), or one key generated once
     into DATA_DIR (embedded default, kid `local`). Raises KeyConfigError when malformed."""
@@ -458,6 +486,7 @@ def build_application(settings: Settings) -> Application:
         send_timeout_s=settings.events.watch_send_timeout_seconds,
         heartbeat_s=limits.watch_heartbeat_seconds,
     )
+    calls, streams = InFlight(), StreamDrain()
     server = PaymentServer(
         servicer,
         admin_servicer=AdminServicer(Admin(deps)),
@@ -466,12 +495,11 @@ def build_application(settings: Settings) -> Application:
         max_message_bytes=limits.max_message_bytes,
         max_metadata_bytes=limits.max_metadata_bytes,
         max_streams=limits.max_streams,
-        extra_interceptors=[
-            AuthInterceptor(build_verifier(settings, auth_client)),
-            *rate_limit(settings),
-            JsonFieldsInterceptor(),
-        ],
-        inner_interceptors=[IdempotencyInterceptor(keys)],
+        interceptors=interceptors(
+            settings, build_verifier(settings, auth_client), keys, calls, streams
+        ),
+        calls=calls,
+        streams=streams,
         reuse_port=settings.server.workers
         != 1,  # a worker of a supervisor (payment_grpc/workers.py)
     )

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc import aio
 from grpc_status import rpc_status
 
 from payment_grpc.domain import errors as e
@@ -153,3 +155,11 @@ def invalid_argument(
 
 
 INTERNAL = build_status(grpc.StatusCode.INTERNAL, "internal error", "INTERNAL")
+
+
+async def abort_with(context: aio.ServicerContext[Any, Any], status: grpc.Status) -> NoReturn:
+    """End the call with `status` (its code, message and google.rpc details)."""
+    # grpc-stubs 1.53 lacks aio's abort_with_status (present in grpcio since 1.38).
+    aborting: Any = context
+    await aborting.abort_with_status(status)
+    raise AssertionError("abort_with_status returned")

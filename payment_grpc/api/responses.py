@@ -14,12 +14,11 @@ from payments.v1 import payment_service_pb2 as api
 
 from payment_grpc.api import convert
 from payment_grpc.api.errors import code_for, status_proto_for
+from payment_grpc.api.methods import payment_method
 from payment_grpc.domain.errors import ReportableError
 from payment_grpc.domain.payment import Payment
 from payment_grpc.domain.refund import Refund
 from payment_grpc.service.ports import Operation, StoredAnswer
-
-SERVICE = "/payments.v1.PaymentService/"
 
 
 def charge_response(payment: Payment) -> api.ChargeResponse:
@@ -43,10 +42,10 @@ def refund_response(result: tuple[Refund, Payment]) -> api.RefundResponse:
 
 # The keyed RPCs (those that need an idempotency-key): the operation each one is.
 OPERATIONS: dict[str, Operation] = {
-    f"{SERVICE}Charge": Operation.CHARGE,
-    f"{SERVICE}CapturePayment": Operation.CAPTURE,
-    f"{SERVICE}CancelPayment": Operation.CANCEL,
-    f"{SERVICE}Refund": Operation.REFUND,
+    payment_method("Charge"): Operation.CHARGE,
+    payment_method("CapturePayment"): Operation.CAPTURE,
+    payment_method("CancelPayment"): Operation.CANCEL,
+    payment_method("Refund"): Operation.REFUND,
 }
 # Each operation's response builder: the RPC's response for the use case's result.
 BUILDERS: dict[Operation, Callable[[Any], Message]] = {

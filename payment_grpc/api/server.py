@@ -6,36 +6,28 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from payments.v1 import (
-    admin_service_pb2,
-    admin_service_pb2_grpc,
-    payment_service_pb2,
-    payment_service_pb2_grpc,
-)
+from payments.v1 import admin_service_pb2_grpc, payment_service_pb2_grpc
 
 from payment_grpc.api.admin_servicer import AdminServicer
-from payment_grpc.api.interceptors.guard import GuardInterceptor
-from payment_grpc.api.interceptors.observability import InFlight, ObservabilityInterceptor
-from payment_grpc.api.interceptors.stream_limit import StreamLimitInterceptor
+from payment_grpc.api.interceptors.observability import InFlight
+from payment_grpc.api.interceptors.wrapping import ServerInterceptor
+from payment_grpc.api.methods import ADMIN_SERVICE_NAME, SERVICE_NAME
 from payment_grpc.api.servicer import PaymentServicer
 from payment_grpc.api.streams import StreamDrain
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = payment_service_pb2.DESCRIPTOR.services_by_name["PaymentService"].full_name
 # Liveness: "" answers SERVING while the process runs (never the database: an outage
 # must not restart every pod). Readiness: each service name follows its checks.
 LIVENESS_NAME = ""
 READINESS_NAMES = (SERVICE_NAME,)
 HEALTH_NAMES = (LIVENESS_NAME, *READINESS_NAMES)
-ADMIN_SERVICE_NAME = admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 UNREQUESTED_CALL_LIMIT_S = 600  # longer than any deadline a caller of ours sets
@@ -72,18 +64,19 @@ class PaymentServer:
         max_message_bytes: int,
         max_metadata_bytes: int,
         max_streams: int = 10_000,
-        extra_interceptors: Sequence[aio.ServerInterceptor[Any, Any]] = (),
-        inner_interceptors: Sequence[aio.ServerInterceptor[Any, Any]] = (),
+        interceptors: Sequence[ServerInterceptor],
+        calls: InFlight,
+        streams: StreamDrain,
         reuse_port: bool = False,
     ) -> None:
-        """`extra_interceptors` run before validation (auth, rate limits);
-        `inner_interceptors` after it, next to the handler (idempotency). `reuse_port`:
-        sibling worker processes share the port (WORKERS > 1); otherwise a taken port is
-        an error, not a silent second server."""
-        self.metrics = InFlight()  # calls in flight, for the shutdown warning
+        """`interceptors` in call order (the first sees the call first), composed in
+        bootstrap.py; among them `streams`, which `stop()` closes, and the one that counts
+        `calls` in flight. `reuse_port`: sibling worker processes share the port
+        (WORKERS > 1); otherwise a taken port is an error, not a silent second server."""
+        self.metrics = calls  # calls in flight, for the shutdown warning
         self.health = HealthServicer()
         self._readiness_checks: list[ReadinessCheck] = [dependencies_healthy]
-        self._streams = StreamDrain()
+        self._streams = streams
         self._health_interval_s = health_interval_s
         self._monitor: asyncio.Task[None] | None = None
         options = [
@@ -94,17 +87,7 @@ class PaymentServer:
             ("grpc.so_reuseport", int(reuse_port)),
             *pending_call_limits(max_streams),
         ]
-        self.server = aio.server(
-            interceptors=[
-                ObservabilityInterceptor(self.metrics),
-                StreamLimitInterceptor(max_streams),
-                self._streams,
-                *extra_interceptors,
-                GuardInterceptor(),
-                *inner_interceptors,
-            ],
-            options=options,
-        )
+        self.server = aio.server(interceptors=interceptors, options=options)
         payment_service_pb2_grpc.add_PaymentServiceServicer_to_server(servicer, self.server)
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(admin_servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)  # type: ignore[no-untyped-call]

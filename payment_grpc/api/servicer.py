@@ -14,8 +14,7 @@ from payments.v1 import payment_service_pb2 as api
 
 from payment_grpc.api import convert
 from payment_grpc.api.context import keyed_execution, request_context
-from payment_grpc.api.errors import build_status
-from payment_grpc.api.interceptors.guard import abort_with
+from payment_grpc.api.errors import abort_with, build_status
 from payment_grpc.api.responses import (
     cancel_response,
     capture_response,

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
 from grpc import aio
 
-from payment_grpc.api.errors import build_status
-from payment_grpc.api.interceptors.guard import abort_with
+from payment_grpc.api.errors import abort_with, build_status
 from payment_grpc.api.interceptors.wrapping import (
-    ServerInterceptor,
+    Handler,
+    MethodInterceptor,
     Streaming,
-    Unary,
+    unchanged,
     wrap_handler,
 )
 
@@ -90,7 +90,7 @@ async def until_set(items: AsyncIterator[T], stop: asyncio.Event) -> AsyncIterat
         await _cancel(stopped)
 
 
-class StreamDrain(ServerInterceptor):
+class StreamDrain(MethodInterceptor):
     """Ends open PaymentService streams with UNAVAILABLE SERVER_SHUTTING_DOWN once
     `close()` is called; streams opened afterwards end the same way at once."""
 
@@ -100,17 +100,8 @@ class StreamDrain(ServerInterceptor):
     def close(self) -> None:
         self._closing.set()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith("/payments.v1."):
-            return handler
-        return wrap_handler(handler, _unchanged, self._drained)
+    def wrap(self, handler: Handler, details: grpc.HandlerCallDetails) -> Handler:
+        return wrap_handler(handler, unchanged, self._drained)
 
     def _drained(self, behavior: Streaming) -> Streaming:
         async def drained(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
@@ -120,7 +111,3 @@ class StreamDrain(ServerInterceptor):
                 await abort_with(context, SHUTTING_DOWN)
 
         return drained
-
-
-def _unchanged(behavior: Unary) -> Unary:
-    return behavior

@@ -6,16 +6,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
 
 import grpc
 from google.protobuf.message import DecodeError
 from grpc import aio
 
-from payment_grpc.api.errors import INTERNAL, build_status, code_for, invalid_argument, status_for
+from payment_grpc.api.errors import (
+    INTERNAL,
+    abort_with,
+    build_status,
+    code_for,
+    invalid_argument,
+    status_for,
+)
 from payment_grpc.api.interceptors.wrapping import (
-    ServerInterceptor,
+    Handler,
+    MethodInterceptor,
     Streaming,
     Unary,
     wrap_handler,
@@ -24,13 +32,6 @@ from payment_grpc.api.validation import violations
 from payment_grpc.domain.errors import ReportableError
 
 log = logging.getLogger(__name__)
-
-
-async def abort_with(context: aio.ServicerContext[Any, Any], status: grpc.Status) -> NoReturn:
-    # grpc-stubs 1.53 lacks aio's abort_with_status (present in grpcio since 1.38).
-    aborting: Any = context
-    await aborting.abort_with_status(status)
-    raise AssertionError("abort_with_status returned")
 
 
 # Stands in for request bytes that do not parse, so the guard can answer them.
@@ -99,15 +100,6 @@ def _guard_streaming(behavior: Streaming) -> Streaming:
     return guarded
 
 
-class GuardInterceptor(ServerInterceptor):
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith("/payments.v1."):
-            return handler
+class GuardInterceptor(MethodInterceptor):
+    def wrap(self, handler: Handler, details: grpc.HandlerCallDetails) -> Handler:
         return wrap_handler(handler, _guard_unary, _guard_streaming, deserializer=_tolerant)

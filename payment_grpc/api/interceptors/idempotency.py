@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,15 +21,16 @@ from google.rpc import status_pb2
 from grpc import aio
 
 from payment_grpc.api.context import KeyedExecution, Response, current_execution, current_request
-from payment_grpc.api.errors import code_for
-from payment_grpc.api.interceptors.guard import abort_with
-from payment_grpc.api.interceptors.observability import mark_replayed, split_method
+from payment_grpc.api.errors import abort_with, code_for
+from payment_grpc.api.interceptors.observability import mark_replayed
 from payment_grpc.api.interceptors.wrapping import (
-    ServerInterceptor,
-    Streaming,
+    Handler,
+    MethodInterceptor,
     Unary,
+    unchanged,
     wrap_handler,
 )
+from payment_grpc.api.methods import split_method
 from payment_grpc.api.responses import BUILDERS, OPERATIONS, refusal_answer
 from payment_grpc.domain.errors import ReportableError
 from payment_grpc.pan_masking import looks_like_card_number
@@ -100,20 +100,14 @@ async def _replay(answer: StoredAnswer, context: aio.ServicerContext[Any, Any]) 
     raise AssertionError("unreachable")
 
 
-class IdempotencyInterceptor(ServerInterceptor):
+class IdempotencyInterceptor(MethodInterceptor):
     def __init__(self, keys: IdempotencyKeys) -> None:
         self._keys = keys
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
-        ],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(details)
-        if handler is None or details.method not in OPERATIONS:
-            return handler
+    def applies(self, details: grpc.HandlerCallDetails) -> bool:
+        return details.method in OPERATIONS
+
+    def wrap(self, handler: Handler, details: grpc.HandlerCallDetails) -> Handler:
         method = details.method
         operation = OPERATIONS[method]
         rpc = dict(zip(("rpc.service", "rpc.method"), split_method(method), strict=True))
@@ -141,10 +135,7 @@ class IdempotencyInterceptor(ServerInterceptor):
 
             return keyed
 
-        def streaming(behavior: Streaming) -> Streaming:
-            return behavior
-
-        return wrap_handler(handler, unary, streaming, passthrough_bytes=True)
+        return wrap_handler(handler, unary, unchanged, passthrough_bytes=True)
 
     async def _execute(
         self,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -20,13 +20,8 @@ from google.protobuf import descriptor, descriptor_pool
 from grpc import aio
 
 from payment_grpc.api.errors import invalid_argument
-from payment_grpc.api.interceptors.guard import abort_with
-from payment_grpc.api.interceptors.wrapping import (
-    ServerInterceptor,
-    Streaming,
-    Unary,
-    wrap_handler,
-)
+from payment_grpc.api.interceptors.wrapping import CheckFirst
+from payment_grpc.api.methods import split_method
 
 JSON_BODY_HEADER = "x-http-json-body"
 _FieldMessage = descriptor.Descriptor
@@ -63,7 +58,7 @@ def _unknown_in_field(message: _FieldMessage, item: Any, where: str) -> Iterator
 
 def request_message(method: str) -> _FieldMessage | None:
     """`/payments.v1.PaymentService/Charge` -> the ChargeRequest descriptor."""
-    service, _, name = method.lstrip("/").partition("/")
+    service, name = split_method(method)
     try:
         found = descriptor_pool.Default().FindServiceByName(service).methods_by_name[name]
     except KeyError:
@@ -86,36 +81,20 @@ def body_problems(method: str, encoded: str) -> list[tuple[str, str]]:
     ]
 
 
-def _refusing(status: grpc.Status) -> tuple[Callable[[Unary], Unary], Callable[[Any], Any]]:
-    async def refuse(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-        await abort_with(context, status)
-
-    def streaming(_: Streaming) -> Streaming:
-        async def refused(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-            await abort_with(context, status)
-            yield  # pragma: no cover - an async generator that never yields
-
-        return refused
-
-    return (lambda _: refuse), streaming
+def _json_body(details: grpc.HandlerCallDetails) -> str | None:
+    encoded = dict(details.invocation_metadata or ()).get(JSON_BODY_HEADER)
+    return encoded if isinstance(encoded, str) else None
 
 
-class JsonFieldsInterceptor(ServerInterceptor):
-    """INVALID_ARGUMENT UNKNOWN_FIELD (one field violation per key) before any handler."""
+class JsonFieldsInterceptor(CheckFirst):
+    """INVALID_ARGUMENT UNKNOWN_FIELD (one field violation per key) before any handler,
+    for every call that came through the HTTP edge."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
-        encoded = dict(handler_call_details.invocation_metadata or ()).get(JSON_BODY_HEADER)
-        if handler is None or not isinstance(encoded, str):
-            return handler
-        problems = body_problems(handler_call_details.method, encoded)
-        if not problems:
-            return handler
-        unary, streaming = _refusing(invalid_argument(problems, reason="UNKNOWN_FIELD"))
-        return wrap_handler(handler, unary, streaming)
+    def applies(self, details: grpc.HandlerCallDetails) -> bool:
+        return _json_body(details) is not None
+
+    async def check(
+        self, details: grpc.HandlerCallDetails, context: aio.ServicerContext[Any, Any]
+    ) -> grpc.Status | None:
+        problems = body_problems(details.method, _json_body(details) or "")
+        return invalid_argument(problems, reason="UNKNOWN_FIELD") if problems else None

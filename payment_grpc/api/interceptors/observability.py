@@ -16,7 +16,7 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -30,12 +30,13 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status,
 
 from payment_grpc.api.context import current_request
 from payment_grpc.api.interceptors.wrapping import (
-    ServerInterceptor,
+    Handler,
+    MethodInterceptor,
     Streaming,
     Unary,
     wrap_handler,
 )
-from payment_grpc.service.context import RequestContext
+from payment_grpc.api.methods import split_method
 from payment_grpc.telemetry import tracing
 from payment_grpc.telemetry.metrics import RPC_DURATION, WATCHERS
 
@@ -86,12 +87,6 @@ def mark_replayed() -> None:
     call = _current_call.get()
     if call is not None:
         call.replayed = True
-
-
-def split_method(full_method: str) -> tuple[str, str]:
-    """'/payments.v1.PaymentService/Charge' -> ('payments.v1.PaymentService', 'Charge')."""
-    service, _, method = full_method.lstrip("/").rpartition("/")
-    return service, method
 
 
 def payment_of(message: Any, answer_type: type[Message] | None = None) -> str:
@@ -217,20 +212,16 @@ def _start_span(full_method: str, metadata: dict[str, str]) -> tuple[trace.Span,
     return span, token
 
 
-class ObservabilityInterceptor(ServerInterceptor):
+class ObservabilityInterceptor(MethodInterceptor):
+    """Every call, health and reflection included (health's log line is DEBUG)."""
+
     def __init__(self, calls: InFlight | None = None) -> None:
         self._calls = calls or InFlight()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
-        ],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(details)
-        if handler is None:
-            return handler
+    def applies(self, details: grpc.HandlerCallDetails) -> bool:
+        return True
+
+    def wrap(self, handler: Handler, details: grpc.HandlerCallDetails) -> Handler:
         full_method = details.method
         metadata = text_metadata(details.invocation_metadata)
         quiet = full_method.startswith(f"/{HEALTH_SERVICE}/")
@@ -243,7 +234,6 @@ class ObservabilityInterceptor(ServerInterceptor):
                 tracing.trace_id_of(span), tracing.span_id_of(span), request_id(metadata)
             )
             _current_call.set(call)
-            current_request.set(RequestContext(trace_id=call.trace_id))
             log.debug("rpc started", extra={"rpc_method": full_method, "trace_id": call.trace_id})
             self._calls.in_flight += 1
             return span, token, call, time.perf_counter()

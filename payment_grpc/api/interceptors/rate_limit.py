@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,13 +17,7 @@ from grpc import aio
 
 from payment_grpc.api.context import current_request
 from payment_grpc.api.errors import build_status
-from payment_grpc.api.interceptors.guard import abort_with
-from payment_grpc.api.interceptors.wrapping import (
-    ServerInterceptor,
-    Streaming,
-    Unary,
-    wrap_handler,
-)
+from payment_grpc.api.interceptors.wrapping import CheckFirst
 
 MAX_TRACKED_CALLERS = 10_000
 
@@ -55,49 +48,21 @@ class TokenBuckets:
         return (1 - bucket.tokens) / self._rate
 
 
-class RateLimitInterceptor(ServerInterceptor):
+def rate_limited(wait_s: float) -> grpc.Status:
+    return build_status(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "rate limit exceeded for this caller",
+        "RATE_LIMITED",
+        retry_after_s=max(wait_s, 0.001),
+    )
+
+
+class RateLimitInterceptor(CheckFirst):
     def __init__(self, buckets: TokenBuckets) -> None:
         self._buckets = buckets
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
-        ],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(details)
-        if handler is None or not details.method.startswith("/payments.v1."):
-            return handler
-
-        async def admit(context: aio.ServicerContext[Any, Any]) -> None:
-            wait_s = self._buckets.take(current_request.get().subject, time.monotonic())
-            if wait_s:
-                await abort_with(
-                    context,
-                    build_status(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        "rate limit exceeded for this caller",
-                        "RATE_LIMITED",
-                        retry_after_s=max(wait_s, 0.001),
-                    ),
-                )
-
-        def unary(behavior: Unary) -> Unary:
-            async def limited(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-                await admit(context)
-                return await behavior(request, context)
-
-            return limited
-
-        def streaming(behavior: Streaming) -> Streaming:
-            async def limited(
-                request: Any, context: aio.ServicerContext[Any, Any]
-            ) -> AsyncIterator[Any]:
-                await admit(context)
-                async for item in behavior(request, context):
-                    yield item
-
-            return limited
-
-        return wrap_handler(handler, unary, streaming)
+    async def check(
+        self, details: grpc.HandlerCallDetails, context: aio.ServicerContext[Any, Any]
+    ) -> grpc.Status | None:
+        wait_s = self._buckets.take(current_request.get().subject, time.monotonic())
+        return rate_limited(wait_s) if wait_s else None

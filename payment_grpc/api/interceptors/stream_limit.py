@@ -7,18 +7,18 @@ pending queue, which cancels calls at random when it overflows (CANCELLED, not r
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 from grpc import aio
 
-from payment_grpc.api.errors import build_status
-from payment_grpc.api.interceptors.guard import abort_with
+from payment_grpc.api.errors import abort_with, build_status
 from payment_grpc.api.interceptors.wrapping import (
-    ServerInterceptor,
+    Handler,
+    MethodInterceptor,
     Streaming,
-    Unary,
+    unchanged,
     wrap_handler,
 )
 
@@ -32,38 +32,25 @@ TOO_MANY_STREAMS = build_status(
 )
 
 
-class StreamLimitInterceptor(ServerInterceptor):
+class StreamLimitInterceptor(MethodInterceptor):
     def __init__(self, max_streams: int) -> None:
         self._max_streams = max_streams
         self.open_streams = 0
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
-        ],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(details)
-        if handler is None or not details.method.startswith("/payments.v1."):
-            return handler
+    def wrap(self, handler: Handler, details: grpc.HandlerCallDetails) -> Handler:
+        return wrap_handler(handler, unchanged, self._limited)
 
-        def unary(behavior: Unary) -> Unary:
-            return behavior
+    def _limited(self, behavior: Streaming) -> Streaming:
+        async def limited(
+            request: Any, context: aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            if self.open_streams >= self._max_streams:
+                await abort_with(context, TOO_MANY_STREAMS)
+            self.open_streams += 1  # one event loop: no lock needed
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            finally:
+                self.open_streams -= 1
 
-        def streaming(behavior: Streaming) -> Streaming:
-            async def limited(
-                request: Any, context: aio.ServicerContext[Any, Any]
-            ) -> AsyncIterator[Any]:
-                if self.open_streams >= self._max_streams:
-                    await abort_with(context, TOO_MANY_STREAMS)
-                self.open_streams += 1  # one event loop: no lock needed
-                try:
-                    async for item in behavior(request, context):
-                        yield item
-                finally:
-                    self.open_streams -= 1
-
-            return limited
-
-        return wrap_handler(handler, unary, streaming)
+        return limited

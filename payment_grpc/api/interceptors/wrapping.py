@@ -1,14 +1,23 @@
 """Wrap the behaviour of a grpc.aio method handler: the aio interceptor API only sees
-call details, so interceptors that need the request or the outcome wrap the handler."""
+call details, so interceptors that need the request or the outcome wrap the handler.
+
+`MethodInterceptor` is the shape of all of ours (which methods, then how to wrap their
+handler); `CheckFirst` is the common kind that only checks something before the call
+(and refuses it with a status, or lets it through).
+"""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
 from grpc import aio
+
+from payment_grpc.api.errors import abort_with, status_for
+from payment_grpc.api.methods import is_ours
+from payment_grpc.domain.errors import ReportableError
 
 if TYPE_CHECKING:
     ServerInterceptor = aio.ServerInterceptor[Any, Any]
@@ -21,6 +30,7 @@ else:  # not subscriptable at run time
 
 Unary = Callable[[Any, aio.ServicerContext[Any, Any]], Awaitable[Any]]
 Streaming = Callable[[Any, aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
+B = TypeVar("B", Unary, Streaming)
 
 
 def wrap_handler(
@@ -69,5 +79,64 @@ def _passthrough(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
     return serialized
 
 
-def is_payment_service(method: str) -> bool:
-    return method.startswith("/payments.v1.PaymentService/")
+def unchanged(behavior: B) -> B:
+    """The behaviour as it is (for the kind of call an interceptor leaves alone)."""
+    return behavior
+
+
+class MethodInterceptor(ServerInterceptor):
+    """Wraps the handler of every method it `applies` to (by default our own services'
+    methods, not health or reflection) with `wrap`."""
+
+    def applies(self, details: grpc.HandlerCallDetails) -> bool:
+        return is_ours(details.method)
+
+    def wrap(self, handler: Handler, details: grpc.HandlerCallDetails) -> Handler:
+        raise NotImplementedError
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None or not self.applies(handler_call_details):
+            return handler
+        return self.wrap(handler, handler_call_details)
+
+
+class CheckFirst(MethodInterceptor):
+    """Runs `check` before the handler, for unary and streaming calls alike. It returns
+    the status that refuses the call, or None to let it through; a ReportableError it
+    raises refuses the call through the error table."""
+
+    async def check(
+        self, details: grpc.HandlerCallDetails, context: aio.ServicerContext[Any, Any]
+    ) -> grpc.Status | None:
+        raise NotImplementedError
+
+    def wrap(self, handler: Handler, details: grpc.HandlerCallDetails) -> Handler:
+        async def checked(context: aio.ServicerContext[Any, Any]) -> None:
+            try:
+                refusal = await self.check(details, context)
+            except ReportableError as error:
+                refusal = status_for(error)
+            if refusal is not None:
+                await abort_with(context, refusal)
+
+        def unary(behavior: Unary) -> Unary:
+            async def checked_unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+                await checked(context)
+                return await behavior(request, context)
+
+            return checked_unary
+
+        def streaming(behavior: Streaming) -> Streaming:
+            async def checked_stream(
+                request: Any, context: aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                await checked(context)
+                async for item in behavior(request, context):
+                    yield item
+
+            return checked_stream
+
+        return wrap_handler(handler, unary, streaming)
