@@ -120,11 +120,25 @@ CREATE TABLE IF NOT EXISTS ledger (
 """
 
 
+# Follow-ups and views look charges up by reference and by payment id.
+_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS ledger_reference ON ledger (reference)",
+    "CREATE INDEX IF NOT EXISTS ledger_payment_id ON ledger (payment_id)",
+)
+
+
 async def _open_ledger(path: str) -> aiosqlite.Connection:
     db = await aiosqlite.connect(path, timeout=30, isolation_level=None)
     try:
-        await (await db.execute("PRAGMA journal_mode=WAL")).close()
-        await (await db.execute(_SCHEMA)).close()
+        await db.execute_fetchall("PRAGMA journal_mode=WAL")
+        # Under WAL, NORMAL syncs at checkpoints rather than at every commit: a power cut may
+        # lose the last writes of a simulator, never corrupt its ledger.
+        await db.execute_fetchall("PRAGMA synchronous=NORMAL")
+        await db.execute_fetchall(_SCHEMA)
+        columns = {row[1] for row in await db.execute_fetchall("PRAGMA table_info(ledger)")}
+        if {"reference", "payment_id"} <= columns:  # a ledger of another shape is left as it is
+            for index in _INDEXES:
+                await db.execute_fetchall(index)
         db.row_factory = aiosqlite.Row
     except BaseException:
         await db.close()
@@ -204,22 +218,17 @@ class SimulatorEngine:
         async with self._using:
             with _ledger_errors(writing=False):
                 db = await self._ledger()
-                async with db.execute(sql, parameters) as cursor:
-                    return list(await cursor.fetchall())
+                return list(await db.execute_fetchall(sql, parameters))
 
-    async def _write(self, sql: str, parameters: tuple[Any, ...]) -> None:
+    async def _write(self, sql: str, parameters: dict[str, Any]) -> int:
+        """One statement, in autocommit: atomic on its own, and it asks for the write lock
+        as it starts (no read snapshot to go stale), so sqlite's busy timeout covers another
+        replica's writer. Returns the number of rows it changed."""
         async with self._using:
             with _ledger_errors(writing=True):
                 db = await self._ledger()
-                # IMMEDIATE takes the write lock up front, so sqlite's busy timeout covers
-                # another replica's writer instead of failing on a stale read snapshot.
-                await db.execute("BEGIN IMMEDIATE")
-                try:
-                    await db.execute(sql, parameters)
-                except BaseException:
-                    await db.rollback()
-                    raise
-                await db.commit()
+                async with db.execute(sql, parameters) as cursor:
+                    return cursor.rowcount
 
     def on_settled(self, listener: SettlementListener) -> None:
         self._listener = listener
@@ -251,9 +260,11 @@ class SimulatorEngine:
         if stored is not None:
             return await self._settled(stored)
         authorization, settle_at, lost = self._decide(request)
-        await self._record(request, authorization, settle_at)
-        stored = await self._find(request.idempotency_key)
-        assert stored is not None
+        stored = _authorization_row(request, authorization, settle_at)
+        if not await self._record(stored):
+            # A concurrent duplicate (another process, same key) recorded its own first.
+            stored = await self._find(request.idempotency_key)
+            assert stored is not None
         if lost:
             raise GatewayTimeout("simulated network error: the response was lost")
         result = await self._settled(stored)
@@ -418,59 +429,44 @@ class SimulatorEngine:
         rows = await self._query("SELECT * FROM ledger WHERE key = ?", (key,))
         return dict(rows[0]) if rows else None
 
-    async def _record(
-        self,
-        request: AuthorizationRequest,
-        authorization: Authorization,
-        settle_at: datetime | None,
-    ) -> None:
-        """INSERT OR IGNORE: a concurrent duplicate (another process, same key) keeps the first."""
-        amount = request.amount
-        await self._write(
-            "INSERT OR IGNORE INTO ledger (key, kind, payment_id, reference, amount_minor,"
-            " currency, result, settle_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                request.idempotency_key,
-                "authorize",
-                request.payment_id,
-                authorization.reference,
-                amount.amount_minor,
-                amount.currency,
-                _encode(authorization),
-                settle_at.isoformat() if settle_at else None,
-                datetime.now(UTC).isoformat(),
-            ),
-        )
+    async def _record(self, row: dict[str, Any]) -> bool:
+        """INSERT OR IGNORE: a concurrent duplicate (another process, same key) keeps the
+        first. Whether this row is the one recorded."""
+        return await self._write(_INSERT_AUTHORIZATION, row) == 1
 
     async def _follow_up(
         self, kind: str, reference: str, amount: Money | None, key: str
     ) -> GatewayResult:
         await self.latency()
         stored = await self._find(key)
-        if stored is None:
-            await self._decide_follow_up(kind, reference, amount, key)
-            stored = await self._find(key)
-            assert stored is not None
+        if stored is not None:
+            return _result(json.loads(stored["result"]))
+        decided = await self._decide_follow_up(kind, reference, amount, key)
+        if decided is not None:
+            return decided
+        stored = await self._find(key)  # a concurrent duplicate recorded its answer first
+        assert stored is not None
         return _result(json.loads(stored["result"]))
 
     async def _decide_follow_up(
         self, kind: str, reference: str, amount: Money | None, key: str
-    ) -> None:
+    ) -> GatewayResult | None:
         """Check the charge's state and record the answer in one write transaction, so two
-        refunds racing from two replicas can never take more than was captured."""
+        refunds racing from two replicas can never take more than was captured. The answer,
+        or None when a concurrent call with the same key recorded one first."""
         async with self._using:
             with _ledger_errors(writing=True):
                 db = await self._ledger()
                 await db.execute("BEGIN IMMEDIATE")
                 try:
-                    async with db.execute(
+                    rows = await db.execute_fetchall(
                         "SELECT kind, result, amount_minor FROM ledger"
                         " WHERE reference = ? OR payment_id = ?",
                         (reference, reference),
-                    ) as cursor:
-                        found = [(r[0], json.loads(r[1]), r[2]) for r in await cursor.fetchall()]
+                    )
+                    found = [(r[0], json.loads(r[1]), r[2]) for r in rows]
                     result = _follow_up_result(kind, found, amount)
-                    await db.execute(
+                    cursor = await db.execute(
                         "INSERT OR IGNORE INTO ledger (key, kind, payment_id, reference,"
                         " amount_minor, currency, result, settle_at, created_at)"
                         " VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?)",
@@ -485,10 +481,13 @@ class SimulatorEngine:
                             datetime.now(UTC).isoformat(),
                         ),
                     )
+                    inserted = cursor.rowcount == 1
+                    await cursor.close()
                 except BaseException:
                     await db.rollback()
                     raise
                 await db.commit()
+        return result if inserted else None
 
     async def authorization_count(self) -> int:
         """Authorizations that reached the gateway (for tests and benchmarks)."""
@@ -547,6 +546,30 @@ def _charge_status(rows: list[tuple[str, dict[str, Any]]]) -> str:
     if auth["outcome"] == "AUTHORIZED":
         return "AUTHORIZED_CAPTURED" if "capture" in kinds else "AUTHORIZED"
     return str(auth["outcome"])
+
+
+_INSERT_AUTHORIZATION = (
+    "INSERT OR IGNORE INTO ledger (key, kind, payment_id, reference, amount_minor, currency,"
+    " result, settle_at, created_at) VALUES (:key, :kind, :payment_id, :reference,"
+    " :amount_minor, :currency, :result, :settle_at, :created_at)"
+)
+
+
+def _authorization_row(
+    request: AuthorizationRequest, authorization: Authorization, settle_at: datetime | None
+) -> dict[str, Any]:
+    """The ledger row of an authorization, as a read of it returns it."""
+    return {
+        "key": request.idempotency_key,
+        "kind": "authorize",
+        "payment_id": request.payment_id,
+        "reference": authorization.reference,
+        "amount_minor": request.amount.amount_minor,
+        "currency": request.amount.currency,
+        "result": _encode(authorization),
+        "settle_at": settle_at.isoformat() if settle_at else None,
+        "created_at": datetime.now(UTC).isoformat(),
+    }
 
 
 def _encode(authorization: Authorization) -> str:
