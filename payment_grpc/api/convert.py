@@ -12,6 +12,7 @@ from payments.v1 import resources_pb2 as pb
 
 from payment_grpc.domain.money import Money
 from payment_grpc.domain.payment import (
+    CancellationReason,
     CaptureMethod,
     Failure,
     Payment,
@@ -37,6 +38,11 @@ METHOD_TYPE_TO_PB = _enum_map("PAYMENT_METHOD_TYPE_", PaymentMethodType, pb.Paym
 REFUND_STATUS_TO_PB = _enum_map("REFUND_STATUS_", RefundStatus, pb.RefundStatus)
 REASON_TO_PB = _enum_map("REFUND_REASON_", RefundReason, pb.RefundReason)
 REASON_FROM_PB = {v: k for k, v in REASON_TO_PB.items()}
+CANCELLATION_TO_PB = _enum_map("CANCELLATION_REASON_", CancellationReason, pb.CancellationReason)
+
+
+def cancellation_to_pb(reason: CancellationReason | None) -> pb.CancellationReason.ValueType:
+    return CANCELLATION_TO_PB[reason] if reason else pb.CANCELLATION_REASON_UNSPECIFIED
 
 
 def money_to_pb(money: Money) -> pb.Money:
@@ -142,6 +148,7 @@ def payment_to_pb(p: Payment) -> pb.Payment:
         update_time=timestamp(p.updated_at),
         metadata=dict(p.metadata),
         description=p.description,
+        cancellation_reason=cancellation_to_pb(p.cancellation_reason),
     )
 
 
@@ -169,6 +176,7 @@ def event_to_pb(e: PaymentEvent) -> pb.PaymentStatusEvent:
         refunded_amount=money_to_pb(e.refunded),
         failure=failure_to_pb(e.failure),
         event_time=timestamp(e.occurred_at),
+        cancellation_reason=cancellation_to_pb(e.cancellation_reason),
     )
 
 

@@ -27,6 +27,7 @@ def as_of(payment: Payment, event: PaymentEvent) -> Payment:
         captured_minor=event.captured.amount_minor,
         refunded_minor=event.refunded.amount_minor,
         failure=event.failure,
+        cancellation_reason=event.cancellation_reason,
         sequence=event.sequence,
         updated_at=event.occurred_at,
     )

@@ -61,6 +61,12 @@ RESOLVED_MANUALLY = "resolved_manually"
 INACTIVE_STATUSES = frozenset({S.FAILED, S.CANCELED})
 
 
+class CancellationReason(enum.StrEnum):
+    REQUESTED = "REQUESTED"  # a caller's CancelPayment
+    EXPIRED = "EXPIRED"  # held longer than AUTHORIZATION_HOLD_HOURS; voided by the service
+    RESOLVED_MANUALLY = "RESOLVED_MANUALLY"  # an operator (AdminService.ResolvePayment)
+
+
 class CaptureMethod(enum.StrEnum):
     AUTOMATIC = "AUTOMATIC"
     MANUAL = "MANUAL"
@@ -124,6 +130,7 @@ class PaymentEvent:
     trace_id: str
     occurred_at: datetime
     reason: str = ""  # why, for changes made by hand (ResolvePayment)
+    cancellation_reason: CancellationReason | None = None  # on a change that left it CANCELED
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +148,7 @@ class Payment:
     refunded_minor: int = 0
     card: CardDetails | None = None
     failure: Failure | None = None
+    cancellation_reason: CancellationReason | None = None  # set exactly when CANCELED
     gateway_reference: str = ""
     sequence: int = 1
     description: str = ""
@@ -184,9 +192,12 @@ class Payment:
         at: datetime,
         **changes: object,
     ) -> tuple[Payment, PaymentEvent]:
-        """Move to `to`, applying `changes`; raises IllegalTransition if the table forbids it."""
+        """Move to `to`, applying `changes`; raises IllegalTransition if the table forbids it.
+        A cancel states its reason; unstated, it is the caller's (REQUESTED)."""
         if to not in TRANSITIONS[self.status]:
             raise IllegalTransition(action, self.status.value)
+        if to is S.CANCELED:
+            changes.setdefault("cancellation_reason", CancellationReason.REQUESTED)
         moved = replace(self, status=to, sequence=self.sequence + 1, updated_at=at, **changes)  # type: ignore[arg-type]
         moved.check_invariants()
         return moved, moved._event(self.status, actor, trace_id, at)
@@ -210,6 +221,8 @@ class Payment:
             changes["captured_minor"] = self.amount.amount_minor
         if to is S.FAILED:
             changes["failure"] = Failure(RESOLVED_MANUALLY, "settled by an operator")
+        if to is S.CANCELED:
+            changes["cancellation_reason"] = CancellationReason.RESOLVED_MANUALLY
         moved, event = self.transition(
             to, action="resolve", actor=actor, trace_id=trace_id, at=at, **changes
         )
@@ -235,6 +248,8 @@ class Payment:
             raise AssertionError("PARTIALLY_REFUNDED needs 0 < refunded < captured")
         if self.status not in CAPTURED_STATUSES and self.captured_minor:
             raise AssertionError(f"{self.status} cannot hold a captured amount")
+        if (self.status is S.CANCELED) != (self.cancellation_reason is not None):
+            raise AssertionError("a cancellation reason is set exactly when CANCELED")
 
     def require(self, action: str, *allowed: PaymentStatus) -> None:
         if self.status not in allowed:
@@ -285,6 +300,7 @@ class Payment:
             captured=self.captured,
             refunded=self.refunded,
             failure=self.failure,
+            cancellation_reason=self.cancellation_reason,
             actor=actor,
             trace_id=trace_id,
             occurred_at=at,

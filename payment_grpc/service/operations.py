@@ -15,7 +15,13 @@ from dataclasses import replace
 
 from payment_grpc.domain.errors import GatewayRejected, OperationInProgress
 from payment_grpc.domain.money import Money
-from payment_grpc.domain.payment import CAPTURED_STATUSES, Failure, Payment, PaymentStatus
+from payment_grpc.domain.payment import (
+    CAPTURED_STATUSES,
+    CancellationReason,
+    Failure,
+    Payment,
+    PaymentStatus,
+)
 from payment_grpc.domain.refund import Refund, RefundReason, RefundStatus
 from payment_grpc.service.changes import (
     NO_CHANGE,
@@ -66,7 +72,18 @@ def claimed_operation(claim: str) -> str:
     return claim.split(":")[0]
 
 
+# The recovery worker's void of an expired authorization claims "cancel:expired", so a
+# crash between its claim and its record still ends with the reason EXPIRED.
+EXPIRY_CLAIM = f"{CANCEL}:expired"
+# Kept in `failure` too (clients older than Payment.cancellation_reason read it there).
 EXPIRED = Failure("EXPIRED", "the authorization hold expired before capture")
+
+
+def cancel_changes(claim: str) -> dict[str, object]:
+    """What a successful void under `claim` records beside the status."""
+    if claim == EXPIRY_CLAIM:
+        return {"cancellation_reason": CancellationReason.EXPIRED, "failure": EXPIRED}
+    return {"cancellation_reason": CancellationReason.REQUESTED}
 
 
 class Operations:
@@ -143,25 +160,33 @@ class Operations:
             current.require(CANCEL, PaymentStatus.PENDING, PaymentStatus.AUTHORIZED)
             if current.status is not PaymentStatus.PENDING:
                 raise OperationInProgress(current.payment_id, CANCEL)  # moved on meanwhile
-            return moved(current, PaymentStatus.CANCELED, action=CANCEL, ctx=ctx, at=now)
+            return moved(
+                current,
+                PaymentStatus.CANCELED,
+                action=CANCEL,
+                ctx=ctx,
+                at=now,
+                cancellation_reason=CancellationReason.REQUESTED,
+            )
 
         return await self._changes.decide(
             payment_reader(payment.payment_id), Snapshot(payment), decide, checkpoint, fault=""
         )
 
     async def finish_cancel(
-        self,
-        claimed: Payment,
-        ctx: RequestContext,
-        checkpoint: Checkpoint | None = None,
-        reason: Failure | None = None,
+        self, claimed: Payment, ctx: RequestContext, checkpoint: Checkpoint | None = None
     ) -> Payment:
+        """Void under the claim (a caller's cancel, or an expiry) and record the outcome."""
         call = self._deps.gateway.void(claimed.gateway_reference, void_key(claimed.payment_id))
         result = await self._call(CANCEL, claimed, call)
         self._deps.faults.hit("cancel.after_gateway")
-        changes = {"failure": reason} if reason is not None else {}
         return await self._settle_claim(
-            claimed, result, PaymentStatus.CANCELED, ctx, checkpoint or no_checkpoint(), **changes
+            claimed,
+            result,
+            PaymentStatus.CANCELED,
+            ctx,
+            checkpoint or no_checkpoint(),
+            **cancel_changes(claimed.in_flight),
         )
 
     async def expire(self, payment_id: str, ctx: RequestContext) -> Payment:
@@ -170,10 +195,10 @@ class Operations:
             payment = await tx.payments.get(payment_id, for_update=True)
             if payment.status is not PaymentStatus.AUTHORIZED or payment.in_flight:
                 return payment  # captured, canceled or claimed meanwhile
-            claimed = payment.claim(CANCEL)
+            claimed = payment.claim(EXPIRY_CLAIM)
             await tx.payments.save(payment, claimed, [])
             await tx.commit()
-        return await self.finish_cancel(claimed, ctx, reason=EXPIRED)
+        return await self.finish_cancel(claimed, ctx)
 
     # ------------------------------------------------------------ shared
 

@@ -29,6 +29,7 @@ from payment_grpc.service.operations import (
     CANCEL,
     CAPTURE,
     Operations,
+    claimed_operation,
     outcome_of_released_claim,
 )
 from payment_grpc.service.ports import (
@@ -163,7 +164,7 @@ class Recovery:
         ]
 
     async def _payment(self, payment: Payment) -> bool:
-        if payment.in_flight == CANCEL:
+        if claimed_operation(payment.in_flight) == CANCEL:
             await self._operations.finish_cancel(payment, SYSTEM)
         elif payment.in_flight:
             await self._operations.finish_capture(payment, SYSTEM)

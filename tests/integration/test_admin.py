@@ -126,6 +126,16 @@ async def test_an_authorized_payment_can_be_canceled_by_hand(
     assert reply.payment.status == pb.PAYMENT_STATUS_CANCELED
 
 
+async def test_a_cancel_by_hand_has_the_reason_resolved_manually(
+    stub: PaymentStub, admin_stub: AdminStub
+) -> None:
+    charged = await stub.Charge(charge_request(manual=True))
+    reply = await admin_stub.ResolvePayment(
+        resolve(charged.payment.payment_id, pb.PAYMENT_STATUS_CANCELED, "customer called")
+    )
+    assert reply.payment.cancellation_reason == pb.CANCELLATION_REASON_RESOLVED_MANUALLY
+
+
 async def test_only_transitions_the_state_machine_allows(
     stub: PaymentStub, admin_stub: AdminStub, app: Application
 ) -> None:

@@ -132,6 +132,38 @@ PAYMENT_METHOD_TYPE_COD: PaymentMethodType.ValueType  # 6
 """Cash on delivery: authorized now, captured on delivery."""
 Global___PaymentMethodType: _TypeAlias = PaymentMethodType  # noqa: Y015
 
+class _CancellationReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CancellationReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CancellationReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CANCELLATION_REASON_UNSPECIFIED: _CancellationReason.ValueType  # 0
+    """Not canceled."""
+    CANCELLATION_REASON_REQUESTED: _CancellationReason.ValueType  # 1
+    """A caller canceled it (CancelPayment)."""
+    CANCELLATION_REASON_EXPIRED: _CancellationReason.ValueType  # 2
+    """The authorization was held longer than AUTHORIZATION_HOLD_HOURS without a capture: the
+    service voided it at the gateway.
+    """
+    CANCELLATION_REASON_RESOLVED_MANUALLY: _CancellationReason.ValueType  # 3
+    """An operator settled it by hand (AdminService.ResolvePayment)."""
+
+class CancellationReason(_CancellationReason, metaclass=_CancellationReasonEnumTypeWrapper):
+    """Why a payment was canceled."""
+
+CANCELLATION_REASON_UNSPECIFIED: CancellationReason.ValueType  # 0
+"""Not canceled."""
+CANCELLATION_REASON_REQUESTED: CancellationReason.ValueType  # 1
+"""A caller canceled it (CancelPayment)."""
+CANCELLATION_REASON_EXPIRED: CancellationReason.ValueType  # 2
+"""The authorization was held longer than AUTHORIZATION_HOLD_HOURS without a capture: the
+service voided it at the gateway.
+"""
+CANCELLATION_REASON_RESOLVED_MANUALLY: CancellationReason.ValueType  # 3
+"""An operator settled it by hand (AdminService.ResolvePayment)."""
+Global___CancellationReason: _TypeAlias = CancellationReason  # noqa: Y015
+
 class _RefundStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -543,6 +575,7 @@ class Payment(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    CANCELLATION_REASON_FIELD_NUMBER: _builtins.int
     payment_id: _builtins.str
     """Server-assigned id, "pay_" + 32 hex characters."""
     order_id: _builtins.str
@@ -559,6 +592,8 @@ class Payment(_message.Message):
     """Sequence number of the last change (the last payment event); starts at 1."""
     description: _builtins.str
     """Free-text description given at charge time."""
+    cancellation_reason: Global___CancellationReason.ValueType
+    """Why it was canceled; set only when status is CANCELED."""
     @_builtins.property
     def amount(self) -> Global___Money:
         """Amount requested (and authorized, when authorized)."""
@@ -577,7 +612,10 @@ class Payment(_message.Message):
 
     @_builtins.property
     def failure(self) -> Global___PaymentFailure:
-        """Why it failed; set only when status is FAILED."""
+        """Why it failed; set when status is FAILED. An authorization that expired before capture
+        is CANCELED with code "EXPIRED" here too (kept for clients older than
+        cancellation_reason, which is the field to read).
+        """
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -610,10 +648,11 @@ class Payment(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         description: _builtins.str = ...,
+        cancellation_reason: Global___CancellationReason.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "captured_amount", b"captured_amount", "create_time", b"create_time", "failure", b"failure", "payment_method", b"payment_method", "refunded_amount", b"refunded_amount", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "capture_method", b"capture_method", "captured_amount", b"captured_amount", "create_time", b"create_time", "customer_id", b"customer_id", "description", b"description", "failure", b"failure", "gateway_reference", b"gateway_reference", "metadata", b"metadata", "order_id", b"order_id", "payment_id", b"payment_id", "payment_method", b"payment_method", "refunded_amount", b"refunded_amount", "sequence", b"sequence", "status", b"status", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "cancellation_reason", b"cancellation_reason", "capture_method", b"capture_method", "captured_amount", b"captured_amount", "create_time", b"create_time", "customer_id", b"customer_id", "description", b"description", "failure", b"failure", "gateway_reference", b"gateway_reference", "metadata", b"metadata", "order_id", b"order_id", "payment_id", b"payment_id", "payment_method", b"payment_method", "refunded_amount", b"refunded_amount", "sequence", b"sequence", "status", b"status", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -690,6 +729,7 @@ class PaymentStatusEvent(_message.Message):
     REFUNDED_AMOUNT_FIELD_NUMBER: _builtins.int
     FAILURE_FIELD_NUMBER: _builtins.int
     EVENT_TIME_FIELD_NUMBER: _builtins.int
+    CANCELLATION_REASON_FIELD_NUMBER: _builtins.int
     payment_id: _builtins.str
     """The payment that changed."""
     sequence: _builtins.int
@@ -698,6 +738,8 @@ class PaymentStatusEvent(_message.Message):
     """Status before the change (UNSPECIFIED for the creation event)."""
     status: Global___PaymentStatus.ValueType
     """Status after the change."""
+    cancellation_reason: Global___CancellationReason.ValueType
+    """Why the payment was canceled, when the change left it CANCELED."""
     @_builtins.property
     def amount(self) -> Global___Money:
         """Amount of the payment."""
@@ -730,10 +772,11 @@ class PaymentStatusEvent(_message.Message):
         refunded_amount: Global___Money | None = ...,
         failure: Global___PaymentFailure | None = ...,
         event_time: _timestamp_pb2.Timestamp | None = ...,
+        cancellation_reason: Global___CancellationReason.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "captured_amount", b"captured_amount", "event_time", b"event_time", "failure", b"failure", "refunded_amount", b"refunded_amount"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "captured_amount", b"captured_amount", "event_time", b"event_time", "failure", b"failure", "payment_id", b"payment_id", "previous_status", b"previous_status", "refunded_amount", b"refunded_amount", "sequence", b"sequence", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "cancellation_reason", b"cancellation_reason", "captured_amount", b"captured_amount", "event_time", b"event_time", "failure", b"failure", "payment_id", b"payment_id", "previous_status", b"previous_status", "refunded_amount", b"refunded_amount", "sequence", b"sequence", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -11,6 +11,7 @@ from sqlalchemy.engine import RowMapping
 from payment_grpc.adapters.db.crypto import FieldCipher
 from payment_grpc.domain.money import Money
 from payment_grpc.domain.payment import (
+    CancellationReason,
     CaptureMethod,
     CardDetails,
     Failure,
@@ -29,6 +30,11 @@ def _failure_columns(failure: Failure | None) -> dict[str, Any]:
         "failure_decline_code": failure.decline_code if failure else None,
         "failure_message": failure.message if failure else None,
     }
+
+
+def _cancellation_reason(row: RowMapping) -> CancellationReason | None:
+    reason = row["cancellation_reason"]
+    return CancellationReason(reason) if reason is not None else None
 
 
 def _failure(row: RowMapping) -> Failure | None:
@@ -85,6 +91,7 @@ def _plain_columns(p: Payment) -> dict[str, Any]:
         "card_exp_month": card.exp_month if card else None,
         "card_exp_year": card.exp_year if card else None,
         **_failure_columns(p.failure),
+        "cancellation_reason": p.cancellation_reason.value if p.cancellation_reason else None,
         "gateway_reference": p.gateway_reference,
         "sequence": p.sequence,
         "in_flight": p.in_flight,
@@ -142,6 +149,7 @@ def row_to_payment(row: RowMapping, cipher: FieldCipher) -> Payment:
         refunded_minor=row["refunded_minor"],
         card=card,
         failure=_failure(row),
+        cancellation_reason=_cancellation_reason(row),
         gateway_reference=row["gateway_reference"],
         sequence=row["sequence"],
         description=row["description"],
@@ -167,6 +175,7 @@ def event_to_row(e: PaymentEvent) -> dict[str, Any]:
         "trace_id": e.trace_id,
         "occurred_at": e.occurred_at,
         "reason": e.reason or None,
+        "cancellation_reason": e.cancellation_reason.value if e.cancellation_reason else None,
     }
 
 
@@ -185,6 +194,7 @@ def row_to_event(row: RowMapping) -> PaymentEvent:
         trace_id=row["trace_id"],
         occurred_at=row["occurred_at"],
         reason=row["reason"] or "",
+        cancellation_reason=_cancellation_reason(row),
     )
 
 

@@ -63,6 +63,7 @@ payments = sa.Table(
     sa.Column("failure_code", sa.String(64)),
     sa.Column("failure_decline_code", sa.String(64)),
     sa.Column("failure_message", sa.String(500)),
+    sa.Column("cancellation_reason", sa.String(32)),  # set exactly when CANCELED
     sa.Column("gateway_reference", sa.String(128), nullable=False),
     sa.Column("sequence", sa.BigInteger, nullable=False),
     sa.Column("in_flight", sa.String(64), nullable=False),
@@ -112,6 +113,7 @@ payment_events = sa.Table(
     sa.Column("trace_id", sa.String(32), nullable=False),
     sa.Column("occurred_at", UtcDateTime, nullable=False),
     sa.Column("reason", sa.String(500)),  # changes made by hand (ResolvePayment)
+    sa.Column("cancellation_reason", sa.String(32)),  # on changes that left it CANCELED
 )
 
 refunds = sa.Table(
