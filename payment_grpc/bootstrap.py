@@ -24,7 +24,6 @@ from payment_grpc.adapters.bus.memory import InProcessStatusBus
 from payment_grpc.adapters.bus.postgres import PostgresStatusBus
 from payment_grpc.adapters.clients.auth_client import AuthServiceClient, AuthServiceVerifier
 from payment_grpc.adapters.clients.order_client import OrderNotificationSink, OrderServiceClient
-from payment_grpc.adapters.clients.resilience import CallPolicy
 from payment_grpc.adapters.clock import SystemClock
 from payment_grpc.adapters.db.crypto import FieldCipher, generated_key
 from payment_grpc.adapters.db.engine import SqlUnitOfWorkFactory, Timeouts, make_engine
@@ -33,7 +32,7 @@ from payment_grpc.adapters.db.feed import SqlPaymentFeed
 from payment_grpc.adapters.db.health import DatabaseProbe
 from payment_grpc.adapters.db.outbox import OutboxWriter, SqlOutboxStore
 from payment_grpc.adapters.faults import KillAtFaultPoint, NoFaults
-from payment_grpc.adapters.gateways.guarded import GuardedGateway, GuardPolicy
+from payment_grpc.adapters.gateways.guarded import GuardedGateway
 from payment_grpc.adapters.gateways.instrumented import InstrumentedGateway
 from payment_grpc.adapters.gateways.simulated import (
     FailureMix,
@@ -42,6 +41,7 @@ from payment_grpc.adapters.gateways.simulated import (
 )
 from payment_grpc.adapters.gateways.stripe.client import StripeConfig, StripeGateway
 from payment_grpc.adapters.gateways.stripe.webhook import StripeWebhookListener
+from payment_grpc.adapters.resilience import CallPolicy
 from payment_grpc.api.admin_servicer import AdminServicer
 from payment_grpc.api.events import encode_event
 from payment_grpc.api.interceptors.auth import AuthInterceptor
@@ -175,10 +175,11 @@ class Application:
 
 def build_gateway(settings: Settings, news: GatewayNews) -> GatewayAdapter:
     if settings.gateway.kind == "stripe":
-        policy = GuardPolicy(
+        policy = CallPolicy(
+            timeout_s=None,  # the Stripe client's own (STRIPE_TIMEOUT_SECONDS)
             attempts=settings.gateway.retry_attempts,
-            failures=settings.gateway.breaker_failures,
-            open_seconds=settings.gateway.breaker_open_seconds,
+            breaker_threshold=settings.gateway.breaker_failures,
+            breaker_reset_s=settings.gateway.breaker_open_seconds,
         )
         return GuardedGateway(build_stripe_gateway(settings), policy)
     ledger = settings.ledger_path()

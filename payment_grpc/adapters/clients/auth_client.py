@@ -1,7 +1,7 @@
 """The auth service (protos/auth/v1): token introspection on top of local checks, and the
 public keys for RS256/ES256 tokens (`AuthServiceClient.signing_keys`).
 
-Calls go through the shared resilience piece (adapters/clients/resilience.py): a deadline
+Calls go through the shared resilience piece (adapters/resilience.py): a deadline
 on every attempt (never past the incoming call's), retries of UNAVAILABLE and
 DEADLINE_EXCEEDED only, and the auth service's own circuit breaker. Answers are cached
 per token until min(exp, TTL). If the service cannot answer and nothing is cached, the
@@ -23,7 +23,7 @@ from auth.v1 import auth_service_pb2, auth_service_pb2_grpc
 from grpc import aio
 
 from payment_grpc.adapters.auth.jwt_verifier import CUSTOMER_SCOPES
-from payment_grpc.adapters.clients.resilience import (
+from payment_grpc.adapters.resilience import (
     CallPolicy,
     CircuitOpen,
     Collaborator,
@@ -75,7 +75,10 @@ class AuthServiceClient:
         return reply.jwks_json
 
     async def _call(
-        self, attempt: Callable[[float], Awaitable[Reply]], *, refused: frozenset[grpc.StatusCode]
+        self,
+        attempt: Callable[[float | None], Awaitable[Reply]],
+        *,
+        refused: frozenset[grpc.StatusCode],
     ) -> Reply:
         try:
             return await self._service.call(attempt)

@@ -14,7 +14,7 @@ from grpc import aio
 from orders.v1 import order_service_pb2, order_service_pb2_grpc
 from payments.v1 import events_pb2
 
-from payment_grpc.adapters.clients.resilience import (
+from payment_grpc.adapters.resilience import (
     CallPolicy,
     CircuitOpen,
     Collaborator,
