@@ -11,8 +11,9 @@ engine events count what reaches the database:
 - transactions: COMMITs and ROLLBACKs; SAVEPOINTs separately;
 - round trips (PostgreSQL): statements (SAVEPOINT / RELEASE and BEGIN, which psycopg sends
   on its own, included; psycopg pipelines an executemany: one) + COMMIT / ROLLBACK + the
-  pool's pre-ping of each checkout (an empty query) + NOTIFYs (the status bus's own
-  connection). `COUNT_LOG_STATEMENTS=1` logs every statement in PostgreSQL's log to check;
+  pool's pre-ping of each checkout (an empty query) when `pool_pre_ping` is on + the
+  status bus's pg_notify statements (its own connection; `notifies`);
+  `COUNT_LOG_STATEMENTS=1` has PostgreSQL log every statement, to check;
 - the simulated gateway's ledger (its own SQLite file): statements and COMMITs.
 
 `cpu ms/call` is this process's CPU time (server and the one client) per call: with one
@@ -66,8 +67,8 @@ class Tally:
     commits: int = 0
     rollbacks: int = 0
     savepoints: int = 0  # SAVEPOINT + RELEASE / ROLLBACK TO
-    checkouts: int = 0  # PostgreSQL: one pre-ping each
-    notifies: int = 0
+    pings: int = 0  # PostgreSQL with pool_pre_ping: a query per checkout
+    notifies: int = 0  # pg_notify statements the status bus sent
     ledger_statements: Counter[str] = field(default_factory=Counter)
     ledger_commits: int = 0
     cpu_s: float = 0.0
@@ -78,7 +79,7 @@ class Tally:
             self.commits,
             self.rollbacks,
             self.savepoints,
-            self.checkouts,
+            self.pings,
             self.notifies,
             Counter(self.ledger_statements),
             self.ledger_commits,
@@ -91,7 +92,7 @@ class Tally:
             self.commits - other.commits,
             self.rollbacks - other.rollbacks,
             self.savepoints - other.savepoints,
-            self.checkouts - other.checkouts,
+            self.pings - other.pings,
             self.notifies - other.notifies,
             self.ledger_statements - other.ledger_statements,
             self.ledger_commits - other.ledger_commits,
@@ -143,19 +144,28 @@ def _watch(app: Application, tally: Tally) -> None:
     def _release(_conn: Any, _name: Any, _ctx: Any) -> None:
         tally.savepoints += 1
 
-    if postgres:
+    if postgres and engine.pool._pre_ping:
 
         @sa.event.listens_for(engine, "checkout")
         def _checkout(*_args: Any) -> None:
-            tally.checkouts += 1
+            tally.pings += 1
 
-    publish = app.bus.publish
 
-    async def counted_publish(payment_id: str, sequence: int) -> None:
-        tally.notifies += 1
-        await publish(payment_id, sequence)
+@contextlib.contextmanager
+def _notifies_counted(tally: Tally) -> Any:
+    """Counts the status bus's pg_notify statements (its own psycopg connection)."""
+    original = psycopg.AsyncConnection.execute
 
-    app.bus.publish = counted_publish  # type: ignore[method-assign]
+    async def execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        if "pg_notify" in str(query):
+            tally.notifies += 1
+        return await original(self, query, *args, **kwargs)
+
+    psycopg.AsyncConnection.execute = execute  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        psycopg.AsyncConnection.execute = original  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
@@ -324,7 +334,7 @@ async def _measure(url: str, workdir: pathlib.Path, scenario: str, calls: int) -
     auth: Metadata = (("authorization", f"Bearer {token}"),)
     prepare, call = SCENARIOS[scenario]
     tally = Tally()
-    with _ledger_traced(tally):
+    with _ledger_traced(tally), _notifies_counted(tally):
         async with _running(_settings(url, workdir, jwt_secret)) as app:
             _watch(app, tally)
             async with aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
@@ -347,7 +357,7 @@ def _count(db: str, scenario: str, calls: int, verbose: bool) -> dict[str, objec
     statements = sum(tally.statements.values())
     transactions = tally.commits + tally.rollbacks
     round_trips = (
-        statements + transactions + tally.checkouts + tally.notifies if db == "postgresql" else None
+        statements + transactions + tally.pings + tally.notifies if db == "postgresql" else None
     )
     row: dict[str, object] = {
         "db": db,
@@ -356,7 +366,7 @@ def _count(db: str, scenario: str, calls: int, verbose: bool) -> dict[str, objec
         "statements": statements * per,
         "savepoints": tally.savepoints * per,
         "round_trips": None if round_trips is None else round_trips * per,
-        "pool_checkouts": tally.checkouts * per,
+        "pings": tally.pings * per,
         "notifies": tally.notifies * per,
         "ledger_statements": sum(tally.ledger_statements.values()) * per,
         "ledger_commits": tally.ledger_commits * per,
@@ -385,7 +395,7 @@ COLUMNS = (
     "statements",
     "savepoints",
     "round_trips",
-    "pool_checkouts",
+    "pings",
     "notifies",
     "ledger_statements",
     "ledger_commits",

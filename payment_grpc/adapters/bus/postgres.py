@@ -4,6 +4,10 @@ A committed change is announced with NOTIFY (payload "payment_id:sequence"); eve
 replica LISTENs on one connection and wakes its own watchers of that payment, which then
 read the events from `payment_events`. A notification lost while the listener reconnects
 costs nothing: after reconnecting it wakes every local watcher to re-read the table.
+
+Publishing never waits for PostgreSQL: local watchers are woken at once, and the NOTIFYs
+queue up for one sender task, which sends whatever has queued meanwhile in one statement
+(a busy server sends many per round trip instead of one round trip per event, in turn).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from payment_grpc.service.ports import Subscription
 log = logging.getLogger(__name__)
 CHANNEL = "payment_status"
 RECONNECT_DELAY_S = 1.0
+CLOSE_SEND_TIMEOUT_S = 5.0
+_NOTIFY_ALL = "SELECT pg_notify(%s, payload) FROM unnest(%s::text[]) AS payload"
 
 
 def libpq_dsn(sqlalchemy_url: str) -> str:
@@ -36,7 +42,8 @@ class PostgresStatusBus:
         self._dsn = libpq_dsn(sqlalchemy_url)
         self._local = InProcessStatusBus()
         self._publisher: psycopg.AsyncConnection[object] | None = None
-        self._publish_lock = asyncio.Lock()
+        self._queued: list[str] = []  # payloads waiting for the sender
+        self._sender: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
 
@@ -45,6 +52,10 @@ class PostgresStatusBus:
         await self._listening.wait()
 
     async def close(self) -> None:
+        if self._sender is not None:  # what was published before close still goes out
+            _done, late = await asyncio.wait([self._sender], timeout=CLOSE_SEND_TIMEOUT_S)
+            for task in late:  # PostgreSQL is gone: the other replicas poll
+                task.cancel()
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -54,18 +65,22 @@ class PostgresStatusBus:
 
     async def publish(self, payment_id: str, sequence: int) -> None:
         self._local.wake(payment_id)
-        async with self._publish_lock:
+        self._queued.append(f"{payment_id}:{sequence}")
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send_queued())
+
+    async def _send_queued(self) -> None:
+        while self._queued:
+            payloads, self._queued = self._queued, []
             try:
                 if self._publisher is None or self._publisher.closed:
                     self._publisher = await psycopg.AsyncConnection.connect(
                         self._dsn, autocommit=True
                     )
-                await self._publisher.execute(
-                    "SELECT pg_notify(%s, %s)", (CHANNEL, f"{payment_id}:{sequence}")
-                )
+                await self._publisher.execute(_NOTIFY_ALL, (CHANNEL, payloads))
             except psycopg.Error as exc:
-                # The change is committed; other replicas' watchers catch up on reconnect.
-                log.warning("NOTIFY failed for %s: %s", payment_id, exc)
+                # The changes are committed; other replicas' watchers catch up on reconnect.
+                log.warning("NOTIFY failed for %d changes: %s", len(payloads), exc)
                 self._publisher = None
 
     @asynccontextmanager

@@ -7,14 +7,16 @@ way SELECT ... FOR UPDATE makes them on PostgreSQL.
 
 from __future__ import annotations
 
+import select
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -50,14 +52,31 @@ def is_sqlite(url: str) -> bool:
 def make_engine(url: str, pool_size: int = 10, timeouts: Timeouts = Timeouts()) -> AsyncEngine:
     if is_sqlite(url):
         return _sqlite_engine(url, timeouts)
-    return create_async_engine(
+    engine = create_async_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
         pool_timeout=timeouts.pool,
         connect_args={"options": postgres_options(timeouts)},
     )
+    sa.event.listen(engine.sync_engine, "checkout", _still_connected)
+    return engine
+
+
+def _still_connected(_dbapi_connection: Any, _record: Any, proxy: Any) -> None:
+    """The pool's pre-ping without a round trip: a pooled connection that is idle has
+    nothing to read, so a readable socket means the server closed it or sent an error (a
+    restart, an idle timeout, a proxy gone): SQLAlchemy drops it and connects anew. A
+    pre-ping query (`pool_pre_ping`) cost one round trip per transaction."""
+    conn = proxy.driver_connection
+    if conn.closed or conn.broken:
+        raise DisconnectionError("the connection is closed")
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError, psycopg.Error) as exc:
+        raise DisconnectionError("the connection's socket is gone") from exc
+    if readable:
+        raise DisconnectionError("the server hung up on an idle connection")
 
 
 def postgres_options(timeouts: Timeouts) -> str:

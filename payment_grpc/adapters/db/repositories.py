@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from payment_grpc.adapters.db.crypto import FieldCipher
@@ -37,7 +37,12 @@ _INACTIVE = [s.value for s in INACTIVE_STATUSES]
 # Hot-path statements are built once and executed with parameters: building one per call
 # (`.values(row)`, `== value`) cost more CPU than the round trip to the database.
 # Bind names start with `b_` so they never clash with the column names being SET.
-_INSERT_PAYMENT = payments.insert()
+# A new payment whose order already has an active one (the partial unique index) is not
+# inserted: no row comes back, instead of an error that would need a SAVEPOINT around it.
+_INSERT_PAYMENT = {
+    name: dialect.insert(payments).on_conflict_do_nothing().returning(payments.c.id)
+    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
+}
 _SELECT_PAYMENT = sa.select(payments).where(payments.c.id == sa.bindparam("b_id"))
 _LOCK_PAYMENT = _SELECT_PAYMENT.with_for_update()
 _UPDATE_PAYMENT = payments.update().where(
@@ -73,14 +78,13 @@ class SqlPaymentRepository:
         self.changed: Written = [] if changed is None else changed
 
     async def add(self, payment: Payment, events: Sequence[PaymentEvent]) -> None:
-        try:
-            async with self._conn.begin_nested():
-                await self._conn.execute(_INSERT_PAYMENT, payment_to_row(payment, self._cipher))
-        except IntegrityError as exc:
+        insert = _INSERT_PAYMENT[self._conn.dialect.name]
+        row = payment_to_row(payment, self._cipher)
+        if (await self._conn.execute(insert, row)).first() is None:
             existing = await self.active_for_order(payment.order_id)
-            if existing is None:
-                raise
-            raise ActivePaymentExists(payment.order_id, existing.payment_id) from exc
+            if existing is None:  # the other one became inactive meanwhile: decide again
+                raise ConcurrentModification(f"order {payment.order_id} changed concurrently")
+            raise ActivePaymentExists(payment.order_id, existing.payment_id)
         await self._insert_events(events)
         self.changed.append((payment, events))
 
