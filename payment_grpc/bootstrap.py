@@ -129,7 +129,11 @@ class Application:
             await adapter.start()
         await self.server.start()
         if self.webhooks is not None:
-            await self.webhooks.start(self.settings.server.host, self.settings.stripe.webhook_port)
+            await self.webhooks.start(
+                self.settings.server.host,
+                self.settings.stripe.webhook_port,
+                reuse_port=self.settings.server.workers != 1,  # as the gRPC port
+            )
         self._recovery_task = asyncio.create_task(
             self.recovery.run_forever(self.settings.recovery.interval_seconds)
         )

@@ -186,8 +186,10 @@ def transcoder(hcm: dict[str, Any]) -> dict[str, Any]:
     raise KeyError("grpc_json_transcoder filter")
 
 
-def cluster_endpoint(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    (cluster,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "payment_grpc"]
+def cluster_endpoint(
+    config: dict[str, Any], name: str = "payment_grpc"
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    (cluster,) = [c for c in config["static_resources"]["clusters"] if c["name"] == name]
     socket = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
     return cluster, socket["address"]["socket_address"]
 
@@ -243,6 +245,9 @@ def envoy_consistency(report: Report) -> None:
     _, local_addr = cluster_endpoint(local)
     if (local_addr["address"], local_addr["port_value"]) != ("127.0.0.1", 8009):
         problems.append("envoy.local.yaml cluster is not 127.0.0.1:8009")
+    _, local_hook = cluster_endpoint(local, WEBHOOK_CLUSTER)
+    if (local_hook["address"], local_hook["port_value"]) != ("127.0.0.1", 8010):
+        problems.append(f"envoy.local.yaml {WEBHOOK_CLUSTER} is not 127.0.0.1:8010")
     report.problems(
         "envoy.yaml ~ envoy.local.yaml",
         problems,
@@ -272,6 +277,8 @@ REQUIRED_TRANSCODER = {
 REQUIRED_RETRY_ON = {"connect-failure", "refused-stream", "reset"}
 CORS_FILTER = "envoy.filters.http.cors"
 JSON_BODY_HEADER = "x-http-json-body"
+WEBHOOK_PATH = "/v1/webhooks/stripe"
+WEBHOOK_CLUSTER = "payment_grpc_webhooks"
 
 
 def without_cors(route_config: dict[str, Any]) -> dict[str, Any]:
@@ -299,6 +306,7 @@ def edge_hardening(hcm: dict[str, Any], name: str) -> list[str]:
     wanted = [f'headers():remove("{JSON_BODY_HEADER}")', f'headers():add("{JSON_BODY_HEADER}"']
     if not all(part in source for part in wanted) or "pcall(" not in source:
         problems.append(f"{name}: lua filter does not replace {JSON_BODY_HEADER}")
+    problems += webhook_route(hcm, name)
     for host in hcm["route_config"]["virtual_hosts"]:
         for route in host["routes"]:
             retry_on = set(route["route"].get("retry_policy", {}).get("retry_on", "").split(","))
@@ -315,6 +323,30 @@ def edge_hardening(hcm: dict[str, Any], name: str) -> list[str]:
             problems.append(f"{name}: CORS needs an explicit origin allow-list (no wildcard)")
         if cors.get("allow_credentials"):
             problems.append(f"{name}: CORS must not allow credentials (bearer tokens only)")
+    return problems
+
+
+def webhook_route(hcm: dict[str, Any], name: str) -> list[str]:
+    """POST /v1/webhooks/stripe goes, before the catch-all, to the webhook cluster with its
+    body untouched: the lua filter and the transcoder are off on that route."""
+    routes = [r for host in hcm["route_config"]["virtual_hosts"] for r in host["routes"]]
+    found = [i for i, r in enumerate(routes) if r["match"].get("path") == WEBHOOK_PATH]
+    if len(found) != 1:
+        return [f"{name}: no single route for {WEBHOOK_PATH}"]
+    route = routes[found[0]]
+    problems: list[str] = []
+    if route["route"].get("cluster") != WEBHOOK_CLUSTER:
+        problems.append(f"{name}: {WEBHOOK_PATH} does not go to {WEBHOOK_CLUSTER}")
+    methods = [h for h in route["match"].get("headers", []) if h.get("name") == ":method"]
+    if [m.get("string_match") for m in methods] != [{"exact": "POST"}]:
+        problems.append(f"{name}: {WEBHOOK_PATH} route is not POST only")
+    per_filter = route.get("typed_per_filter_config", {})
+    for untouched in ("envoy.filters.http.lua", "envoy.filters.http.grpc_json_transcoder"):
+        if not per_filter.get(untouched, {}).get("disabled"):
+            problems.append(f"{name}: {untouched} not disabled on {WEBHOOK_PATH}")
+    catch_all = [i for i, r in enumerate(routes) if r["match"].get("prefix") == "/"]
+    if catch_all and catch_all[0] < found[0]:
+        problems.append(f"{name}: the catch-all route comes before {WEBHOOK_PATH}")
     return problems
 
 
@@ -417,6 +449,14 @@ def service_consistency(report: Report, objs: dict[tuple[str, str], Any]) -> Non
     ports = {p["name"]: p["containerPort"] for p in app["ports"]}
     if ports.get("grpc") != port:
         problems.append(f"containerPort grpc {ports.get('grpc')} != PORT {port}")
+    webhook_port = int(settings["WEBHOOK_PORT"])
+    if ports.get("webhooks") != webhook_port:
+        problems.append(f"containerPort webhooks {ports.get('webhooks')} != WEBHOOK_PORT")
+    if settings.get("GATEWAY") == "stripe":
+        env = {e["name"] for e in app.get("env", [])}
+        missing = {"STRIPE_API_KEY", "STRIPE_WEBHOOK_SECRET"} - env
+        if missing:
+            problems.append(f"GATEWAY=stripe without {sorted(missing)} from the Secret")
     expected_probes = {"startupProbe": "", "livenessProbe": "", "readinessProbe": SERVICE_NAME}
     for probe, service in expected_probes.items():
         grpc = app.get(probe, {}).get("grpc")
@@ -439,13 +479,21 @@ def service_consistency(report: Report, objs: dict[tuple[str, str], Any]) -> Non
         if not selector.items() <= labels.items():
             problems.append(f"{kind}/{name} selector does not select the pods")
         if kind == "Service":
-            (svc_port,) = obj["spec"]["ports"]
-            if (svc_port["name"], svc_port["port"], svc_port.get("appProtocol")) != (
-                "grpc",
+            svc_ports = {p["name"]: p for p in obj["spec"]["ports"]}
+            if set(svc_ports) != {"grpc", "webhooks"}:
+                problems.append(f"Service/{name} ports {sorted(svc_ports)} != grpc, webhooks")
+            svc_port = svc_ports.get("grpc", {})
+            if (svc_port.get("port"), svc_port.get("appProtocol")) != (
                 port,
                 "grpc",
-            ) or svc_port["targetPort"] not in ("grpc", port):
+            ) or svc_port.get("targetPort") not in ("grpc", port):
                 problems.append(f"Service/{name} port is not grpc/{port}/appProtocol grpc")
+            hook = svc_ports.get("webhooks", {})
+            if (hook.get("port"), hook.get("appProtocol")) != (
+                webhook_port,
+                "http",
+            ) or hook.get("targetPort") not in ("webhooks", webhook_port):
+                problems.append(f"Service/{name} port is not webhooks/{webhook_port}/http")
     if dep["spec"]["selector"]["matchLabels"].items() > labels.items():
         problems.append("Deployment selector does not match its pod labels")
     hpa = objs[("HorizontalPodAutoscaler", "payment-grpc")]["spec"]
@@ -464,6 +512,12 @@ def service_consistency(report: Report, objs: dict[tuple[str, str], Any]) -> Non
         port,
     ):
         problems.append("envoy.yaml cluster is not the payment-grpc-headless Service")
+    _, hook_addr = cluster_endpoint(yaml.safe_load(ENVOY_YAML.read_text()), WEBHOOK_CLUSTER)
+    if (hook_addr["address"], hook_addr["port_value"]) != (
+        f"payment-grpc-headless.{NAMESPACE}.svc.cluster.local",
+        webhook_port,
+    ):
+        problems.append(f"envoy.yaml {WEBHOOK_CLUSTER} is not payment-grpc-headless:WEBHOOK_PORT")
     # One image for the server, the migration Job and the descriptor-set init container.
     images = {
         c["image"]
@@ -507,7 +561,8 @@ def service_consistency(report: Report, objs: dict[tuple[str, str], Any]) -> Non
     report.problems(
         "k8s cross-references",
         problems,
-        f"PORT {port} = containerPort = probes = Services; grace"
+        f"PORT {port} = containerPort = probes = Services; WEBHOOK_PORT {webhook_port} ="
+        " containerPort = Services = Envoy's webhook cluster; grace"
         f" {spec['terminationGracePeriodSeconds']}s > {grace}s; selectors, HPA target, image,"
         " secret keys, namespace agree",
     )

@@ -146,12 +146,15 @@ async def _stop(process: asyncio.subprocess.Process) -> None:
 
 @contextlib.asynccontextmanager
 async def envoy_gateway(
-    upstream_ports: int | Sequence[int], tmp_path: pathlib.Path
+    upstream_ports: int | Sequence[int],
+    tmp_path: pathlib.Path,
+    webhook_ports: Sequence[int] = (),
 ) -> AsyncIterator[Gateway]:
+    """`webhook_ports`: the services' webhook listeners (none: a free port nobody serves)."""
     config = tmp_path / "envoy.local.yaml"
     listener_port = free_port()
     ports = [upstream_ports] if isinstance(upstream_ports, int) else list(upstream_ports)
-    config.write_text(render_config(listener_port, ports))
+    config.write_text(render_config(listener_port, ports, list(webhook_ports) or [free_port()]))
     gateway = Gateway(listener_port, tmp_path / "envoy.log")
     with gateway.log_path.open("wb") as log:
         process = await asyncio.create_subprocess_exec(

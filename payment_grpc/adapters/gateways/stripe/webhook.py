@@ -42,12 +42,14 @@ class StripeWebhookListener:
         self._runner: web.AppRunner | None = None
         self.port = 0
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+        """`reuse_port`: sibling worker processes (WORKERS > 1) share the port, as they
+        share the gRPC port."""
         app = web.Application(client_max_size=512 * 1024)
         app.router.add_post(PATH, self.handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, host, port).start()
+        await web.TCPSite(self._runner, host, port, reuse_port=reuse_port or None).start()
         self.port = int(self._runner.addresses[0][1])
         log.info("stripe webhooks listening", extra={"port": self.port, "path": PATH})
         return self.port
