@@ -62,6 +62,10 @@ def configure_logging(level: str, fmt: str) -> None:
     logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
     logging.getLogger("aiosqlite").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # The Stripe SDK and httpx log every HTTP request at INFO (three lines per gateway
+    # call); our gateway spans, metrics and errors already say what matters.
+    for chatty in ("stripe", "httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     logging.getLogger("psycopg").addFilter(_expected_cancellation)
 
 

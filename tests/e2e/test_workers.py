@@ -186,3 +186,41 @@ def test_sqlite_refuses_more_than_one_worker(tmp_path: pathlib.Path) -> None:
         " watchers on one worker would miss the others' changes (set WORKERS=1)"
     ]
     assert not (tmp_path / "payments.db").exists()  # refused before anything was created
+
+
+WEBHOOKS_LISTENING = re.compile(r"stripe webhooks listening port=(\d+)")
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_two_workers_share_the_webhook_port_too(
+    database_url: str, tmp_path: pathlib.Path
+) -> None:
+    """GATEWAY=stripe with a webhook secret: each worker opens the webhook listener on
+    WEBHOOK_PORT (SO_REUSEPORT, like the gRPC port); before, the second worker died on
+    'address already in use'."""
+    from tests.stripe_sim import API_KEY, WEBHOOK_SECRET, running_simulator
+
+    hooks = free_port()
+    async with running_simulator(tmp_path) as sim:
+        env = server_env(
+            database_url,
+            tmp_path,
+            PORT=str(free_port()),
+            WORKERS="2",
+            GATEWAY="stripe",
+            STRIPE_API_KEY=API_KEY,
+            STRIPE_API_BASE=sim.base_url,
+            STRIPE_WEBHOOK_SECRET=WEBHOOK_SECRET,
+            WEBHOOK_PORT=str(hooks),
+        )
+        server = ServerProcess(env, cwd=tmp_path)
+        try:
+            await server.start()
+            while len(WORKER_LISTENING.findall(server.log)) < 2:
+                await server.wait_for_line(WORKER_LISTENING)
+            assert WEBHOOKS_LISTENING.findall(server.log) == [str(hooks)] * 2, server.log
+            server.sigterm()
+            assert await asyncio.wait_for(server.wait(), 60) == 0
+            assert "Traceback" not in server.log, server.log
+        finally:
+            server.kill()

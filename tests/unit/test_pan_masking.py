@@ -298,3 +298,23 @@ def test_metadata_keys_and_values_carry_the_rule() -> None:
 def test_an_idempotency_key_holding_a_card_number_is_refused(key: str) -> None:
     with pytest.raises(InvalidIdempotencyKey):
         valid_key(key)
+
+
+def test_the_http_client_libraries_log_only_warnings() -> None:
+    """The Stripe SDK and httpx would log three INFO lines per gateway call."""
+    from payment_grpc.logging_setup import configure_logging
+
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    try:
+        configure_logging("INFO", "json")
+        quiet = [
+            name
+            for name in ("stripe", "httpx", "httpcore")
+            if not logging.getLogger(name).isEnabledFor(logging.INFO)
+        ]
+        assert logging.getLogger("payment_grpc.anything").isEnabledFor(logging.INFO)
+    finally:
+        root.handlers[:] = saved
+        root.setLevel(level)
+    assert quiet == ["stripe", "httpx", "httpcore"]
