@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -81,6 +80,7 @@ from payment_grpc.service.queries import Queries
 from payment_grpc.service.recovery import Recovery
 from payment_grpc.service.saga import CheckoutSaga
 from payment_grpc.service.settlements import Settlements
+from payment_grpc.tasks import stop_task
 from payment_grpc.telemetry.client import tracing_interceptors
 from payment_grpc.telemetry.metrics import watch_pool
 from payment_grpc.telemetry.tracing import trace_database
@@ -156,14 +156,8 @@ class Application:
             self.settings.server.shutdown_grace_seconds,
             self.settings.server.shutdown_drain_seconds,
         )
-        if self._recovery_task is not None:
-            self._recovery_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._recovery_task
-        if self._relay_task is not None:
-            self._relay_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._relay_task
+        await stop_task(self._recovery_task)
+        await stop_task(self._relay_task)
         if self.relay is not None:
             await self.relay.close_sinks()
         for adapter in reversed(self._adapters()):

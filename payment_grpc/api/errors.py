@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from typing import Any, NoReturn
+from collections.abc import Callable, Iterable
+from typing import Any, NoReturn, ParamSpec
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -17,6 +17,7 @@ from payment_grpc.service import errors as s
 from payment_grpc.service import ports as gateway
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
 
 DOMAIN = "payments.v1"
 
@@ -64,22 +65,6 @@ def _pack(message: object) -> any_pb2.Any:
     return packed
 
 
-def build_status(
-    code: grpc.StatusCode,
-    message: str,
-    reason: str,
-    metadata: dict[str, str] | None = None,
-    *,
-    retry_after_s: float | None = None,
-    violations: Iterable[tuple[str, str]] = (),
-) -> grpc.Status:
-    return rpc_status.to_status(
-        build_status_proto(
-            code, message, reason, metadata, retry_after_s=retry_after_s, violations=violations
-        )
-    )
-
-
 def build_status_proto(
     code: grpc.StatusCode,
     message: str,
@@ -102,6 +87,17 @@ def build_status_proto(
         delay.FromMilliseconds(int(retry_after_s * 1000))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     return status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
+
+
+def _as_status(build: Callable[P, status_pb2.Status]) -> Callable[P, grpc.Status]:
+    def built(*args: P.args, **kwargs: P.kwargs) -> grpc.Status:
+        return rpc_status.to_status(build(*args, **kwargs))
+
+    return built
+
+
+# The same, as the grpc.Status that abort_with sends.
+build_status = _as_status(build_status_proto)
 
 
 _resolved: dict[type[e.ReportableError], tuple[grpc.StatusCode, float | None]] = {}

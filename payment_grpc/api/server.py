@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -20,6 +19,7 @@ from payment_grpc.api.interceptors.wrapping import ServerInterceptor
 from payment_grpc.api.methods import ADMIN_SERVICE_NAME, SERVICE_NAME
 from payment_grpc.api.servicer import PaymentServicer
 from payment_grpc.api.streams import StreamDrain
+from payment_grpc.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +144,7 @@ class PaymentServer:
         balancers and Envoy see the change and move traffic away); then refuse new calls,
         end open streams with UNAVAILABLE and let in-flight calls finish within
         `grace_s`. Liveness stays SERVING until the process exits."""
-        if self._monitor is not None:
-            self._monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._monitor
+        await stop_task(self._monitor)
         await self._set_readiness(False)
         if drain_s > 0:
             log.info("readiness NOT_SERVING; still accepting calls for %ss", drain_s)

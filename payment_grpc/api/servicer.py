@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from typing import Any, Generic, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -24,13 +24,29 @@ from payment_grpc.api.responses import (
 from payment_grpc.api.streams import with_heartbeats
 from payment_grpc.domain.refund import RefundReason
 from payment_grpc.service.charging import Charging
+from payment_grpc.service.context import RequestContext
 from payment_grpc.service.feed import ChangeFeed
 from payment_grpc.service.operations import Operations
-from payment_grpc.service.queries import Queries, SizeLimit
+from payment_grpc.service.queries import Page, Queries, SizeLimit
 
 Context = aio.ServicerContext[Any, Any]
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
+W = TypeVar("W")
+# A list query of Queries: (filter, page size, page token, caller, size limit) -> page.
+ListQuery = Callable[[W, int, str, RequestContext, SizeLimit[T]], Awaitable[Page[T]]]
+
+
+class PageRequest(Protocol):
+    """What every list request carries (AIP-158)."""
+
+    @property
+    def page_size(self) -> int: ...
+
+    @property
+    def page_token(self) -> str: ...
+
+
 # Room in a list response for next_page_token and each item's field tag and length.
 PAGE_ENVELOPE_BYTES = 4 * 1024
 ITEM_FRAMING_BYTES = 6
@@ -88,6 +104,21 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
         self._cuts = asyncio.Condition()
         self._page_bytes = max_message_bytes - PAGE_ENVELOPE_BYTES
 
+    async def _page(
+        self,
+        list_page: ListQuery[W, T],
+        where: W,
+        request: PageRequest,
+        context: Context,
+        to_pb: Callable[[T], M],
+    ) -> tuple[list[M], str]:
+        """One page of a list RPC: its messages (each converted once) and next token."""
+        listed = _PagedItems(to_pb, self._page_bytes)
+        page = await list_page(
+            where, request.page_size, request.page_token, request_context(context), listed.limit
+        )
+        return [listed.message(item) for item in page.items], page.next_page_token
+
     async def Charge(self, request: api.ChargeRequest, context: Context) -> api.ChargeResponse:
         keyed = keyed_execution()
         payment = await self._charging.charge(
@@ -136,18 +167,11 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
     async def ListPayments(
         self, request: api.ListPaymentsRequest, context: Context
     ) -> api.ListPaymentsResponse:
-        listed = _PagedItems(convert.payment_to_pb, self._page_bytes)
-        page = await self._queries.list_payments(
-            convert.payment_filter(request),
-            request.page_size,
-            request.page_token,
-            request_context(context),
-            listed.limit,
+        where = convert.payment_filter(request)
+        payments, next_token = await self._page(
+            self._queries.list_payments, where, request, context, convert.payment_to_pb
         )
-        return api.ListPaymentsResponse(
-            payments=[listed.message(p) for p in page.items],
-            next_page_token=page.next_page_token,
-        )
+        return api.ListPaymentsResponse(payments=payments, next_page_token=next_token)
 
     async def GetRefund(
         self, request: api.GetRefundRequest, context: Context
@@ -158,18 +182,10 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
     async def ListRefunds(
         self, request: api.ListRefundsRequest, context: Context
     ) -> api.ListRefundsResponse:
-        listed = _PagedItems(convert.refund_to_pb, self._page_bytes)
-        page = await self._queries.list_refunds(
-            request.payment_id,
-            request.page_size,
-            request.page_token,
-            request_context(context),
-            listed.limit,
+        refunds, next_token = await self._page(
+            self._queries.list_refunds, request.payment_id, request, context, convert.refund_to_pb
         )
-        return api.ListRefundsResponse(
-            refunds=[listed.message(r) for r in page.items],
-            next_page_token=page.next_page_token,
-        )
+        return api.ListRefundsResponse(refunds=refunds, next_page_token=next_token)
 
     async def WatchPaymentStatus(
         self, request: api.WatchPaymentStatusRequest, context: Context

@@ -15,8 +15,10 @@ class ReportableError(Exception):
 
     reason: str = "ERROR"
     field: str | None = None  # the request field at fault, when there is one
+    default_message: str = ""  # the message of an error that is always told the same way
 
-    def __init__(self, message: str, **metadata: str) -> None:
+    def __init__(self, message: str | None = None, **metadata: str) -> None:
+        message = self.default_message if message is None else message
         super().__init__(message)
         self.message = message
         self.metadata = metadata

@@ -16,9 +16,7 @@ class ServiceError(ReportableError):
 class InvalidPageToken(ServiceError):
     reason = "INVALID_PAGE_TOKEN"
     field = "page_token"
-
-    def __init__(self) -> None:
-        super().__init__("page_token is invalid or does not match the request's filters")
+    default_message = "page_token is invalid or does not match the request's filters"
 
 
 class StorageUnavailable(ServiceError):
@@ -49,35 +47,27 @@ class IdempotencyKeyReused(ServiceError):
     """The key was used before with a different request."""
 
     reason = "IDEMPOTENCY_KEY_REUSED"
-
-    def __init__(self) -> None:
-        super().__init__("this idempotency-key was already used with a different request")
+    default_message = "this idempotency-key was already used with a different request"
 
 
 class IdempotencyKeyInUse(ServiceError):
     """The first request with this key is still running; retry after it finishes."""
 
     reason = "IDEMPOTENCY_KEY_IN_USE"
-
-    def __init__(self) -> None:
-        super().__init__("a request with this idempotency-key is still in progress; retry")
+    default_message = "a request with this idempotency-key is still in progress; retry"
 
 
 class InvalidIdempotencyKey(ServiceError):
     reason = "INVALID_IDEMPOTENCY_KEY"
     field = "idempotency-key"
-
-    def __init__(self) -> None:
-        super().__init__("metadata idempotency-key is required: 1-255 printable ASCII characters")
+    default_message = "metadata idempotency-key is required: 1-255 printable ASCII characters"
 
 
 class Unauthenticated(ServiceError):
     """Deliberately vague: nothing here helps an attacker tell why a token failed."""
 
     reason = "UNAUTHENTICATED"
-
-    def __init__(self) -> None:
-        super().__init__("missing or invalid credentials")
+    default_message = "missing or invalid credentials"
 
 
 class PermissionDenied(ServiceError):
@@ -93,23 +83,17 @@ class AuthUnavailable(ServiceError):
     """The auth service cannot be reached and no cached answer exists: fail closed."""
 
     reason = "AUTH_UNAVAILABLE"
-
-    def __init__(self) -> None:
-        super().__init__("token verification is unavailable; retry")
+    default_message = "token verification is unavailable; retry"
 
 
 class OrderServiceUnavailable(ServiceError):
     """The order service could not answer (down, slow, or its breaker is open); retry."""
 
     reason = "ORDER_SERVICE_UNAVAILABLE"
-
-    def __init__(self) -> None:
-        super().__init__("the order service is unavailable; retry")
+    default_message = "the order service is unavailable; retry"
 
 
 class InvalidCursor(ServiceError):
     reason = "INVALID_CURSOR"
     field = "cursor"
-
-    def __init__(self) -> None:
-        super().__init__("cursor is invalid: pass one a WatchPayments response carried")
+    default_message = "cursor is invalid: pass one a WatchPayments response carried"

@@ -119,14 +119,12 @@ class Operations:
         call = self._deps.gateway.capture(
             claimed.gateway_reference, amount, capture_key(claimed.payment_id)
         )
-        result = await self._call(CAPTURE, claimed, call)
-        self._deps.faults.hit("capture.after_gateway")
         return await self._settle_claim(
             claimed,
-            result,
+            call,
             PaymentStatus.CAPTURED,
             ctx,
-            checkpoint or no_checkpoint(),
+            checkpoint,
             captured_minor=amount.amount_minor,
         )
 
@@ -178,14 +176,12 @@ class Operations:
     ) -> Payment:
         """Void under the claim (a caller's cancel, or an expiry) and record the outcome."""
         call = self._deps.gateway.void(claimed.gateway_reference, void_key(claimed.payment_id))
-        result = await self._call(CANCEL, claimed, call)
-        self._deps.faults.hit("cancel.after_gateway")
         return await self._settle_claim(
             claimed,
-            result,
+            call,
             PaymentStatus.CANCELED,
             ctx,
-            checkpoint or no_checkpoint(),
+            checkpoint,
             **cancel_changes(claimed.in_flight),
         )
 
@@ -226,24 +222,23 @@ class Operations:
             raise outcome
         return outcome
 
-    async def _call(
-        self, operation: str, payment: Payment, call: Awaitable[GatewayResult]
-    ) -> GatewayResult:
-        try:
-            return await call
-        except NO_ANSWER as exc:
-            raise OutcomePending(operation, payment.payment_id) from exc
-
     async def _settle_claim(
         self,
         claimed: Payment,
-        result: GatewayResult,
+        call: Awaitable[GatewayResult],
         to: PaymentStatus,
         ctx: RequestContext,
-        checkpoint: Checkpoint,
+        checkpoint: Checkpoint | None,
         **changes: object,
     ) -> Payment:
+        """The gateway's answer to the claimed capture or void, recorded (no answer:
+        OutcomePending, the claim stays for recovery)."""
         operation = claimed_operation(claimed.in_flight)
+        try:
+            result = await call
+        except NO_ANSWER as exc:
+            raise OutcomePending(operation, claimed.payment_id) from exc
+        self._deps.faults.hit(f"{operation}.after_gateway")
         now = self._deps.clock.now()
 
         def decide(snapshot: Snapshot) -> Decision[Payment]:
@@ -260,7 +255,7 @@ class Operations:
             payment_reader(claimed.payment_id),
             Snapshot(claimed),
             decide,
-            checkpoint,
+            checkpoint or no_checkpoint(),
             fault=f"{operation}.after_commit",
         )
 

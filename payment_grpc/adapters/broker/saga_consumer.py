@@ -14,7 +14,6 @@ that fails is logged and the next one starts after a pause.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from nats.js.api import ConsumerConfig
 from nats.js.errors import NotFoundError
 
 from payment_grpc.service.saga import Verdict
+from payment_grpc.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +129,7 @@ class SagaConsumer:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
         await self._drop_client()
 
     async def _drop_client(self) -> None:

@@ -13,7 +13,6 @@ queue up for one sender task, which sends whatever has queued meanwhile in one s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,6 +22,7 @@ from sqlalchemy.engine import make_url
 
 from payment_grpc.adapters.bus.memory import InProcessStatusBus
 from payment_grpc.service.ports import Subscription
+from payment_grpc.tasks import stop_task
 
 log = logging.getLogger(__name__)
 CHANNEL = "payment_status"
@@ -56,10 +56,7 @@ class PostgresStatusBus:
             _done, late = await asyncio.wait([self._sender], timeout=CLOSE_SEND_TIMEOUT_S)
             for task in late:  # PostgreSQL is gone: the other replicas poll
                 task.cancel()
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+        await stop_task(self._listener)
         if self._publisher is not None:
             await self._publisher.close()
 

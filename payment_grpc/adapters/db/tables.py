@@ -29,6 +29,14 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC)
 
 
+def partial_index(name: str, *columns: str, where: str, unique: bool = False) -> sa.Index:
+    """An index over the rows that match `where`, the same on SQLite and PostgreSQL."""
+    condition = sa.text(where)
+    return sa.Index(
+        name, *columns, unique=unique, sqlite_where=condition, postgresql_where=condition
+    )
+
+
 metadata = sa.MetaData(
     naming_convention={
         "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -80,18 +88,16 @@ payments = sa.Table(
     sa.Index("ix_payments_created", "created_at", "id"),
     sa.Index("ix_payments_order", "order_id"),
     # At most one live payment per order: FAILED and CANCELED free the order again.
-    sa.Index(
+    partial_index(
         "uq_payments_live_order",
         "order_id",
+        where="status NOT IN ('FAILED', 'CANCELED')",
         unique=True,
-        sqlite_where=sa.text("status NOT IN ('FAILED', 'CANCELED')"),
-        postgresql_where=sa.text("status NOT IN ('FAILED', 'CANCELED')"),
     ),
-    sa.Index(
+    partial_index(
         "ix_payments_unfinished",
         "updated_at",
-        sqlite_where=sa.text("status = 'PROCESSING' OR in_flight != ''"),
-        postgresql_where=sa.text("status = 'PROCESSING' OR in_flight != ''"),
+        where="status = 'PROCESSING' OR in_flight != ''",
     ),
 )
 
@@ -131,12 +137,7 @@ refunds = sa.Table(
     sa.Column("updated_at", UtcDateTime, nullable=False),
     sa.CheckConstraint("amount_minor > 0", name="positive"),
     sa.Index("ix_refunds_payment_created", "payment_id", "created_at", "id"),
-    sa.Index(
-        "ix_refunds_pending",
-        "updated_at",
-        sqlite_where=sa.text("status = 'PENDING'"),
-        postgresql_where=sa.text("status = 'PENDING'"),
-    ),
+    partial_index("ix_refunds_pending", "updated_at", where="status = 'PENDING'"),
 )
 
 # Idempotency keys, scoped to (caller, RPC method, key). `recovery_point` advances in the
@@ -161,11 +162,10 @@ idempotency_keys = sa.Table(
     sa.UniqueConstraint("scope", "operation", "key"),
     sa.Index("ix_idempotency_keys_expires", "expires_at"),
     # The recovery worker's scan for abandoned keys: only the few unfinished ones.
-    sa.Index(
+    partial_index(
         "ix_idempotency_keys_unfinished",
         "created_at",
-        postgresql_where=sa.text("recovery_point <> 'FINISHED'"),
-        sqlite_where=sa.text("recovery_point <> 'FINISHED'"),
+        where="recovery_point <> 'FINISHED'",
     ),
 )
 
@@ -205,12 +205,7 @@ outbox = sa.Table(
     sa.Column("delivered_at", UtcDateTime),
     sa.UniqueConstraint("sink", "dedupe_id"),
     # The relay's scan: only rows still to deliver.
-    sa.Index(
-        "ix_outbox_due",
-        "next_attempt_at",
-        postgresql_where=sa.text("state = 'pending'"),
-        sqlite_where=sa.text("state = 'pending'"),
-    ),
+    partial_index("ix_outbox_due", "next_attempt_at", where="state = 'pending'"),
     # Per-payment order: is an earlier event of this payment still undelivered to the sink?
     sa.Index("ix_outbox_sink_payment_sequence", "sink", "payment_id", "sequence"),
 )
