@@ -157,6 +157,36 @@ async def test_valid_replayed_and_out_of_order_events(app: Application, stub: An
     assert await events_of(app, payment.payment_id) == after  # nothing moved backwards
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        {"type": "card_error", "code": "card_declined", "decline_code": "do_not_honor"},
+        {"type": "invalid_request_error", "code": "payment_method_invalid"},  # no decline_code
+        {"type": "api_error"},  # neither code nor message
+    ],
+    ids=["declined", "no-decline-code", "bare"],
+)
+async def test_a_failed_payment_event_fails_the_payment_whatever_its_error_names(
+    app: Application, stub: Any, error: dict[str, Any]
+) -> None:
+    """Stripe leaves out the fields of last_payment_error that do not apply; a failure
+    without a decline_code (an invalid UPI address) must fail the payment, not stay
+    PROCESSING with the event answered 500 forever."""
+    payment = await processing_upi(stub)
+    failed = intent_event(
+        "payment_intent.payment_failed",
+        payment.gateway_reference,
+        payment.payment_id,
+        "requires_payment_method",
+    )
+    failed["data"]["object"]["last_payment_error"] = {"message": "refused", **error}
+    assert await post(app, failed) == (200, {"received": True, "outcome": "applied"})
+    reply = await stub.GetPayment(api.GetPaymentRequest(payment_id=payment.payment_id))
+    assert reply.payment.status == S.PAYMENT_STATUS_FAILED
+    assert reply.payment.failure.code == error.get("code", "payment_failed")
+    assert reply.payment.failure.decline_code == error.get("decline_code", "")
+
+
 async def test_unknown_payment_is_acknowledged(app: Application) -> None:
     event = intent_event("payment_intent.succeeded", "pi_elsewhere", "pay_unknown", "succeeded")
     assert await post(app, event) == (200, {"received": True, "outcome": "unknown payment"})

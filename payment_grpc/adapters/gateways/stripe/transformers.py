@@ -84,8 +84,12 @@ def intent_failure(intent: stripe.PaymentIntent) -> Failure:
     if error is None:
         reason = "payment_intent_canceled" if intent.status == "canceled" else "payment_failed"
         return Failure(reason, f"the payment intent is {intent.status}")
+    # A nested error is a plain StripeObject: Stripe leaves out what does not apply (no
+    # decline_code unless a card was declined), and a missing key raises AttributeError.
     return Failure(
-        str(error.code or "payment_failed"), str(error.message or ""), str(error.decline_code or "")
+        str(getattr(error, "code", None) or "payment_failed"),
+        str(getattr(error, "message", None) or ""),
+        str(getattr(error, "decline_code", None) or ""),
     )
 
 
