@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 import stripe
 from aiohttp import web
@@ -125,3 +126,18 @@ async def test_a_wrong_secret_does_not_verify(tmp_path: pathlib.Path) -> None:
     header = signature_header(payload, "whsec_other")
     with pytest.raises(stripe.SignatureVerificationError):
         stripe.Webhook.construct_event(payload, header, WEBHOOK_SECRET)
+
+
+async def test_faults_queued_over_http_apply_to_the_next_requests_until_cleared(
+    tmp_path: pathlib.Path,
+) -> None:
+    async with running_simulator(tmp_path) as sim, aiohttp.ClientSession() as session:
+        hook = f"{sim.base_url}/_sim/faults"
+        async with session.post(hook, data={"faults": "server_error,rate_limit,rate_limit"}):
+            pass
+        with pytest.raises(stripe.APIError):
+            await client(sim).v1.payment_intents.create_async(params=INTENT)
+        async with session.post(hook, data={"clear": "1"}) as reply:
+            assert await reply.json() == {"queued": [], "cleared": 2}
+        created = await client(sim).v1.payment_intents.create_async(params=INTENT)
+        assert created.status == "succeeded"

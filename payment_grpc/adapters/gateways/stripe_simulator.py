@@ -8,7 +8,8 @@ parameters -> the same stored answer, marked `Idempotent-Replayed: true`; other 
 ledger are the engine's, shared with the in-process simulated gateway.
 
 Test hooks (not Stripe's; under /_sim): POST /_sim/faults queues faults for the next API
-requests (rate_limit, server_error, disconnect_after, slow:MS); POST /_sim/disputes opens a
+requests (rate_limit, server_error, disconnect_after, slow:MS; `clear=1` first drops those
+still queued); POST /_sim/disputes opens a
 dispute on a PaymentIntent (a `charge.dispute.created` webhook, no money moves).
 """
 
@@ -140,6 +141,12 @@ class Faults:
 
     def next(self) -> str:
         return self._queue.popleft() if self._queue else ""
+
+    def clear(self) -> int:
+        """Drop every fault still queued; how many there were."""
+        dropped = len(self._queue)
+        self._queue.clear()
+        return dropped
 
 
 class StripeSimulator:
@@ -357,9 +364,11 @@ class StripeSimulator:
     # ---------------------------------------------------------------- test hooks
 
     async def add_faults(self, request: web.Request) -> web.Response:
-        names = [n for n in str((await request.post()).get("faults", "")).split(",") if n]
+        form = await request.post()
+        cleared = self.faults.clear() if form.get("clear") else 0
+        names = [n for n in str(form.get("faults", "")).split(",") if n]
         self.faults.add(names)
-        return web.json_response({"queued": names})
+        return web.json_response({"queued": names, "cleared": cleared})
 
     async def open_dispute(self, request: web.Request) -> web.Response:
         form = await request.post()
