@@ -25,6 +25,7 @@ from payment_grpc.domain.errors import ReportableError
 from payment_grpc.domain.payment import Payment, PaymentEvent, PaymentStatus
 from payment_grpc.domain.refund import Refund
 from payment_grpc.service.context import RequestContext
+from payment_grpc.service.errors import ConcurrentModification
 from payment_grpc.service.idempotency import Checkpoint, Mark, untouched
 from payment_grpc.service.ports import Faults, UnitOfWork, UnitOfWorkFactory
 
@@ -126,9 +127,23 @@ class Changes:
         in one transaction if the snapshot still holds there; else decide again on the
         state found, so nothing is ever encoded under the write lock."""
         snapshot = known if known is not None else await self._read(read)
+        unread = known is not None  # decided on what the caller knows, not read yet
         while True:
             decision = decide(snapshot)
             answer = checkpoint.answer_for(decision.outcome)
+            if unread and _checked_by_its_write(decision.change, snapshot):
+                # The payment's UPDATE holds only on the version decided on, so it is the
+                # check itself: no read first. Moved meanwhile: read, and decide again.
+                unread = False
+                try:
+                    async with self._uow() as tx:
+                        await self.commit(
+                            tx, decision.change, checkpoint.finishing(answer), fault=fault
+                        )
+                    break
+                except ConcurrentModification:
+                    snapshot = await self._read(read)
+                    continue
             async with self._uow() as tx:
                 current = await read(tx)
                 if snapshot.holds_in(current):
@@ -150,6 +165,17 @@ class Changes:
     async def _read(self, read: Read) -> Snapshot:
         async with self._uow(read_only=True) as tx:
             return await read(tx)
+
+
+def _checked_by_its_write(change: Change, snapshot: Snapshot) -> bool:
+    """The change updates the snapshot's payment and nothing else the decision read: the
+    UPDATE's version condition (sequence, status, claim, reference) checks it all."""
+    return (
+        snapshot.refund is None
+        and change.refund is None
+        and change.payment is not None
+        and change.before is snapshot.payment
+    )
 
 
 def payment_reader(payment_id: str) -> Read:

@@ -45,10 +45,14 @@ _INSERT_PAYMENT = {
 }
 _SELECT_PAYMENT = sa.select(payments).where(payments.c.id == sa.bindparam("b_id"))
 _LOCK_PAYMENT = _SELECT_PAYMENT.with_for_update()
+# Only if the row is still the version the change was decided on (changes.py's Snapshot:
+# sequence, status, claim, reference), so a change can be written without reading first.
 _UPDATE_PAYMENT = payments.update().where(
     payments.c.id == sa.bindparam("b_id"),
     payments.c.sequence == sa.bindparam("b_sequence"),
+    payments.c.status == sa.bindparam("b_status"),
     payments.c.in_flight == sa.bindparam("b_in_flight"),
+    payments.c.gateway_reference == sa.bindparam("b_gateway_reference"),
 )
 _INSERT_EVENT = payment_events.insert()
 _INSERT_REFUND = refunds.insert()
@@ -102,7 +106,9 @@ class SqlPaymentRepository:
                 **payment_changes(before, after, self._cipher),
                 "b_id": before.payment_id,
                 "b_sequence": before.sequence,
+                "b_status": before.status.value,
                 "b_in_flight": before.in_flight,
+                "b_gateway_reference": before.gateway_reference,
             },
         )
         if result.rowcount != 1:

@@ -120,10 +120,7 @@ class MemoryPayments:
 
     async def save(self, before: Payment, after: Payment, events: Sequence[PaymentEvent]) -> None:
         stored = self._t.payments.get(before.payment_id)
-        if stored is None or (stored.sequence, stored.in_flight) != (
-            before.sequence,
-            before.in_flight,
-        ):
+        if stored is None or _version(stored) != _version(before):
             raise ConcurrentModification(f"payment {before.payment_id} changed concurrently")
         self._t.payments[after.payment_id] = after
         self._append(events)
@@ -398,3 +395,8 @@ class FakeGateway:
 
     async def healthy(self) -> bool:
         return True
+
+
+def _version(payment: Payment) -> tuple[object, ...]:
+    """What the SQL UPDATE's condition compares (adapters/db/repositories.py)."""
+    return payment.sequence, payment.status, payment.in_flight, payment.gateway_reference
