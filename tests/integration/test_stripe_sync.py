@@ -91,3 +91,5 @@ async def test_expired_authorization_cancels_the_payment_intent(
         assert await status_of(stub, held.payment_id) == S.PAYMENT_STATUS_CANCELED
         (charge,) = await sim.simulator_engine.charges_of_payment(held.payment_id)
         assert charge.voided
+        reply = await stub.GetPayment(api.GetPaymentRequest(payment_id=held.payment_id))
+        assert reply.payment.cancellation_reason == pb.CANCELLATION_REASON_EXPIRED
