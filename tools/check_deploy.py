@@ -452,11 +452,18 @@ def service_consistency(report: Report, objs: dict[tuple[str, str], Any]) -> Non
     webhook_port = int(settings["WEBHOOK_PORT"])
     if ports.get("webhooks") != webhook_port:
         problems.append(f"containerPort webhooks {ports.get('webhooks')} != WEBHOOK_PORT")
-    if settings.get("GATEWAY") == "stripe":
-        env = {e["name"] for e in app.get("env", [])}
-        missing = {"STRIPE_API_KEY", "STRIPE_WEBHOOK_SECRET"} - env
-        if missing:
-            problems.append(f"GATEWAY=stripe without {sorted(missing)} from the Secret")
+    # Every payment-grpc container (server, migration Job) must pass Settings validation:
+    # GATEWAY=stripe needs STRIPE_API_KEY (and the server its webhook secret).
+    for kind, name in (("Deployment", "payment-grpc"), ("Job", "payment-grpc-migrate")):
+        for c in containers(objs[(kind, name)]):
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            if env.get("GATEWAY", settings.get("GATEWAY")) != "stripe":
+                continue
+            wanted = {"STRIPE_API_KEY"} | (
+                {"STRIPE_WEBHOOK_SECRET"} if kind == "Deployment" else set()
+            )
+            if missing := wanted - set(env):
+                problems.append(f"{kind}/{name}: GATEWAY=stripe without {sorted(missing)}")
     expected_probes = {"startupProbe": "", "livenessProbe": "", "readinessProbe": SERVICE_NAME}
     for probe, service in expected_probes.items():
         grpc = app.get(probe, {}).get("grpc")
