@@ -8,7 +8,8 @@ engine events count what reaches the database:
 
 - statements: every cursor execution (an INSERT of several rows sent as one multi-row
   statement counts once), BEGIN on SQLite included;
-- transactions: COMMITs and ROLLBACKs; SAVEPOINTs separately;
+- transactions: COMMITs and ROLLBACKs (a statement in autocommit mode is not counted);
+  SAVEPOINTs separately;
 - round trips (PostgreSQL): statements (SAVEPOINT / RELEASE and BEGIN, which psycopg sends
   on its own, included; psycopg pipelines an executemany: one) + COMMIT / ROLLBACK + the
   pool's pre-ping of each checkout (an empty query) when `pool_pre_ping` is on + the
@@ -123,18 +124,24 @@ def _watch(app: Application, tally: Tally) -> None:
     def _statement(_c: Any, _cur: Any, statement: str, *_args: Any) -> None:
         tally.statements[_kind(statement)] += 1
 
+    def autocommit(conn: Any) -> bool:  # nothing is sent for BEGIN, COMMIT, ROLLBACK
+        return bool(conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT")
+
     @sa.event.listens_for(engine, "begin")
-    def _begin(_conn: Any) -> None:
-        if postgres:  # SQLite's BEGIN is a statement of its own (engine.py's listener)
+    def _begin(conn: Any) -> None:
+        # SQLite's BEGIN is a statement of its own (engine.py's listener)
+        if postgres and not autocommit(conn):
             tally.statements["BEGIN"] += 1
 
     @sa.event.listens_for(engine, "commit")
-    def _commit(_conn: Any) -> None:
-        tally.commits += 1
+    def _commit(conn: Any) -> None:
+        if not autocommit(conn):
+            tally.commits += 1
 
     @sa.event.listens_for(engine, "rollback")
-    def _rollback(_conn: Any) -> None:
-        tally.rollbacks += 1
+    def _rollback(conn: Any) -> None:
+        if not autocommit(conn):
+            tally.rollbacks += 1
 
     @sa.event.listens_for(engine, "savepoint")
     def _savepoint(_conn: Any, _name: Any) -> None:

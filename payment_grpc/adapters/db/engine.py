@@ -110,9 +110,11 @@ def _sqlite_engine(url: str, timeouts: Timeouts) -> AsyncEngine:
 
 
 async def without_writer_lock(conn: AsyncConnection) -> AsyncConnection:
-    """For a read-only transaction: on SQLite it begins DEFERRED, taking no writer lock."""
+    """For a read-only transaction: on SQLite it begins DEFERRED, taking no writer lock; on
+    PostgreSQL each statement runs on its own (autocommit: no BEGIN and ROLLBACK round
+    trips; under READ COMMITTED every statement had its own snapshot anyway)."""
     if conn.dialect.name != "sqlite":
-        return conn
+        return await conn.execution_options(isolation_level="AUTOCOMMIT")
     return await conn.execution_options(sqlite_begin="DEFERRED")
 
 
