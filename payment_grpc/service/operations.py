@@ -293,7 +293,7 @@ class Operations:
             )
             await self._changes.commit(tx, Change(refund=refund, new_refund=True), reached)
         self._deps.faults.hit("refund.before_gateway")
-        return await self.finish_refund(refund, ctx, checkpoint)
+        return await self.finish_refund(refund, ctx, checkpoint, known=payment)
 
     async def _resume_refund(
         self, refund_id: str, ctx: RequestContext, checkpoint: Checkpoint
@@ -307,10 +307,18 @@ class Operations:
         return refund, payment
 
     async def finish_refund(
-        self, refund: Refund, ctx: RequestContext, checkpoint: Checkpoint | None = None
+        self,
+        refund: Refund,
+        ctx: RequestContext,
+        checkpoint: Checkpoint | None = None,
+        known: Payment | None = None,
     ) -> tuple[Refund, Payment]:
-        async with self._deps.uow(read_only=True) as tx:
-            payment = await tx.payments.get(refund.payment_id)
+        """`known`: the payment as the caller last saw it (read when not given); if it
+        moved meanwhile, recording the outcome reads it again and decides anew."""
+        payment = known
+        if payment is None:
+            async with self._deps.uow(read_only=True) as tx:
+                payment = await tx.payments.get(refund.payment_id)
         try:
             result = await self._deps.gateway.refund(
                 payment.gateway_reference, refund.amount, refund.refund_id
@@ -318,8 +326,8 @@ class Operations:
         except NO_ANSWER:
             return refund, payment  # stays PENDING; a retry or the recovery worker finishes it
         self._deps.faults.hit("refund.after_gateway")
-        known = Snapshot(payment, refund)
-        return await self._record_refund(known, result, ctx, checkpoint or no_checkpoint())
+        snapshot = Snapshot(payment, refund)
+        return await self._record_refund(snapshot, result, ctx, checkpoint or no_checkpoint())
 
     async def _record_refund(
         self, known: Snapshot, result: GatewayResult, ctx: RequestContext, checkpoint: Checkpoint
