@@ -28,6 +28,7 @@ class FakeOrderService(order_service_pb2_grpc.OrderServiceServicer):
     notifications_hanging: bool = False  # hold NotifyPaymentOutcome until released
     refused_notifications: int = 0
     hung_notifications: int = 0
+    hung: list[tuple[str, int]] = field(default_factory=list)  # (payment id, sequence) held
     # (method, the call's `traceparent` metadata or "") of every call, in arrival order
     traceparents: list[tuple[str, str]] = field(default_factory=list)
 
@@ -61,6 +62,7 @@ class FakeOrderService(order_service_pb2_grpc.OrderServiceServicer):
         if self.notifications_hanging:
             async with self.notified:
                 self.hung_notifications += 1
+                self.hung.append((request.payment_id, request.sequence))
                 self.notified.notify_all()
             await self.released.wait()
         if self.notifications_down:

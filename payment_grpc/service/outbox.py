@@ -3,9 +3,12 @@ every sink (order service notifications, the broker), in every replica.
 
 - Claims due rows (at most the earliest undelivered event per payment and sink, so a later
   sequence never overtakes an earlier one) under a lease, delivers them outside any
-  transaction, marks them delivered. A crash leaves them claimed until the lease ends;
-  another replica (or this one restarted) delivers them again: at least once, with a
-  stable dedupe id (`<payment_id>:<sequence>`) the receivers drop repeats by.
+  transaction, marks them delivered. Each delivery runs on its own (at most `batch_size`
+  at once): a slow or hanging sink holds back only its own message and the later events
+  of that payment, never the other payments or sinks; it is given up when its lease ends
+  (the moment another replica may take the row over). A crash leaves them claimed until
+  the lease ends; another replica (or this one restarted) delivers them again: at least
+  once, with a stable dedupe id (`<payment_id>:<sequence>`) the receivers drop repeats by.
 - A failed delivery is due again after exponential backoff with jitter; after
   `max_attempts` it is parked with its last error (`payment-grpc outbox list|retry`).
   A parked event holds back the later events of its payment for that sink.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -126,6 +130,7 @@ class Relay:
         self._wakeup = asyncio.Event()
         self.stats = RelayStats()
         self._progress = asyncio.Condition()
+        self._in_flight: dict[int, asyncio.Task[None]] = {}  # row id -> its delivery
 
     async def wait_until(self, condition: Callable[[RelayStats], bool]) -> None:
         """Return once `condition(stats)` holds (checked after every recorded outcome)."""
@@ -142,24 +147,42 @@ class Relay:
         self._wakeup.set()
 
     async def run_forever(self) -> None:
-        while True:
-            self._wakeup.clear()  # before the pass: a commit during it wakes the next one
-            try:
-                claimed = await self.deliver_due()
-            except Exception:
-                log.exception("outbox relay pass failed")
-                claimed = 0
-            if claimed == 0:
-                await self._idle()
+        try:
+            while True:
+                self._wakeup.clear()  # before the pass: a commit during it wakes the next one
+                try:
+                    claimed = await self.deliver_due()
+                except Exception:
+                    log.exception("outbox relay pass failed")
+                    claimed = 0
+                if claimed == 0:
+                    await self._idle()
+        finally:  # stopped: deliveries under way end; their rows wait for the lease
+            deliveries = list(self._in_flight.values())
+            for delivery in deliveries:
+                delivery.cancel()
+            await asyncio.gather(*deliveries, return_exceptions=True)
 
     async def deliver_due(self) -> int:
-        """One pass: claim due messages, deliver each; returns how many were claimed."""
+        """One pass: claim due messages (as many as there are free delivery slots) and
+        start delivering each; returns how many were claimed. A finished delivery wakes
+        the relay: a slot is free, and the payment's next event may be due."""
+        free = self._policy.batch_size - len(self._in_flight)
+        if free <= 0:
+            return 0
         now = self._clock.now()
         batch = await self._store.claim(
-            self._owner, now, now + self._policy.lease, self._policy.batch_size
+            self._owner, now, now + self._policy.lease, free, exclude=tuple(self._in_flight)
         )
-        await asyncio.gather(*(self._deliver(message) for message in batch))
+        for message in batch:
+            delivery = asyncio.create_task(self._deliver(message))
+            self._in_flight[message.row_id] = delivery
+            delivery.add_done_callback(functools.partial(self._finished, message.row_id))
         return len(batch)
+
+    def _finished(self, row_id: int, _delivery: asyncio.Task[None]) -> None:
+        self._in_flight.pop(row_id, None)
+        self.wake()
 
     async def _idle(self) -> None:
         timeout = self._policy.poll.total_seconds()
@@ -175,7 +198,10 @@ class Relay:
         try:
             if sink is None:
                 raise SinkUnavailable(f"sink {message.sink} is not configured here")
-            await sink.deliver(message)
+            try:
+                await asyncio.wait_for(sink.deliver(message), self._policy.lease.total_seconds())
+            except TimeoutError as exc:
+                raise SinkUnavailable("no answer before the claim's lease ended") from exc
         except Exception as exc:  # any failure of one message is that message's
             await self._failed(message, exc)
             return

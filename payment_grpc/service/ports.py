@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -234,10 +234,16 @@ class EventSink(Protocol):
 
 class OutboxStore(Protocol):
     async def claim(
-        self, owner: str, now: datetime, lease_until: datetime, limit: int
+        self,
+        owner: str,
+        now: datetime,
+        lease_until: datetime,
+        limit: int,
+        exclude: Collection[int] = (),
     ) -> list[OutboxMessage]:
         """Due messages nobody holds, at most one per (sink, payment): the earliest
-        undelivered sequence of each; held by `owner` until `lease_until`."""
+        undelivered sequence of each; held by `owner` until `lease_until`. Never the rows
+        in `exclude` (the caller's deliveries still under way)."""
         ...
 
     async def delivered(self, message: OutboxMessage, now: datetime) -> None: ...

@@ -19,7 +19,8 @@ from payments.v1 import resources_pb2 as pb
 from payment_grpc.adapters.db.tables import outbox, payment_events
 from payment_grpc.bootstrap import Application
 from tests.conftest import make_settings
-from tests.helpers.builders import charge_request, keyed
+from tests.fake_order_service import order_service
+from tests.helpers.builders import charge_request, keyed, order_id
 from tests.helpers.nats import NATS_URL, WAIT_S, own_jetstream, read_all
 from tests.helpers.servers import serving
 
@@ -103,3 +104,35 @@ async def test_events_wait_in_the_outbox_while_the_broker_is_unreachable(
             states = (await conn.execute(sa.select(outbox.c.state, outbox.c.last_error))).all()
     assert {state for state, _ in states} == {"pending"}
     assert all("NATS unreachable" in error for _, error in states if error)
+
+
+async def test_a_hanging_order_service_holds_back_no_other_delivery(
+    database_url: str, tmp_path: pathlib.Path, jetstream
+) -> None:
+    """Each delivery runs on its own: while one notification hangs at the order service,
+    the broker gets every event, including those of payments made afterwards."""
+    js, stream, prefix = jetstream
+    async with order_service() as (fake, port):
+        fake.notifications_hanging = True
+        orders = [fake.add(order_id(), 10_000) for _ in range(2)]
+        settings = make_settings(
+            database_url, tmp_path, nats_url=NATS_URL, nats_stream=stream,
+            nats_subject_prefix=prefix, order_service_addr=f"127.0.0.1:{port}",
+            order_service_timeout_seconds=120, order_service_attempts=1,
+            outbox_lease_seconds=120,
+        )  # fmt: skip
+        async with serving(settings) as (app, stub):
+            assert app.relay is not None
+            first = charge_request(10_000, order_id=orders[0].order_id)
+            await stub.Charge(first, metadata=keyed("h1"))
+            await asyncio.wait_for(fake.wait_until(lambda: fake.hung_notifications >= 1), WAIT_S)
+            second = charge_request(10_000, order_id=orders[1].order_id)
+            await stub.Charge(second, metadata=keyed("h2"))
+            messages = await read_all(js, stream, f"{prefix}.>", 6)  # 3 events x 2 payments
+            assert fake.notifications == []  # the first notification still hangs
+            fake.released.set()
+            fake.notifications_hanging = False
+            await asyncio.wait_for(fake.wait_for_notifications(2), WAIT_S)
+    assert {events_pb2.PaymentEvent.FromString(m.data).payment.order_id for m in messages} == {
+        order.order_id for order in orders
+    }

@@ -48,6 +48,7 @@ async def test_a_charges_trace_reaches_the_order_service_and_the_broker(
     trace_id, caller_span = secrets.token_hex(16), secrets.token_hex(8)
     settings = make_settings(
         database_url, tmp_path, order_service_addr=f"127.0.0.1:{port}", nats_url=NATS_URL,
+        order_service_timeout_seconds=10,  # room for a loaded machine
         nats_stream=stream, nats_subject_prefix=prefix,
     )  # fmt: skip
     async with serving(settings) as (app, stub):
@@ -81,6 +82,7 @@ async def test_an_untraced_call_is_carried_in_the_trace_the_server_started(
     order = fake.add(order_id(), 10_000)
     settings = make_settings(
         database_url, tmp_path, order_service_addr=f"127.0.0.1:{port}", nats_url=NATS_URL,
+        order_service_timeout_seconds=10,  # room for a loaded machine
         nats_stream=stream, nats_subject_prefix=prefix,
     )  # fmt: skip
     async with serving(settings) as (app, stub):

@@ -8,7 +8,7 @@ on SQLite the claiming transaction is BEGIN IMMEDIATE (the single writer).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -111,19 +111,22 @@ class SqlOutboxStore:
         self._row_locks = engine.dialect.name != "sqlite"
 
     async def claim(
-        self, owner: str, now: datetime, lease_until: datetime, limit: int
+        self,
+        owner: str,
+        now: datetime,
+        lease_until: datetime,
+        limit: int,
+        exclude: Collection[int] = (),
     ) -> list[OutboxMessage]:
-        query = (
-            sa.select(*_MESSAGE_COLUMNS)
-            .where(
-                outbox.c.state == PENDING,
-                outbox.c.next_attempt_at <= now,
-                sa.or_(outbox.c.claimed_until.is_(None), outbox.c.claimed_until < now),
-                ~_UNDELIVERED_EARLIER,
-            )
-            .order_by(outbox.c.id)
-            .limit(limit)
-        )
+        where = [
+            outbox.c.state == PENDING,
+            outbox.c.next_attempt_at <= now,
+            sa.or_(outbox.c.claimed_until.is_(None), outbox.c.claimed_until < now),
+            ~_UNDELIVERED_EARLIER,
+        ]
+        if exclude:
+            where.append(outbox.c.id.not_in(list(exclude)))
+        query = sa.select(*_MESSAGE_COLUMNS).where(*where).order_by(outbox.c.id).limit(limit)
         if self._row_locks:
             query = query.with_for_update(skip_locked=True, of=outbox)
         async with self._engine.begin() as conn:
