@@ -190,8 +190,12 @@ class Relay:
         if due is not None:
             until_due = (due - self._clock.now()).total_seconds()
             timeout = min(timeout, max(MIN_IDLE_S, until_due))
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation
+        # that arrives as the wake-up does (a delivery finishing or a commit at shutdown),
+        # and the stopping relay would then run on forever.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wakeup.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._wakeup.wait()
 
     async def _deliver(self, message: OutboxMessage) -> None:
         sink = self._sinks.get(message.sink)
@@ -199,7 +203,8 @@ class Relay:
             if sink is None:
                 raise SinkUnavailable(f"sink {message.sink} is not configured here")
             try:
-                await asyncio.wait_for(sink.deliver(message), self._policy.lease.total_seconds())
+                async with asyncio.timeout(self._policy.lease.total_seconds()):
+                    await sink.deliver(message)
             except TimeoutError as exc:
                 raise SinkUnavailable("no answer before the claim's lease ended") from exc
         except Exception as exc:  # any failure of one message is that message's
