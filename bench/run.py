@@ -27,16 +27,18 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from bench.collaborators import NATS_URL, delete_stream, order_service_stub, outbox_lag
 from bench.scenarios import SCENARIOS, Scenario, ideal_rps
 from bench.server import (
     STOP_TIMEOUT_S,
     RunningServer,
     ServerSecrets,
+    free_port,
     fresh_database,
     machine_busy_seconds,
     running_ceiling,
@@ -99,7 +101,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", choices=PROFILES, default="short")
     parser.add_argument("--db", choices=[*DBS, "both"], help="only runs on this database")
     parser.add_argument(
-        "--scenario", choices=[*SCENARIOS, "all"], help="these runs instead of the profile's"
+        "--scenario",
+        choices=[*SCENARIOS, "all"],
+        action="append",
+        help="these runs instead of the profile's (repeatable)",
     )
     parser.add_argument("--duration", type=float, help="measured seconds (profile's default)")
     parser.add_argument("--warmup", type=float, help="seconds excluded from stats")
@@ -147,7 +152,7 @@ def _runs(args: argparse.Namespace, profile: Profile) -> list[tuple[str, str]]:
         return [("postgresql", "charge")]
     runs = list(profile.runs)
     if args.scenario:
-        scenarios = tuple(SCENARIOS) if args.scenario == "all" else (args.scenario,)
+        scenarios = tuple(SCENARIOS) if "all" in args.scenario else tuple(args.scenario)
         runs = [(db, name) for db in DBS for name in scenarios]
     if args.db and args.db != "both":
         runs = [(db, name) for db, name in runs if db == args.db]
@@ -247,6 +252,27 @@ def _source_env(server_path: pathlib.Path | None) -> dict[str, str]:
     return {"PYTHONPATH": str(server_path.resolve())}
 
 
+@contextlib.contextmanager
+def _collaborators(
+    scenario: Scenario, workdir: pathlib.Path, run_tag: str
+) -> Iterator[dict[str, str]]:
+    """The server settings for the scenario's order service stub and NATS stream."""
+    if not scenario.collaborators:
+        yield {}
+        return
+    stream = f"BENCH_{run_tag}"
+    with order_service_stub(free_port(), workdir) as address:
+        try:
+            yield {
+                "ORDER_SERVICE_ADDR": address,
+                "NATS_URL": NATS_URL,
+                "NATS_STREAM": stream,
+                "NATS_SUBJECT_PREFIX": f"bench{run_tag}.payments.v1",
+            }
+        finally:
+            delete_stream(stream)
+
+
 def run_one(
     info: RunInfo, run_tag: str, scenario: Scenario, server_path: pathlib.Path | None = None
 ) -> Summary:
@@ -255,15 +281,18 @@ def run_one(
         run_secrets = ServerSecrets.generate()
         with (
             fresh_database(info.db, workdir) as url,
+            _collaborators(scenario, workdir, run_tag) as neighbours,
             running_server(
                 url,
                 workdir,
                 run_secrets,
                 workers=info.workers,
-                extra_env=scenario.server_env | _source_env(server_path),
+                extra_env=scenario.server_env | neighbours | _source_env(server_path),
             ) as server,
         ):
             summary = _measure(server, info, run_tag, run_secrets.jwt_secret)
+            if scenario.collaborators:
+                summary.outbox_lag = [lag.line() for lag in outbox_lag(url)]
         summary.server_exit_code = server.exit_code
         summary.server_killed = server.killed
         summary.server_log = server.log_messages()
@@ -309,6 +338,8 @@ def _report_problems(summary: Summary) -> None:
         print(f"  errors during warm-up (not in the row): {warmup_errors}", file=sys.stderr)
     for message, count in summary.error_messages.items():
         print(f"  error x{count}: {message}", file=sys.stderr)
+    for line in summary.outbox_lag:
+        print(f"  {line}", file=sys.stderr)
     for failure in summary.worker_failures:
         print(f"  worker failed: {failure}", file=sys.stderr)
     for message, count in summary.server_log.items():

@@ -61,6 +61,9 @@ class Scenario:
     # False: the ceiling is no yardstick here (a gateway that takes seconds); the row is
     # compared with its own ideal instead (`ideal_rps`).
     ceiling: bool = True
+    # True: an order service (stub process) and NATS JetStream are configured, and the
+    # outbox lag (commit -> sink) is measured after the load (bench/collaborators.py).
+    collaborators: bool = False
 
 
 def charge_request(order_id: str) -> api.ChargeRequest:
@@ -124,6 +127,13 @@ _SLOW = {
 SCENARIOS: dict[str, Scenario] = {
     "charge": Scenario(
         "Charge", unique_charge, "throughput/latency of new charges (unique key and order)"
+    ),
+    "charge-events": Scenario(
+        "Charge",
+        unique_charge,
+        "new charges with an order service (GetOrder per charge, NotifyPaymentOutcome via the"
+        " outbox) and NATS JetStream (every event published); outbox lag commit -> sink",
+        collaborators=True,
     ),
     "get": Scenario(
         "GetPayment",

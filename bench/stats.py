@@ -60,6 +60,8 @@ class Summary:
     server_log: dict[str, int] = field(default_factory=dict)
     server_log_file: str = ""
     worker_failures: list[str] = field(default_factory=list)
+    # charge-events: one line per sink (bench/collaborators.py, OutboxLag.line)
+    outbox_lag: list[str] = field(default_factory=list)
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
