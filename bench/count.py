@@ -13,7 +13,8 @@ engine events count what reaches the database:
 - round trips (PostgreSQL): statements (SAVEPOINT / RELEASE and BEGIN, which psycopg sends
   on its own, included; psycopg pipelines an executemany: one) + COMMIT / ROLLBACK + the
   pool's pre-ping of each checkout (an empty query) when `pool_pre_ping` is on + the
-  status bus's pg_notify statements (its own connection; `notifies`);
+  status bus's pg_notify statements (its own connection; `notifies`), less the
+  statements psycopg pipelines with the COMMIT (the event log's feed rows);
   `COUNT_LOG_STATEMENTS=1` has PostgreSQL log every statement, to check;
 - the simulated gateway's ledger (its own SQLite file): statements and COMMITs.
 
@@ -70,6 +71,7 @@ class Tally:
     savepoints: int = 0  # SAVEPOINT + RELEASE / ROLLBACK TO
     pings: int = 0  # PostgreSQL with pool_pre_ping: a query per checkout
     notifies: int = 0  # pg_notify statements the status bus sent
+    pipelined: int = 0  # statements sent in the round trip of the COMMIT
     ledger_statements: Counter[str] = field(default_factory=Counter)
     ledger_commits: int = 0
     cpu_s: float = 0.0
@@ -82,6 +84,7 @@ class Tally:
             self.savepoints,
             self.pings,
             self.notifies,
+            self.pipelined,
             Counter(self.ledger_statements),
             self.ledger_commits,
             time.process_time(),
@@ -95,6 +98,7 @@ class Tally:
             self.savepoints - other.savepoints,
             self.pings - other.pings,
             self.notifies - other.notifies,
+            self.pipelined - other.pipelined,
             self.ledger_statements - other.ledger_statements,
             self.ledger_commits - other.ledger_commits,
             self.cpu_s - other.cpu_s,
@@ -160,12 +164,16 @@ def _watch(app: Application, tally: Tally) -> None:
 
 @contextlib.contextmanager
 def _notifies_counted(tally: Tally) -> Any:
-    """Counts the status bus's pg_notify statements (its own psycopg connection)."""
+    """Counts the statements sent by psycopg itself, past SQLAlchemy: the status bus's
+    pg_notify (its own connection) and those pipelined with a COMMIT."""
     original = psycopg.AsyncConnection.execute
 
     async def execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
         if "pg_notify" in str(query):
             tally.notifies += 1
+        elif self._pipeline is not None:  # the event log's feed rows, sent with the COMMIT
+            tally.statements[_kind(str(query)) + " (with COMMIT)"] += 1
+            tally.pipelined += 1
         return await original(self, query, *args, **kwargs)
 
     psycopg.AsyncConnection.execute = execute  # type: ignore[method-assign]
@@ -363,8 +371,9 @@ def _count(db: str, scenario: str, calls: int, verbose: bool) -> dict[str, objec
     per = 1 / calls
     statements = sum(tally.statements.values())
     transactions = tally.commits + tally.rollbacks
+    sent_alone = statements - tally.pipelined
     round_trips = (
-        statements + transactions + tally.pings + tally.notifies if db == "postgresql" else None
+        sent_alone + transactions + tally.pings + tally.notifies if db == "postgresql" else None
     )
     row: dict[str, object] = {
         "db": db,

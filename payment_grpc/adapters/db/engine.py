@@ -144,12 +144,13 @@ class SqlUnitOfWork:
 
     async def commit(self) -> None:
         # The one place where what a transaction's events imply is written with them: the
-        # change feed and the transactional outbox rows, before COMMIT.
+        # change feed and the transactional outbox rows, with the COMMIT.
         log = self._event_log
-        wrote_outbox = log is not None and await log.write(
-            self._conn, self._changed, datetime.now(UTC)
-        )
-        await self._conn.commit()
+        wrote_outbox = False
+        if log is None:
+            await self._conn.commit()
+        else:
+            wrote_outbox = await log.write_and_commit(self._conn, self._changed, datetime.now(UTC))
         self.committed = True
         count_committed(self.payments.changed, self.refunds.changed)
         for action in self._on_commit:
