@@ -140,9 +140,10 @@ class CheckoutSaga:
         # No payment was made, so no payment event says so: the checkout learns it from
         # its own timeout (README, "Saga participation").
         log.warning(
-            "inventory event %s: order %s not charged: %s",
+            "inventory event %s: order %s not charged: %s (%s)",
             reservation.event_id,
             reservation.command.order_id,
             error.reason,
+            error.message,
         )
         return Verdict.DONE

@@ -14,6 +14,7 @@ that fails is logged and the next one starts after a pause.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[bytes, Mapping[str, str]], Awaitable[Verdict]]
 FETCH_WAIT_S = 5.0
 PAUSE_AFTER_ERROR_S = 1.0
+CLOSE_FLUSH_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,9 +135,12 @@ class SagaConsumer:
         await self._drop_client()
 
     async def _drop_client(self) -> None:
+        """Flush what was written (acks, naks), then close. Not `drain`: it waits for the
+        pull subscription's open fetch, up to 30 s when the stream or consumer is gone."""
         client, self._client = self._client, None
-        if client is not None and not client.is_closed:
-            try:
-                await client.drain()
-            except (NatsError, TimeoutError, OSError):
-                await client.close()
+        if client is None or client.is_closed:
+            return
+        with contextlib.suppress(NatsError, TimeoutError, OSError):
+            async with asyncio.timeout(CLOSE_FLUSH_S):
+                await client.flush()
+        await client.close()
