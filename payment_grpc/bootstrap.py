@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -116,6 +117,7 @@ class Application:
     port: int = 0
     _recovery_task: asyncio.Task[None] | None = None
     _relay_task: asyncio.Task[None] | None = None
+    _lease_task: asyncio.Task[None] | None = None
 
     def _adapters(self) -> list[Lifecycle]:
         """Started in this order before serving, closed in the reverse after."""
@@ -127,6 +129,7 @@ class Application:
             log.warning("released %d idempotency keys held by this replica before", released)
         for adapter in self._adapters():
             await adapter.start()
+        self._lease_task = asyncio.create_task(self.keys.renew_forever())
         await self.server.start()
         if self.webhooks is not None:
             await self.webhooks.start(
@@ -156,6 +159,7 @@ class Application:
             self.settings.server.shutdown_grace_seconds,
             self.settings.server.shutdown_drain_seconds,
         )
+        await self._release_keys()
         await stop_task(self._recovery_task)
         await stop_task(self._relay_task)
         if self.relay is not None:
@@ -169,6 +173,22 @@ class Application:
         await self.engine.dispose()
         if self.probe is not None:
             await self.probe.close()
+
+    async def _release_keys(self) -> None:
+        """No call runs any more: the keys the cut ones held are free for any replica at
+        once (each resumes from its recovery point), instead of after their lease."""
+        wait_s = self.settings.database.lock_timeout_seconds + 1  # a release's longest wait
+        with contextlib.suppress(TimeoutError):  # cut calls run their clean-up first
+            await asyncio.wait_for(self.server.metrics.idle(), wait_s)
+        await self.keys.settle(wait_s)
+        await stop_task(self._lease_task)
+        try:
+            released = await self.keys.release_own_locks()
+        except Exception as error:  # their leases run out instead
+            log.warning("could not release idempotency keys at shutdown: %s", error)
+            return
+        if released:
+            log.info("released %d idempotency keys held by calls cut at shutdown", released)
 
 
 def build_gateway(settings: Settings, news: GatewayNews) -> GatewayAdapter:
@@ -404,7 +424,7 @@ def idempotency_policy(settings: Settings) -> IdempotencyPolicy:
     return IdempotencyPolicy(
         owner=settings.server.instance_id,
         retention=timedelta(hours=settings.idempotency.retention_hours),
-        lock_timeout=timedelta(seconds=settings.idempotency.lock_timeout_seconds),
+        lock_timeout=timedelta(seconds=settings.idempotency.lease_seconds),
     )
 
 

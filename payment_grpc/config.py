@@ -170,10 +170,9 @@ class StorageSettings(_Group):
 class IdempotencySettings(_Group):
     retention_hours: float = Field(72.0, gt=0, validation_alias="IDEMPOTENCY_RETENTION_HOURS")
     """How long a key and its stored answer are kept."""
-    lock_timeout_seconds: float = Field(
-        60.0, gt=0, validation_alias="IDEMPOTENCY_LOCK_TIMEOUT_SECONDS"
-    )
-    """After this, another replica may take over an unfinished key."""
+    lease_seconds: float = Field(10.0, gt=0, validation_alias="IDEMPOTENCY_LEASE_SECONDS")
+    """A replica renews the keys it works on every third of this; a key not renewed for
+    this long (its replica died or stalled) may be taken over by another replica."""
 
 
 class RecoverySettings(_Group):

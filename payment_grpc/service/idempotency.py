@@ -6,18 +6,32 @@ The use case then advances the key's recovery point inside its own transactions 
 retry after a crash resumes from the recorded point; nothing is executed twice because
 every gateway call uses a key derived from ids recorded before it. Keys no execution holds
 any more are finished by the recovery worker (`abandoned`, `finish_abandoned`).
+
+A claim is a lease: the holder's `locked_at` says when it last confirmed it is working on
+the key. This process renews the keys it holds every third of the lease (`renew_forever`);
+a key whose lease ran out (its replica died, or stalled that long) may be taken over by any
+replica, which resumes it from its recovery point. Claims and releases run to their end
+even when the call that started them is cancelled (a deadline, a client gone), so an
+interrupted call never leaves its key held behind it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from payment_grpc.domain.errors import ReportableError
-from payment_grpc.service.errors import IdempotencyKeyInUse, IdempotencyKeyReused
+from payment_grpc.service.errors import (
+    IdempotencyKeyInUse,
+    IdempotencyKeyReused,
+    StorageUnavailable,
+)
 from payment_grpc.service.ports import (
     Clock,
     KeyRecord,
@@ -27,6 +41,8 @@ from payment_grpc.service.ports import (
     UnitOfWork,
     UnitOfWorkFactory,
 )
+
+log = logging.getLogger(__name__)
 
 # Reads what an abandoned key's execution came to from the current state (a result, or a
 # refusal); None while the money side is not settled yet.
@@ -41,7 +57,18 @@ Mark = Callable[[UnitOfWork], Awaitable[None]]
 class IdempotencyPolicy:
     owner: str  # this process's identity; stable across restarts of the same replica
     retention: timedelta = timedelta(hours=72)
-    lock_timeout: timedelta = timedelta(seconds=60)
+    # The lease: a lock not renewed for this long is free (its holder is gone). The holder
+    # renews it every third of this (IDEMPOTENCY_LEASE_SECONDS).
+    lock_timeout: timedelta = timedelta(seconds=10)
+
+    @property
+    def renew_every_s(self) -> float:
+        return self.lock_timeout.total_seconds() / 3
+
+
+RENEW_BATCH = 500  # keys renewed per statement
+RELEASE_RETRY_FIRST_S = 0.05  # a release that met a busy database is tried again after
+RELEASE_RETRY_MAX_S = 1.0  # this, doubling up to this
 
 
 class IdempotencyKeys:
@@ -49,6 +76,13 @@ class IdempotencyKeys:
         self._uow = uow
         self._clock = clock
         self._policy = policy
+        self._holding: set[str] = set()  # record ids of the keys this process executes
+        self._pending: set[asyncio.Task[Any]] = set()  # claims/releases run to their end
+
+    @property
+    def holding(self) -> int:
+        """How many keys this process holds right now (their leases are renewed)."""
+        return len(self._holding)
 
     async def begin(
         self, scope: str, operation: Operation, key: str, fingerprint: str
@@ -56,14 +90,60 @@ class IdempotencyKeys:
         """Claim the key for this execution, or return the stored answer.
 
         Raises IdempotencyKeyReused for another request under the same key, and
-        IdempotencyKeyInUse while another execution holds it.
+        IdempotencyKeyInUse while another execution holds it. A claimed key must be given
+        back with `release`, `store_answer` or `done`. If the caller is cancelled while
+        the claim runs (its COMMIT may already have happened), the claim still runs to its
+        end and a key it took is released before the cancellation goes on.
         """
+        claiming = self._run_to_end(self._begin(scope, operation, key, fingerprint))
+        try:
+            return await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._run_to_end(self._give_back(claiming)))
+            raise
+
+    async def _begin(
+        self, scope: str, operation: Operation, key: str, fingerprint: str
+    ) -> KeyRecord | StoredAnswer:
         now = self._clock.now()
         fresh = self._new_record(scope, operation, key, fingerprint, now)
         async with self._uow() as tx:
             outcome = await self._claim(tx, fresh, now)
             await tx.commit()
+        if isinstance(outcome, KeyRecord):
+            self._holding.add(outcome.record_id)
         return outcome
+
+    async def _give_back(self, claiming: asyncio.Task[KeyRecord | StoredAnswer]) -> None:
+        """Release what a claim whose caller went away took, once the claim is over."""
+        try:
+            outcome = await claiming
+        except Exception:  # nothing was claimed
+            return
+        if isinstance(outcome, KeyRecord):
+            await self._release(outcome)
+
+    def _run_to_end(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """A task that finishes even if whoever awaits it is cancelled; `settle` waits
+        for the ones still running (at shutdown)."""
+        task = asyncio.ensure_future(work)
+        self._pending.add(task)
+        task.add_done_callback(self._finished_in_background)
+        return task
+
+    def _finished_in_background(self, task: asyncio.Task[Any]) -> None:
+        self._pending.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()  # retrieved here: the caller that awaited it may be gone
+        if error is not None and not isinstance(error, ReportableError):
+            # The key's lease runs out on its own: this process no longer renews it.
+            log.debug("idempotency key bookkeeping failed: %r", error)
+
+    async def settle(self, timeout_s: float) -> None:
+        """Wait (at most timeout_s) for claims and releases of interrupted calls."""
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=timeout_s)
 
     async def _claim(
         self, tx: UnitOfWork, fresh: KeyRecord, now: datetime
@@ -130,21 +210,86 @@ class IdempotencyKeys:
 
     async def store_answer(self, record: KeyRecord, answer: StoredAnswer) -> None:
         """Keep a business error as the key's final answer (nothing changed for it)."""
-        async with self._uow() as tx:
-            await tx.idempotency.save(_finished(record, answer))
-            await tx.commit()
+        await asyncio.shield(self._run_to_end(self._store_answer(record, answer)))
+
+    async def _store_answer(self, record: KeyRecord, answer: StoredAnswer) -> None:
+        try:
+            async with self._uow() as tx:
+                await tx.idempotency.save(_finished(record, answer))
+                await tx.commit()
+        finally:
+            self.done(record)
 
     async def release(self, record: KeyRecord) -> None:
-        """Give the key back after a retryable failure: a retry runs (or resumes) again."""
+        """Give the key back after a retryable failure or an interruption: a retry runs
+        (nothing was created yet) or resumes from the recorded point. Runs to its end even
+        if the caller is cancelled meanwhile."""
+        await asyncio.shield(self._run_to_end(self._release(record)))
+
+    async def _release(self, record: KeyRecord) -> None:
+        """Released, tried again while the database is busy (a lock or pool timeout): a
+        release that gives up leaves the key to its lease, so it is tried for that long."""
+        give_up_at = time.monotonic() + self._policy.lock_timeout.total_seconds()
+        delay_s = RELEASE_RETRY_FIRST_S
+        try:
+            while True:
+                try:
+                    return await self._release_once(record)
+                except StorageUnavailable:
+                    if time.monotonic() + delay_s >= give_up_at:
+                        raise
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, RELEASE_RETRY_MAX_S)
+        finally:
+            self.done(record)
+
+    async def _release_once(self, record: KeyRecord) -> None:
         async with self._uow() as tx:
             current = await self._current(tx, record)
             if current is None or current.recovery_point is RecoveryPoint.FINISHED:
                 return
+            if current.locked_by not in (None, self._policy.owner):
+                return  # taken over after our lease ran out: no longer ours to give
             if current.recovery_point is RecoveryPoint.STARTED:
                 await tx.idempotency.delete(current.record_id)
             else:
                 await tx.idempotency.save(replace(current, locked_by=None, locked_at=None))
             await tx.commit()
+
+    def done(self, record: KeyRecord) -> None:
+        """This process no longer works on the key (its answer is stored, or it was
+        released): its lease is not renewed any more."""
+        self._holding.discard(record.record_id)
+
+    async def renew_leases(self) -> int:
+        """Confirm that this process still works on the keys it holds; the count renewed."""
+        held = sorted(self._holding)
+        renewed = 0
+        for start in range(0, len(held), RENEW_BATCH):
+            async with self._uow() as tx:
+                renewed += await tx.idempotency.renew(
+                    held[start : start + RENEW_BATCH], self._policy.owner, self._clock.now()
+                )
+                await tx.commit()
+        return renewed
+
+    async def renew_forever(self) -> None:
+        """Renew the held keys' leases every third of the lease, until cancelled. A failed
+        renewal is said once (and once when renewals work again): with the database away,
+        nobody can take the keys over meanwhile either."""
+        failing = False
+        while True:
+            await asyncio.sleep(self._policy.renew_every_s)
+            try:
+                await self.renew_leases()
+            except Exception as error:  # tried again next interval
+                if not failing:
+                    log.warning("could not renew idempotency key leases: %s", error)
+                failing = True
+            else:
+                if failing:
+                    log.info("idempotency key leases renewed again")
+                failing = False
 
     async def reap(self, limit: int = 1000) -> int:
         async with self._uow() as tx:
@@ -197,7 +342,8 @@ class IdempotencyKeys:
         )
 
     async def release_own_locks(self) -> int:
-        """At start-up: keys this replica held when it last died can be resumed at once."""
+        """At start-up: keys this replica held when it last died can be resumed at once.
+        At shutdown, once no call runs any more: what the cut calls held, likewise."""
         async with self._uow() as tx:
             released = await tx.idempotency.release_locks_of(self._policy.owner)
             await tx.commit()
@@ -278,7 +424,7 @@ class Checkpoint:
                     payment_id=payment_id or self._record.payment_id,
                     refund_id=refund_id or self._record.refund_id,
                 )
-                await self._stage(tx, progressed, None)
+                await self._stage(tx, progressed, None, progress_only=True)
 
         return reach
 
@@ -293,9 +439,21 @@ class Checkpoint:
 
         return finish
 
-    async def _stage(self, tx: UnitOfWork, record: KeyRecord, answer: StoredAnswer | None) -> None:
-        """Save `record` in `tx`; it becomes this checkpoint's state once `tx` commits."""
-        await tx.idempotency.save(record)
+    async def _stage(
+        self,
+        tx: UnitOfWork,
+        record: KeyRecord,
+        answer: StoredAnswer | None,
+        *,
+        progress_only: bool = False,
+    ) -> None:
+        """Save `record` in `tx`; it becomes this checkpoint's state once `tx` commits.
+        Progress leaves the lock columns alone: the lease is as its holder last renewed
+        it, not as it was when the key was claimed."""
+        if progress_only:
+            await tx.idempotency.advance(record)
+        else:
+            await tx.idempotency.save(record)
 
         def committed() -> None:
             self._record = record

@@ -6,6 +6,7 @@ metadata."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -81,6 +82,11 @@ _BY_KEY = sa.select(keys).where(
 )
 _LOCK_BY_KEY = _BY_KEY.with_for_update()
 _UPDATE = keys.update().where(keys.c.id == sa.bindparam("b_id"))
+_ADVANCE = _UPDATE.values(
+    recovery_point=sa.bindparam("recovery_point"),
+    payment_id=sa.bindparam("payment_id"),
+    refund_id=sa.bindparam("refund_id"),
+)
 
 
 class SqlIdempotencyRepository:
@@ -103,6 +109,31 @@ class SqlIdempotencyRepository:
         await self._conn.execute(
             _UPDATE, {**_to_row(record, self._cipher), "b_id": record.record_id}
         )
+
+    async def advance(self, record: KeyRecord) -> None:
+        await self._conn.execute(
+            _ADVANCE,
+            {
+                "b_id": record.record_id,
+                "recovery_point": record.recovery_point.value,
+                "payment_id": record.payment_id,
+                "refund_id": record.refund_id,
+            },
+        )
+
+    async def renew(self, record_ids: Sequence[str], owner: str, now: datetime) -> int:
+        if not record_ids:
+            return 0
+        result = await self._conn.execute(
+            keys.update()
+            .where(
+                keys.c.id.in_(record_ids),
+                keys.c.locked_by == owner,
+                keys.c.recovery_point != RecoveryPoint.FINISHED.value,
+            )
+            .values(locked_at=now)
+        )
+        return result.rowcount
 
     async def delete(self, record_id: str) -> None:
         await self._conn.execute(keys.delete().where(keys.c.id == record_id))

@@ -151,14 +151,15 @@ class IdempotencyInterceptor(MethodInterceptor):
         except ReportableError as error:
             await asyncio.shield(self._after_error(claimed, execution.checkpoint, error))
             raise
-        except BaseException:
-            await asyncio.shield(self._keys.release(claimed))
+        except BaseException:  # cancelled (deadline, client gone, shutdown) or a bug
+            await self._keys.release(claimed)  # runs to its end even if cancelled again
             raise
         finally:
             current_execution.reset(token)
+            self._keys.done(claimed)
         stored = execution.checkpoint.answer
         if stored is None:
-            await asyncio.shield(self._keys.release(claimed))  # outcome still pending
+            await self._keys.release(claimed)  # outcome still pending
             return response
         return stored.body  # the stored bytes: what a replay sends, serialized once
 

@@ -64,6 +64,21 @@ class InFlight:
 
     def __init__(self) -> None:
         self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def started(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def finished(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight:
+            self._idle.set()
+
+    async def idle(self) -> None:
+        """Return once no call is in flight (each one's own clean-up included)."""
+        await self._idle.wait()
 
 
 @dataclass
@@ -235,7 +250,7 @@ class ObservabilityInterceptor(MethodInterceptor):
             )
             _current_call.set(call)
             log.debug("rpc started", extra={"rpc_method": full_method, "trace_id": call.trace_id})
-            self._calls.in_flight += 1
+            self._calls.started()
             return span, token, call, time.perf_counter()
 
         def headered(context: aio.ServicerContext[Any, Any], call: CallRecord) -> HeaderedContext:
@@ -250,7 +265,7 @@ class ObservabilityInterceptor(MethodInterceptor):
             error: BaseException | None,
         ) -> None:
             span, token, call, began = started
-            self._calls.in_flight -= 1
+            self._calls.finished()
             elapsed = time.perf_counter() - began
             code = status_code(context, error)
             span.set_attribute("rpc.grpc.status_code", code.value[0])

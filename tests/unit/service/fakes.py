@@ -237,6 +237,28 @@ class MemoryKeys:
         if record.record_id in self._t.keys:
             self._t.keys[record.record_id] = record
 
+    async def advance(self, record: KeyRecord) -> None:
+        if (current := self._t.keys.get(record.record_id)) is not None:
+            self._t.keys[record.record_id] = replace(
+                current,
+                recovery_point=record.recovery_point,
+                payment_id=record.payment_id,
+                refund_id=record.refund_id,
+            )
+
+    async def renew(self, record_ids: Sequence[str], owner: str, now: datetime) -> int:
+        renewed = 0
+        for record_id in record_ids:
+            record = self._t.keys.get(record_id)
+            if (
+                record is not None
+                and record.locked_by == owner
+                and record.recovery_point is not RecoveryPoint.FINISHED
+            ):
+                self._t.keys[record_id] = replace(record, locked_at=now)
+                renewed += 1
+        return renewed
+
     async def delete(self, record_id: str) -> None:
         self._t.keys.pop(record_id, None)
 
