@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 from grpc import aio
+from grpc._cython.cygrpc import (  # type: ignore[import-not-found]
+    ExecuteBatchError,  # what grpc.aio raises for a write that failed
+)
 from payments.v1 import events_pb2, payment_service_pb2_grpc
 from payments.v1 import payment_service_pb2 as api
 
@@ -30,6 +35,8 @@ from payment_grpc.service.operations import Operations
 from payment_grpc.service.queries import Page, Queries, SizeLimit
 
 Context = aio.ServicerContext[Any, Any]
+log = logging.getLogger(__name__)
+
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
 W = TypeVar("W")
@@ -210,9 +217,12 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
         except TimeoutError:
             await self._count_cut()
             await abort_with(context, too_slow(sent))
-        except Exception:
-            if context.cancelled() or context.done():
-                return False  # gRPC reports a write to a cancelled call this way
+        except Exception as failed:
+            # A client that went away (cancelled, disconnected) while a message was being
+            # written: the write fails before the context says the call is over.
+            if isinstance(failed, ExecuteBatchError) or context.cancelled() or context.done():
+                log.info("WatchPayments watcher went away mid-write; the stream ends")
+                return False
             raise
         return True
 
@@ -235,14 +245,15 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
             request.cursor, convert.feed_filter(request), request_context(context)
         )
         sent = request.cursor
-        async for item in items:
-            event = events_pb2.PaymentEvent.FromString(item.payload)
-            response = api.WatchPaymentsResponse(event=event, cursor=item.cursor)
-            # Written here rather than yielded: a consumer that stops reading makes the
-            # write wait on flow control, and only a write we await ourselves can be cut.
-            if not await self._send(context, response, sent):
-                return  # the client went away
-            sent = item.cursor
+        async with contextlib.aclosing(items):  # its subscription ends with the stream
+            async for item in items:
+                event = events_pb2.PaymentEvent.FromString(item.payload)
+                response = api.WatchPaymentsResponse(event=event, cursor=item.cursor)
+                # Written here rather than yielded: a consumer that stops reading makes the
+                # write wait on flow control, and only a write we await ourselves can be cut.
+                if not await self._send(context, response, sent):
+                    return  # the client went away
+                sent = item.cursor
         return
         yield  # a generator, like every streaming handler the interceptors wrap
 

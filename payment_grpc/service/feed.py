@@ -13,7 +13,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
 
 from payment_grpc.service.context import RequestContext
@@ -67,7 +67,7 @@ class ChangeFeed:
 
     async def watch(
         self, cursor: str, where: FeedFilter, ctx: RequestContext
-    ) -> AsyncIterator[FeedItem]:
+    ) -> AsyncGenerator[FeedItem, None]:
         after = decode_cursor(cursor)
         where = _visible_to(where, ctx)
         async with self._bus.subscribe(ALL_PAYMENTS) as woken:
