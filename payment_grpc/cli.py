@@ -12,6 +12,7 @@ import asyncio
 import errno
 import importlib.metadata
 import logging
+import os
 import signal
 import socket
 import sys
@@ -22,7 +23,7 @@ from pydantic import ValidationError
 from payment_grpc import gateway_sim, reconcile_cli
 from payment_grpc.adapters.db.crypto import KeyConfigError
 from payment_grpc.adapters.db.startup import DatabaseUnavailable, wait_for_database
-from payment_grpc.config import Settings, UnsafeSetting, check_deployment
+from payment_grpc.config import Settings, UnsafeSetting, check_deployment, check_retired
 from payment_grpc.logging_setup import configure_logging
 from payment_grpc.telemetry.metrics import MetricsPortUnavailable
 from payment_grpc.workers import WorkersConfigError
@@ -61,6 +62,7 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
     from payment_grpc.workers import Supervisor, worker_count
 
     workers = worker_count(settings)
+    check_retired(os.environ)
     check_deployment(settings)
     _check_port_free(settings.server.host, settings.server.port)
     settings.storage.data_dir.mkdir(parents=True, exist_ok=True)

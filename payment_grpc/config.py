@@ -498,6 +498,20 @@ class UnsafeSetting(ValueError):
     with the environment variable's name."""
 
 
+# Variables this service once read, and what replaced them: still set, they would be
+# ignored in silence, so the process refuses to start instead.
+RETIRED_SETTINGS = {
+    "IDEMPOTENCY_LOCK_TIMEOUT_SECONDS": "IDEMPOTENCY_LEASE_SECONDS",
+}
+
+
+def check_retired(environ: Mapping[str, str]) -> None:
+    """Refuse a retired environment variable (UnsafeSetting naming its replacement)."""
+    for name, replacement in RETIRED_SETTINGS.items():
+        if name in environ:
+            raise UnsafeSetting(f"{name}: no longer read; set {replacement} instead")
+
+
 def check_deployment(settings: Settings) -> None:
     """Refuse settings that would start but then serve wrongly: every JWT algorithm needs a
     key, and on PostgreSQL every replica must share the keys (nothing generated per

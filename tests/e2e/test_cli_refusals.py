@@ -66,6 +66,16 @@ def test_an_algorithm_without_keys_refuses_to_start(tmp_path: pathlib.Path) -> N
     assert "JWT_JWKS_FILE or AUTH_SERVICE_ADDR" in assert_refused(result, "JWT_ALGORITHMS")
 
 
+def test_a_retired_setting_refuses_to_start_naming_its_replacement(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A variable the service no longer reads is not ignored in silence: an operator who
+    set the old 60 s key lock would otherwise believe it still applied."""
+    env = {**sqlite_env(tmp_path), "IDEMPOTENCY_LOCK_TIMEOUT_SECONDS": "60"}
+    line = assert_refused(run_cli(tmp_path, "serve", **env), "IDEMPOTENCY_LOCK_TIMEOUT_SECONDS")
+    assert "IDEMPOTENCY_LEASE_SECONDS" in line
+
+
 def test_postgres_needs_shared_encryption_keys(tmp_path: pathlib.Path) -> None:
     result = run_cli(tmp_path, "serve", DATABASE_URL=NOWHERE_PG, JWT_SECRET_KEY=TEST_JWT_SECRET)
     assert_refused(result, "ENCRYPTION_KEYS")
