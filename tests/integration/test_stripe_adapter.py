@@ -201,6 +201,18 @@ async def test_authentication_error_is_unavailable_and_logged(
     assert any("STRIPE_API_KEY" in message for message in errors)
 
 
+async def test_permission_error_is_unavailable_and_logged(
+    sim: RunningSimulator, gateway: StripeGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restricted key lacking a permission (HTTP 403) is our misconfiguration, like a
+    wrong key: retryable for the caller, an ERROR for the operator, never a decline."""
+    sim.simulator.faults.add(["permission_denied"])
+    with pytest.raises(GatewayUnreachable):
+        await gateway.authorize(request())
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("STRIPE_API_KEY" in message for message in errors)
+
+
 async def test_unreachable_gateway_is_down() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

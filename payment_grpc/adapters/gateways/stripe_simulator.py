@@ -8,9 +8,9 @@ parameters -> the same stored answer, marked `Idempotent-Replayed: true`; other 
 ledger are the engine's, shared with the in-process simulated gateway.
 
 Test hooks (not Stripe's; under /_sim): POST /_sim/faults queues faults for the next API
-requests (rate_limit, server_error, disconnect_after, slow:MS; `clear=1` first drops those
-still queued); POST /_sim/disputes opens a
-dispute on a PaymentIntent (a `charge.dispute.created` webhook, no money moves).
+requests (rate_limit, server_error, permission_denied, disconnect_after, slow:MS;
+`clear=1` first drops those still queued); POST /_sim/disputes opens a dispute on a
+PaymentIntent (a `charge.dispute.created` webhook, no money moves).
 """
 
 from __future__ import annotations
@@ -534,6 +534,14 @@ async def _fault_before(fault: str) -> None:
     if fault == "server_error":
         raise StripeProblem(
             500, objects.envelope("api_error", "Something went wrong on Stripe's end.")
+        )
+    if fault == "permission_denied":  # a restricted key without this endpoint's permission
+        raise StripeProblem(
+            403,
+            objects.envelope(
+                "invalid_request_error",
+                "The provided key does not have the required permissions for this endpoint.",
+            ),
         )
     if fault.startswith("slow:"):
         await asyncio.sleep(int(fault.split(":", 1)[1]) / 1000)
