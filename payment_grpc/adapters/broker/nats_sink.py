@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 import nats
 from nats.aio.client import Client
@@ -27,8 +28,15 @@ from payments.v1 import events_pb2
 from payment_grpc.service.ports import OutboxMessage, SinkUnavailable
 from payment_grpc.telemetry.tracing import continued, messaging_span
 
+log = logging.getLogger(__name__)
 PUBLISH_TIMEOUT_S = 5.0
 RECONNECT_ATTEMPTS = 3
+
+
+async def _connection_error(error: Exception) -> None:
+    """nats-py logs a traceback per failed attempt by default; the relay already logs
+    each failed delivery (SinkUnavailable) in one line, so these are DEBUG."""
+    log.debug("NATS connection error: %s", type(error).__name__)
 
 
 class NatsEventSink:
@@ -84,6 +92,7 @@ class NatsEventSink:
                     connect_timeout=2,
                     max_reconnect_attempts=RECONNECT_ATTEMPTS,
                     reconnect_time_wait=0.5,
+                    error_cb=_connection_error,
                 )
                 js = client.jetstream()
                 await js.add_stream(name=self._stream, subjects=[f"{self._prefix}.>"])

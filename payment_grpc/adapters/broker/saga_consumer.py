@@ -58,6 +58,7 @@ class SagaConsumer:
         self.settled: dict[Verdict, int] = dict.fromkeys(Verdict, 0)  # metrics, tests
         self._progress = asyncio.Condition()
         self.subscribed = asyncio.Event()
+        self._last_error = ""
 
     async def start(self) -> None:
         """Consume in the background: connecting waits for the broker without holding up
@@ -67,7 +68,11 @@ class SagaConsumer:
     async def _subscribe(self) -> object:
         config = self._config
         client = await nats.connect(
-            config.url, connect_timeout=2, max_reconnect_attempts=-1, reconnect_time_wait=0.5
+            config.url,
+            connect_timeout=2,
+            max_reconnect_attempts=-1,  # for ever: the consumer waits for the broker
+            reconnect_time_wait=2,
+            error_cb=self._broker_error,
         )
         self._client = client
         js = client.jetstream()
@@ -81,6 +86,14 @@ class SagaConsumer:
             stream=config.stream,
             config=ConsumerConfig(ack_wait=config.ack_wait_s, max_ack_pending=1000),
         )
+
+    async def _broker_error(self, error: Exception) -> None:
+        """One WARNING line when the broker's failure changes (nats-py would log a
+        traceback for every reconnect attempt)."""
+        kind = type(error).__name__
+        if kind != self._last_error:
+            self._last_error = kind
+            log.warning("saga consumer: NATS error, reconnecting: %s", kind)
 
     async def wait_until(self, condition: Callable[[dict[Verdict, int]], bool]) -> None:
         """Return once `condition(settled counts)` holds (tests await this)."""
