@@ -83,7 +83,7 @@ from payment_grpc.service.saga import CheckoutSaga
 from payment_grpc.service.settlements import Settlements
 from payment_grpc.tasks import stop_task
 from payment_grpc.telemetry.client import tracing_interceptors
-from payment_grpc.telemetry.metrics import watch_pool
+from payment_grpc.telemetry.metrics import record_outbox, watch_pool
 from payment_grpc.telemetry.tracing import trace_database
 from payment_grpc.tls import client_channel, server_credentials
 
@@ -315,6 +315,10 @@ def build_saga(
     return SagaConsumer(config, InventoryReservedHandler(saga))
 
 
+def observe_outbox(sink: str, lag_seconds: float, parked: int) -> None:
+    record_outbox(sink, lag_seconds=lag_seconds, parked=parked)
+
+
 def build_relay(
     settings: Settings, engine: AsyncEngine, sinks: list[EventSink]
 ) -> tuple[Relay, OutboxWriter] | None:
@@ -330,7 +334,14 @@ def build_relay(
         backoff_max=timedelta(seconds=events.outbox_backoff_max_seconds),
         max_attempts=events.outbox_max_attempts,
     )
-    relay = Relay(SqlOutboxStore(engine), sinks, SystemClock(), policy, settings.server.instance_id)
+    relay = Relay(
+        SqlOutboxStore(engine),
+        sinks,
+        SystemClock(),
+        policy,
+        settings.server.instance_id,
+        observe=observe_outbox,  # payments.outbox.lag / .parked
+    )
     writer = OutboxWriter([(s.name, s.wants) for s in sinks], relay.wake)
     return relay, writer
 

@@ -94,6 +94,10 @@ def event_id(event: PaymentEvent, kind: str) -> str:
     return own if kind == event_type(event) else f"{own}:{kind.removeprefix('payment.')}"
 
 
+# (sink, seconds since its oldest undelivered message was written, parked messages)
+BacklogObserver = Callable[[str, float, int], None]
+
+
 @dataclass(frozen=True, slots=True)
 class RelayPolicy:
     batch_size: int = 100
@@ -102,6 +106,7 @@ class RelayPolicy:
     backoff_initial: timedelta = timedelta(seconds=1)
     backoff_max: timedelta = timedelta(minutes=5)
     max_attempts: int = 12  # then parked
+    backlog_every: timedelta = timedelta(seconds=5)  # how often the backlog is observed
 
 
 @dataclass
@@ -121,8 +126,14 @@ class Relay:
         clock: Clock,
         policy: RelayPolicy,
         owner: str,
+        observe: BacklogObserver | None = None,
     ) -> None:
+        """`observe(sink, lag_seconds, parked)`: told every `backlog_every` while the relay
+        runs, for each sink: the age of its oldest undelivered message (0: none) and its
+        parked messages (metrics)."""
         self._store = store
+        self._observe = observe
+        self._observed_at: datetime | None = None
         self._sinks: Mapping[str, EventSink] = {sink.name: sink for sink in sinks}
         self._clock = clock
         self._policy = policy
@@ -184,8 +195,27 @@ class Relay:
         self._in_flight.pop(row_id, None)
         self.wake()
 
+    async def _observe_backlog(self) -> None:
+        now = self._clock.now()
+        if self._observe is None or (
+            self._observed_at is not None and now - self._observed_at < self._policy.backlog_every
+        ):
+            return
+        self._observed_at = now
+        backlog = await self._store.backlog()
+        for sink in self._sinks:
+            oldest, parked = backlog.get(sink, (None, 0))
+            lag = max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0
+            self._observe(sink, lag, parked)
+
     async def _idle(self) -> None:
+        try:
+            await self._observe_backlog()
+        except Exception:
+            log.exception("outbox backlog not observed")
         timeout = self._policy.poll.total_seconds()
+        if self._observe is not None:
+            timeout = min(timeout, self._policy.backlog_every.total_seconds())
         due = await self._store.next_due()
         if due is not None:
             until_due = (due - self._clock.now()).total_seconds()

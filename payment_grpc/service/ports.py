@@ -258,6 +258,11 @@ class OutboxStore(Protocol):
         """When the earliest pending message is due (None: nothing pending)."""
         ...
 
+    async def backlog(self) -> dict[str, tuple[datetime | None, int]]:
+        """Per sink with rows: when its oldest undelivered (pending) message was written,
+        and how many are parked."""
+        ...
+
 
 # ---------------------------------------------------------------- change feed
 

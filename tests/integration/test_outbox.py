@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from payments.v1 import payment_service_pb2 as api
 from payments.v1 import resources_pb2 as pb
 
+from payment_grpc.adapters.db.outbox import SqlOutboxStore
 from payment_grpc.adapters.db.tables import outbox, payment_events
 from payment_grpc.bootstrap import Application
 from payment_grpc.config import Settings
@@ -210,3 +211,25 @@ async def test_two_replicas_relaying_deliver_each_dedupe_id_once(
     assert set(delivered) == expected
     assert max(delivered.values()) == 1  # no crash here, so not even a duplicate
     assert_in_order_per_payment(fake.delivered())
+
+
+async def test_the_backlog_per_sink_is_what_the_metrics_show(
+    database_url, tmp_path, orders
+) -> None:
+    """payments.outbox.lag / .parked come from SqlOutboxStore.backlog: per sink, when its
+    oldest pending message was written, and how many are parked."""
+    fake, port = orders
+    fake.notifications_down = True
+    settings = relay_settings(database_url, tmp_path, port, outbox_max_attempts=1)
+    async with serving(settings) as (app, stub):
+        assert app.relay is not None
+        await lifecycle(stub, fake)
+        await asyncio.wait_for(app.relay.wait_until(lambda s: s.parked >= 1), WAIT_S)
+        store = SqlOutboxStore(app.engine)
+        backlog = await store.backlog()
+        async with app.engine.connect() as conn:
+            rows = (await conn.execute(sa.select(outbox.c.state, outbox.c.created_at))).all()
+    oldest_pending = min(created for state, created in rows if state == "pending")
+    parked = sum(state == "parked" for state, _ in rows)
+    assert parked == 1  # the first outcome; it holds back the later ones
+    assert backlog == {"orders": (oldest_pending, parked)}

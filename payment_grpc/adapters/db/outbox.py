@@ -186,6 +186,21 @@ class SqlOutboxStore:
             due = (await conn.execute(query)).scalar_one()
         return _utc(due)
 
+    async def backlog(self) -> dict[str, tuple[datetime | None, int]]:
+        query = (
+            sa.select(
+                outbox.c.sink,
+                sa.func.min(sa.case((outbox.c.state == PENDING, outbox.c.created_at))),
+                sa.func.count().filter(outbox.c.state == PARKED),
+            )
+            .where(outbox.c.state != DELIVERED)
+            .group_by(outbox.c.sink)
+        )
+        async with self._engine.connect() as conn:
+            conn = await conn.execution_options(sqlite_begin="DEFERRED")
+            rows = (await conn.execute(query)).all()
+        return {sink: (_utc(oldest), parked) for sink, oldest, parked in rows}
+
     async def list_rows(self, states: Sequence[str], limit: int) -> list[Any]:
         query = (
             sa.select(
