@@ -179,7 +179,8 @@ class Application:
         once (each resumes from its recovery point), instead of after their lease."""
         wait_s = self.settings.database.lock_timeout_seconds + 1  # a release's longest wait
         with contextlib.suppress(TimeoutError):  # cut calls run their clean-up first
-            await asyncio.wait_for(self.server.metrics.idle(), wait_s)
+            async with asyncio.timeout(wait_s):
+                await self.server.metrics.idle()
         await self.keys.settle(wait_s)
         await stop_task(self._lease_task)
         try:

@@ -213,7 +213,8 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
     async def _send(self, context: Context, response: api.WatchPaymentsResponse, sent: str) -> bool:
         """Write one message; False when the call is over (the client cancelled)."""
         try:
-            await asyncio.wait_for(context.write(response), self._send_timeout_s)
+            async with asyncio.timeout(self._send_timeout_s):
+                await context.write(response)
         except TimeoutError:
             await self._count_cut()
             await abort_with(context, too_slow(sent))

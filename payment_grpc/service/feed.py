@@ -78,7 +78,8 @@ class ChangeFeed:
                     after = entry.position
                 if len(batch) < self._batch:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(woken.wait(), self._poll_s)
+                        async with asyncio.timeout(self._poll_s):
+                            await woken.wait()
 
 
 def _item(entry: FeedEntry) -> FeedItem:
