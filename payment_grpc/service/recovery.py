@@ -14,7 +14,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from payment_grpc.domain.errors import ReportableError
@@ -59,30 +59,19 @@ class _Item:
     work: Callable[[], Awaitable[bool]]  # True when it finished something
 
 
+@dataclass(eq=False)
 class Recovery:
-    def __init__(
-        self,
-        deps: Deps,
-        charging: Charging,
-        settlements: Settlements,
-        operations: Operations,
-        keys: IdempotencyKeys,
-        stale_after: timedelta,
-        encode_answer: AnswerEncoder,
-        encode_refusal: Callable[[ReportableError], StoredAnswer],
-        authorization_hold: timedelta | None = None,
-    ) -> None:
-        self._deps = deps
-        self._charging = charging
-        self._settlements = settlements
-        self._operations = operations
-        self._keys = keys
-        self._stale_after = stale_after
-        self._encode_answer = encode_answer
-        self._encode_refusal = encode_refusal
-        self._hold = authorization_hold
-        self._passes = 0
-        self._pass_done = asyncio.Condition()
+    deps: Deps
+    charging: Charging
+    settlements: Settlements
+    operations: Operations
+    keys: IdempotencyKeys
+    stale_after: timedelta
+    encode_answer: AnswerEncoder
+    encode_refusal: Callable[[ReportableError], StoredAnswer]
+    authorization_hold: timedelta | None = None
+    _passes: int = field(init=False, default=0)
+    _pass_done: asyncio.Condition = field(init=False, repr=False, default_factory=asyncio.Condition)
 
     async def run_forever(self, interval_s: float) -> None:
         paused = False  # by a storage outage: said once when it starts, once when it ends
@@ -151,8 +140,8 @@ class Recovery:
     # ------------------------------------------------------------ money side
 
     async def _money_items(self) -> list[_Item]:
-        cutoff = self._deps.clock.now() - self._stale_after
-        async with self._deps.uow(read_only=True) as tx:
+        cutoff = self.deps.clock.now() - self.stale_after
+        async with self.deps.uow(read_only=True) as tx:
             payments = await tx.payments.stale(cutoff, BATCH)
             refunds = await tx.refunds.stale_pending(cutoff, BATCH)
         return [
@@ -165,26 +154,26 @@ class Recovery:
 
     async def _payment(self, payment: Payment) -> bool:
         if claimed_operation(payment.in_flight) == CANCEL:
-            await self._operations.finish_cancel(payment, SYSTEM)
+            await self.operations.finish_cancel(payment, SYSTEM)
         elif payment.in_flight:
-            await self._operations.finish_capture(payment, SYSTEM)
+            await self.operations.finish_capture(payment, SYSTEM)
         elif payment.status is PaymentStatus.PROCESSING:
             await self._settle_processing(payment)
         return True
 
     async def _settle_processing(self, payment: Payment) -> None:
-        known = await self._deps.gateway.lookup(authorize_key(payment.payment_id))
+        known = await self.deps.gateway.lookup(authorize_key(payment.payment_id))
         if known is None:
-            await self._charging.authorize(payment, SYSTEM)  # never reached the gateway
+            await self.charging.authorize(payment, SYSTEM)  # never reached the gateway
         elif known.outcome is not AuthorizationOutcome.PENDING:
-            await self._settlements.record(payment.payment_id, known, SYSTEM)
+            await self.settlements.record(payment.payment_id, known, SYSTEM)
 
     async def _expired_items(self) -> list[_Item]:
         """Authorizations held longer than the PSP keeps them: void before they lapse."""
-        if self._hold is None:
+        if self.authorization_hold is None:
             return []
-        cutoff = self._deps.clock.now() - self._hold
-        async with self._deps.uow(read_only=True) as tx:
+        cutoff = self.deps.clock.now() - self.authorization_hold
+        async with self.deps.uow(read_only=True) as tx:
             expired = await tx.payments.authorized_before(cutoff, BATCH)
         return [
             _Item(f"expired authorization {p.payment_id}", functools.partial(self._expire, p))
@@ -192,11 +181,11 @@ class Recovery:
         ]
 
     async def _expire(self, payment: Payment) -> bool:
-        expired = await self._operations.expire(payment.payment_id, SYSTEM)
+        expired = await self.operations.expire(payment.payment_id, SYSTEM)
         return expired.status is PaymentStatus.CANCELED
 
     async def _refund(self, refund: Refund) -> bool:
-        await self._operations.finish_refund(refund, SYSTEM)
+        await self.operations.finish_refund(refund, SYSTEM)
         return True
 
     # ------------------------------------------------------------ keys
@@ -204,19 +193,19 @@ class Recovery:
     async def _key_items(self) -> list[_Item]:
         return [
             _Item(f"idempotency key {k.record_id}", functools.partial(self._key, k))
-            for k in await self._keys.abandoned(BATCH)
+            for k in await self.keys.abandoned(BATCH)
         ]
 
     async def _key(self, record: KeyRecord) -> bool:
-        return await self._keys.finish_abandoned(record, _settled_result, self._answer_of)
+        return await self.keys.finish_abandoned(record, _settled_result, self._answer_of)
 
     def _answer_of(self, record: KeyRecord, outcome: object) -> StoredAnswer:
         if isinstance(outcome, ReportableError):
-            return self._encode_refusal(outcome)
-        return StoredAnswer(0, self._encode_answer(record.operation, outcome))
+            return self.encode_refusal(outcome)
+        return StoredAnswer(0, self.encode_answer(record.operation, outcome))
 
     async def _reap(self) -> bool:
-        return await self._keys.reap() > 0
+        return await self.keys.reap() > 0
 
 
 async def _settled_result(tx: UnitOfWork, record: KeyRecord) -> object | None:

@@ -8,6 +8,7 @@ sees its own kind of key, so an HS256 token signed with an RSA public key as the
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,23 +25,14 @@ MAX_TOKEN_BYTES = 8 * 1024
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 
 
+@dataclass(eq=False, kw_only=True)
 class JwtVerifier:
-    def __init__(
-        self,
-        *,
-        algorithms: list[str],
-        audience: str,
-        issuer: str | None,
-        secret: str | None = None,
-        public_keys: PublicKeys | None = None,
-        leeway_s: float = 30.0,
-    ) -> None:
-        self._algorithms = algorithms
-        self._audience = audience
-        self._issuer = issuer
-        self._secret = secret
-        self._public_keys = public_keys
-        self._leeway_s = leeway_s
+    algorithms: list[str]
+    audience: str
+    issuer: str | None
+    secret: str | None = field(default=None, repr=False)
+    public_keys: PublicKeys | None = None
+    leeway_s: float = 30.0
 
     async def verify(self, token: str) -> Principal:
         if not token or len(token) > MAX_TOKEN_BYTES:
@@ -48,15 +40,15 @@ class JwtVerifier:
         try:
             header = jwt.get_unverified_header(token)
             algorithm = header.get("alg")
-            if algorithm not in self._algorithms:
+            if algorithm not in self.algorithms:
                 raise Unauthenticated()
             claims = jwt.decode(
                 token,
                 key=await self._key_for(algorithm, header.get("kid")),
                 algorithms=[algorithm],
-                audience=self._audience,
-                issuer=self._issuer,
-                leeway=self._leeway_s,
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=self.leeway_s,
                 options={"require": ["exp", "iat", "sub", "aud"]},
             )
             return principal_from_claims(claims)
@@ -66,12 +58,12 @@ class JwtVerifier:
 
     async def _key_for(self, algorithm: str, kid: object) -> Any:
         if algorithm in HMAC_ALGORITHMS:
-            if not self._secret:
+            if not self.secret:
                 raise Unauthenticated()
-            return self._secret
-        if self._public_keys is None:
+            return self.secret
+        if self.public_keys is None:
             raise Unauthenticated()
-        key = await self._public_keys.key(kid if isinstance(kid, str) else "")
+        key = await self.public_keys.key(kid if isinstance(kid, str) else "")
         if key is None or key.algorithm_name != algorithm:
             raise Unauthenticated()
         return key.key

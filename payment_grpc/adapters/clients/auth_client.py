@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import KW_ONLY, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -93,37 +94,30 @@ class AuthServiceClient:
         await self._channel.close(None)
 
 
+@dataclass(eq=False)
 class AuthServiceVerifier:
-    def __init__(
-        self,
-        client: AuthServiceClient,
-        *,
-        audience: str,
-        local: TokenVerifier,
-        cache_ttl: timedelta,
-        clock: Clock,
-    ) -> None:
-        self._client = client
-        self._audience = audience
-        self._local = local
-        self._cache_ttl = cache_ttl
-        self._clock = clock
-        self._cache: OrderedDict[str, Principal] = OrderedDict()
+    client: AuthServiceClient
+    _: KW_ONLY
+    audience: str
+    local: TokenVerifier
+    cache_ttl: timedelta
+    clock: Clock
+    _cache: OrderedDict[str, Principal] = field(init=False, repr=False, default_factory=OrderedDict)
 
     async def verify(self, token: str) -> Principal:
-        local = await self._local.verify(token)  # signature, expiry, audience first
+        local = await self.local.verify(token)  # signature, expiry, audience first
         digest = hashlib.sha256(token.encode()).hexdigest()
         cached = self._cache.get(digest)
-        now = self._clock.now()
+        now = self.clock.now()
         if cached is not None and cached.expires_at > now:
             return cached
-        reply = await self._client.verify_token(token, self._audience)
+        reply = await self.client.verify_token(token, self.audience)
         principal = narrowed(local, reply, now)
         self._remember(digest, principal, now)
         return principal
 
     def _remember(self, digest: str, principal: Principal, now: datetime) -> None:
-        expires = min(principal.expires_at, now + self._cache_ttl)
+        expires = min(principal.expires_at, now + self.cache_ttl)
         self._cache[digest] = Principal(
             principal.subject, principal.scopes, expires, principal.customer_id
         )
