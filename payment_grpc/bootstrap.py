@@ -43,7 +43,7 @@ from payment_grpc.adapters.gateways.stripe.client import StripeConfig, StripeGat
 from payment_grpc.adapters.gateways.stripe.webhook import StripeWebhookListener
 from payment_grpc.adapters.resilience import CallPolicy
 from payment_grpc.api.admin_servicer import AdminServicer
-from payment_grpc.api.events import encode_event
+from payment_grpc.api.events import encode_event, encode_refusal
 from payment_grpc.api.interceptors.auth import AuthInterceptor
 from payment_grpc.api.interceptors.guard import GuardInterceptor
 from payment_grpc.api.interceptors.idempotency import IdempotencyInterceptor
@@ -69,6 +69,7 @@ from payment_grpc.service.idempotency import IdempotencyKeys, IdempotencyPolicy
 from payment_grpc.service.operations import Operations
 from payment_grpc.service.outbox import Relay, RelayPolicy
 from payment_grpc.service.ports import (
+    Clock,
     EventSink,
     GatewayNews,
     Lifecycle,
@@ -292,7 +293,7 @@ def build_sinks(settings: Settings, orders: OrderServiceClient | None) -> list[E
 
 
 def build_saga(
-    settings: Settings, charging: Charging, keys: IdempotencyKeys
+    settings: Settings, charging: Charging, keys: IdempotencyKeys, clock: Clock
 ) -> SagaConsumer | None:
     """SAGA_CONSUME=true: the checkout saga's consumer (Settings requires NATS_URL)."""
     events = settings.events
@@ -304,6 +305,7 @@ def build_saga(
         lambda payment: encode_answer(Operation.CHARGE, payment),
         refusal_answer,
         classify_refusal,
+        clock,
     )
     config = SagaConsumerConfig(
         url=events.nats_url,
@@ -480,7 +482,7 @@ def build_application(settings: Settings) -> Application:
     order_client = build_order_client(settings)
     outbox = build_relay(settings, engine, build_sinks(settings, order_client))
     relay, writer = outbox if outbox is not None else (None, None)
-    event_log = EventLog(encode_event, writer)
+    event_log = EventLog(encode_event, writer, encode_refusal)
     uow = SqlUnitOfWorkFactory(engine, build_cipher(settings), bus, event_log)
     fault_point = settings.recovery.fault_point
     faults = KillAtFaultPoint(fault_point) if fault_point else NoFaults()
@@ -545,7 +547,7 @@ def build_application(settings: Settings) -> Application:
         auth_client,
         order_client=order_client,
         relay=relay,
-        saga=build_saga(settings, charging, keys),
+        saga=build_saga(settings, charging, keys, clock),
         servicer=servicer,
         probe=probe,
     )

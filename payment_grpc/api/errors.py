@@ -55,6 +55,7 @@ ERROR_TABLE: dict[type[e.ReportableError], tuple[grpc.StatusCode, float | None]]
     e.OrderMismatch: (grpc.StatusCode.FAILED_PRECONDITION, None),
     s.OrderServiceUnavailable: (grpc.StatusCode.UNAVAILABLE, 1.0),
     s.InvalidCursor: (grpc.StatusCode.INVALID_ARGUMENT, None),
+    s.InvalidEvent: (grpc.StatusCode.INVALID_ARGUMENT, None),
 }
 UNMAPPED = (grpc.StatusCode.INTERNAL, None)
 

@@ -15,7 +15,8 @@ from payments.v1 import resources_pb2 as pb
 
 from payment_grpc.api.convert import STATUS_TO_PB, payment_to_pb, timestamp
 from payment_grpc.domain.payment import Payment, PaymentEvent
-from payment_grpc.service.outbox import event_id
+from payment_grpc.service.outbox import FAILED, event_id
+from payment_grpc.service.ports import ChargeRefusal
 from payment_grpc.telemetry.tracing import traceparent_of_trace
 
 
@@ -51,4 +52,24 @@ def encode_event(payment: Payment, event: PaymentEvent, kind: str) -> bytes:
     """The envelope as stored in the outbox and the feed, with the current traceparent when
     it belongs to the event's trace (a change made by a traced call)."""
     message = event_message(payment, event, kind, traceparent_of_trace(event.trace_id))
+    return message.SerializeToString(deterministic=True)
+
+
+def encode_refusal(refusal: ChargeRefusal) -> bytes:
+    """A charge refused without a payment (the checkout saga's answer to an inventory event):
+    `payment.failed` with no payment and sequence 0, the refusal saying why."""
+    message = events_pb2.PaymentEvent(
+        event_id=refusal.event_id,
+        type=FAILED,
+        occur_time=timestamp(refusal.occurred_at),
+        trace=events_pb2.TraceContext(
+            trace_id=refusal.trace_id, traceparent=traceparent_of_trace(refusal.trace_id)
+        ),
+        refusal=events_pb2.ChargeRefusal(
+            reason=refusal.reason,
+            message=refusal.message,
+            order_id=refusal.order_id,
+            inventory_event_id=refusal.inventory_event_id,
+        ),
+    )
     return message.SerializeToString(deterministic=True)

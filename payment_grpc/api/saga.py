@@ -80,7 +80,9 @@ def charge_request(event: inventory_events_pb2.InventoryReserved) -> api.ChargeR
 
 
 def reservation_of(data: bytes) -> Reservation | str:
-    """The reservation in a message, or why it can never be charged."""
+    """The reservation in a message, or why it can never be charged nor answered (no event
+    id to answer for). An event that breaks the Charge request's rules is a reservation
+    without a command: its refusal is answered (`payment.failed`) once, like any other."""
     try:
         event = inventory_events_pb2.InventoryReserved.FromString(data)
     except DecodeError:
@@ -92,13 +94,14 @@ def reservation_of(data: bytes) -> Reservation | str:
     if not event.event_id:
         return "event_id is empty"
     request = charge_request(event)
-    problems = violations(request)
-    if problems:
-        return "; ".join(f"{path}: {why}" for path, why in problems)
     fingerprint = hashlib.sha256(b"inventory.v1.reserved\0" + request.SerializeToString(
         deterministic=True
     )).hexdigest()  # fmt: skip
-    return Reservation(event.event_id, charge_command(request), fingerprint)
+    problems = violations(request)
+    if problems:
+        invalid = "; ".join(f"{path}: {why}" for path, why in problems)
+        return Reservation(event.event_id, event.order_id, None, fingerprint, invalid)
+    return Reservation(event.event_id, event.order_id, charge_command(request), fingerprint)
 
 
 class InventoryReservedHandler:

@@ -97,3 +97,10 @@ class InvalidCursor(ServiceError):
     reason = "INVALID_CURSOR"
     field = "cursor"
     default_message = "cursor is invalid: pass one a WatchPayments response carried"
+
+
+class InvalidEvent(ServiceError):
+    """An inbound event whose content breaks the rules of the request it stands for (the
+    saga's inventory event: the Charge request's own rules); never chargeable as it is."""
+
+    reason = "INVALID_ARGUMENT"

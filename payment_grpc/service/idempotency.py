@@ -33,6 +33,7 @@ from payment_grpc.service.errors import (
     StorageUnavailable,
 )
 from payment_grpc.service.ports import (
+    ChargeRefusal,
     Clock,
     KeyRecord,
     Operation,
@@ -208,14 +209,22 @@ class IdempotencyKeys:
             locked_at=now,
         )
 
-    async def store_answer(self, record: KeyRecord, answer: StoredAnswer) -> None:
-        """Keep a business error as the key's final answer (nothing changed for it)."""
-        await asyncio.shield(self._run_to_end(self._store_answer(record, answer)))
+    async def store_answer(
+        self, record: KeyRecord, answer: StoredAnswer, refusal: ChargeRefusal | None = None
+    ) -> None:
+        """Keep a business error as the key's final answer (nothing changed for it), and
+        publish `refusal` through the outbox in the same transaction (the saga's
+        `payment.failed` without a payment): a replay of the key never writes it again."""
+        await asyncio.shield(self._run_to_end(self._store_answer(record, answer, refusal)))
 
-    async def _store_answer(self, record: KeyRecord, answer: StoredAnswer) -> None:
+    async def _store_answer(
+        self, record: KeyRecord, answer: StoredAnswer, refusal: ChargeRefusal | None
+    ) -> None:
         try:
             async with self._uow() as tx:
                 await tx.idempotency.save(_finished(record, answer))
+                if refusal is not None:
+                    tx.publish_refusal(refusal)
                 await tx.commit()
         finally:
             self.done(record)

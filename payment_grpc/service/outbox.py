@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -92,6 +93,25 @@ def event_id(event: PaymentEvent, kind: str) -> str:
     the saga's `payment.completed`, which shares its event's sequence, `...:completed`."""
     own = dedupe_id(event.payment_id, event.sequence)
     return own if kind == event_type(event) else f"{own}:{kind.removeprefix('payment.')}"
+
+
+# A charge refused outright for an inventory event (no payment: service/saga.py) is
+# published as `payment.failed` too, with the refusal in the envelope. Sinks are asked
+# whether they want it as REFUSAL_ROUTE: the order service's notification, which is about a
+# payment, does not; the broker does.
+FAILED = "payment.failed"
+REFUSAL_ROUTE = "charge.refused"
+_MAX_REFUSAL_ID = 64  # fits the outbox's payment_id and dedupe_id columns
+
+
+def refusal_event_id(inventory_event_id: str) -> str:
+    """The dedupe id of the refusal of an inventory event: `inventory:<event_id>:failed`,
+    with the event id's SHA-256 in its place when that would be too long."""
+    full = f"inventory:{inventory_event_id}:failed"
+    if len(full) <= _MAX_REFUSAL_ID:
+        return full
+    digest = hashlib.sha256(inventory_event_id.encode()).hexdigest()[:40]
+    return f"inventory:{digest}:failed"
 
 
 # (sink, seconds since its oldest undelivered message was written, parked messages)

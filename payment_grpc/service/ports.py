@@ -208,6 +208,21 @@ class OutboxMessage:
     attempts: int  # failed deliveries so far
 
 
+@dataclass(frozen=True, slots=True)
+class ChargeRefusal:
+    """A charge refused outright, so that no payment exists: the checkout saga's
+    `payment.failed` for an inventory event (service/saga.py). Written to the outbox by the
+    unit of work that stores the event's idempotency key answer, in that transaction."""
+
+    event_id: str  # the dedupe id, `inventory:<inventory event id>:failed` (outbox.py)
+    inventory_event_id: str
+    order_id: str
+    reason: str  # the refusal's machine-readable reason, e.g. ORDER_NOT_FOUND
+    message: str
+    trace_id: str
+    occurred_at: datetime
+
+
 class SinkUnavailable(Exception):
     """The sink did not take the message; the relay tries again later."""
 
@@ -389,6 +404,10 @@ class UnitOfWork(Protocol):
     def gateway_events(self) -> GatewayEventRepository: ...
 
     async def commit(self) -> None: ...
+
+    def publish_refusal(self, refusal: ChargeRefusal) -> None:
+        """Write `refusal` to the outbox with this transaction (right before its COMMIT)."""
+        ...
 
     def on_commit(self, action: Callable[[], None]) -> None:
         """Run `action` once this transaction has committed (never after a rollback)."""

@@ -20,7 +20,7 @@ from nats.js import JetStreamContext
 from payments.v1 import events_pb2
 from payments.v1 import resources_pb2 as pb
 
-from payment_grpc.adapters.db.tables import idempotency_keys, payments
+from payment_grpc.adapters.db.tables import idempotency_keys, outbox, payments
 from payment_grpc.bootstrap import Application
 from payment_grpc.service.saga import Verdict
 from tests.conftest import make_settings
@@ -189,3 +189,109 @@ async def test_an_event_that_cannot_be_charged_now_comes_back_until_it_is(
             charged = await payments_of(app, event.order_id)
     assert [status for _, status in charged] == ["CAPTURED"]
     assert app.saga.settled[Verdict.DONE] == 1
+
+
+async def outbox_rows(app: Application) -> list[tuple[str, str, str]]:
+    async with app.engine.connect() as conn:
+        rows = await conn.execute(sa.select(outbox.c.sink, outbox.c.dedupe_id, outbox.c.event_type))
+        return [tuple(row) for row in rows]  # type: ignore[misc]
+
+
+async def published_refusal(
+    js: JetStreamContext, names: dict[str, Any], event: inventory.InventoryReserved
+) -> events_pb2.PaymentEvent:
+    """The one message of the payments stream: `payment.failed` without a payment."""
+    assert (await js.stream_info(names["nats_stream"])).state.messages == 1
+    (message,) = await read_all(js, names["nats_stream"], f"{names['nats_subject_prefix']}.>", 1)
+    assert message.subject == f"{names['nats_subject_prefix']}.payment.failed"
+    envelope = events_pb2.PaymentEvent.FromString(message.data)
+    assert message.headers["Nats-Msg-Id"] == envelope.event_id
+    assert envelope.event_id == f"inventory:{event.event_id}:failed"
+    assert envelope.type == "payment.failed"
+    assert not envelope.HasField("payment")
+    assert envelope.sequence == 0
+    assert envelope.refusal.order_id == event.order_id
+    assert envelope.refusal.inventory_event_id == event.event_id
+    return envelope
+
+
+async def test_an_unknown_order_delivered_three_times_is_one_payment_failed_and_no_payment(
+    database_url: str, tmp_path: pathlib.Path, broker
+) -> None:
+    """Order service down first (retryable: nothing stored, nothing published, delivered
+    again); then it answers that the order is unknown: a definite refusal, published once as
+    `payment.failed` (reason ORDER_NOT_FOUND) for the three deliveries, to the broker only."""
+    js, names = broker
+    event = reserved()
+    async with order_service() as (orders, port):
+        orders.down = True
+        names = {
+            **names,
+            "order_service_addr": f"127.0.0.1:{port}",
+            "order_service_attempts": 1,
+            "order_service_breaker_threshold": 1000,
+        }
+        async with consuming(database_url, tmp_path, names) as app:
+            assert app.saga is not None
+            assert app.relay is not None
+            for _ in range(3):  # no Nats-Msg-Id: JetStream keeps all three
+                await js.publish(names["saga_subject"], event.SerializeToString())
+            await asyncio.wait_for(app.saga.wait_until(lambda s: s[Verdict.RETRY] >= 3), WAIT_S)
+            assert await outbox_rows(app) == []
+            orders.down = False
+            await asyncio.wait_for(app.saga.wait_until(lambda s: s[Verdict.DONE] >= 3), WAIT_S)
+            await asyncio.wait_for(app.relay.wait_until(lambda s: s.delivered >= 1), WAIT_S)
+            rows = await outbox_rows(app)
+            charged = await payments_of(app, event.order_id)
+            delivered = app.relay.stats.delivered
+        assert orders.notifications == []
+    assert charged == []
+    assert rows == [("broker", f"inventory:{event.event_id}:failed", "payment.failed")]
+    assert delivered == 1
+    envelope = await published_refusal(js, names, event)
+    assert envelope.refusal.reason == "ORDER_NOT_FOUND"
+
+
+async def test_an_order_mismatch_is_one_payment_failed_and_no_payment(
+    database_url: str, tmp_path: pathlib.Path, broker
+) -> None:
+    js, names = broker
+    event = reserved(amount=10_000)
+    async with order_service() as (orders, port):
+        orders.add(event.order_id, 12_345, customer_id="cus_saga")
+        names = {**names, "order_service_addr": f"127.0.0.1:{port}"}
+        async with consuming(database_url, tmp_path, names) as app:
+            assert app.saga is not None
+            assert app.relay is not None
+            for _ in range(3):
+                await js.publish(names["saga_subject"], event.SerializeToString())
+            await asyncio.wait_for(app.saga.wait_until(lambda s: s[Verdict.DONE] >= 3), WAIT_S)
+            await asyncio.wait_for(app.relay.wait_until(lambda s: s.delivered >= 1), WAIT_S)
+            rows = await outbox_rows(app)
+            charged = await payments_of(app, event.order_id)
+    assert charged == []
+    assert len(rows) == 1
+    envelope = await published_refusal(js, names, event)
+    assert envelope.refusal.reason == "ORDER_MISMATCH"
+
+
+async def test_an_invalid_event_is_dropped_with_one_payment_failed(
+    database_url: str, tmp_path: pathlib.Path, broker
+) -> None:
+    """Content that breaks the Charge request's rules: never charged, answered once."""
+    js, names = broker
+    negative = reserved(amount=-5)
+    async with consuming(database_url, tmp_path, names) as app:
+        assert app.saga is not None
+        assert app.relay is not None
+        for _ in range(2):
+            await js.publish(names["saga_subject"], negative.SerializeToString())
+        await asyncio.wait_for(app.saga.wait_until(lambda s: s[Verdict.REJECTED] >= 2), WAIT_S)
+        await asyncio.wait_for(app.relay.wait_until(lambda s: s.delivered >= 1), WAIT_S)
+        rows = await outbox_rows(app)
+        charged = await payments_of(app, negative.order_id)
+    assert charged == []
+    assert len(rows) == 1
+    envelope = await published_refusal(js, names, negative)
+    assert envelope.refusal.reason == "INVALID_ARGUMENT"
+    assert "amount" in envelope.refusal.message

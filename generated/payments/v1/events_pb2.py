@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from payments.v1 import resources_pb2 as payments_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18payments/v1/events.proto\x12\x0bpayments.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bpayments/v1/resources.proto\"\xf6\x01\n\x0cPaymentEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12%\n\x07payment\x18\x03 \x01(\x0b\x32\x14.payments.v1.Payment\x12\x10\n\x08sequence\x18\x04 \x01(\x03\x12\x33\n\x0fprevious_status\x18\x05 \x01(\x0e\x32\x1a.payments.v1.PaymentStatus\x12.\n\noccur_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05trace\x18\x07 \x01(\x0b\x32\x19.payments.v1.TraceContext\"5\n\x0cTraceContext\x12\x10\n\x08trace_id\x18\x01 \x01(\t\x12\x13\n\x0btraceparent\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18payments/v1/events.proto\x12\x0bpayments.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bpayments/v1/resources.proto\"\xa3\x02\n\x0cPaymentEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12%\n\x07payment\x18\x03 \x01(\x0b\x32\x14.payments.v1.Payment\x12\x10\n\x08sequence\x18\x04 \x01(\x03\x12\x33\n\x0fprevious_status\x18\x05 \x01(\x0e\x32\x1a.payments.v1.PaymentStatus\x12.\n\noccur_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05trace\x18\x07 \x01(\x0b\x32\x19.payments.v1.TraceContext\x12+\n\x07refusal\x18\x08 \x01(\x0b\x32\x1a.payments.v1.ChargeRefusal\"^\n\rChargeRefusal\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08order_id\x18\x03 \x01(\t\x12\x1a\n\x12inventory_event_id\x18\x04 \x01(\t\"5\n\x0cTraceContext\x12\x10\n\x08trace_id\x18\x01 \x01(\t\x12\x13\n\x0btraceparent\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,7 +34,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'payments.v1.events_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PAYMENTEVENT']._serialized_start=104
-  _globals['_PAYMENTEVENT']._serialized_end=350
-  _globals['_TRACECONTEXT']._serialized_start=352
-  _globals['_TRACECONTEXT']._serialized_end=405
+  _globals['_PAYMENTEVENT']._serialized_end=395
+  _globals['_CHARGEREFUSAL']._serialized_start=397
+  _globals['_CHARGEREFUSAL']._serialized_end=491
+  _globals['_TRACECONTEXT']._serialized_start=493
+  _globals['_TRACECONTEXT']._serialized_end=546
 # @@protoc_insertion_point(module_scope)

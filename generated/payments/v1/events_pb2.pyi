@@ -28,6 +28,11 @@ class PaymentEvent(_message.Message):
     redeliveries, so a consumer drops an event id it has already seen (JetStream does so
     within its dedupe window through the `Nats-Msg-Id` header, which carries the same id).
     For one payment, events arrive in `sequence` order.
+
+    One form has no payment: the checkout saga's `payment.failed` for an inventory event
+    whose charge was refused outright (order unknown, not payable, mismatching, the event
+    invalid), so that no payment exists. Then `payment` is unset, `sequence` is 0,
+    `refusal` says why, and `event_id` is `inventory:<inventory event id>:failed`.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -39,6 +44,7 @@ class PaymentEvent(_message.Message):
     PREVIOUS_STATUS_FIELD_NUMBER: _builtins.int
     OCCUR_TIME_FIELD_NUMBER: _builtins.int
     TRACE_FIELD_NUMBER: _builtins.int
+    REFUSAL_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Stable id of this event, `<payment_id>:<sequence>`; the dedupe id."""
     type: _builtins.str
@@ -59,6 +65,10 @@ class PaymentEvent(_message.Message):
     def trace(self) -> Global___TraceContext:
         """The trace of the call that made the change."""
 
+    @_builtins.property
+    def refusal(self) -> Global___ChargeRefusal:
+        """Set only on a `payment.failed` without a payment (see above): why the charge was refused."""
+
     def __init__(
         self,
         *,
@@ -69,14 +79,53 @@ class PaymentEvent(_message.Message):
         previous_status: _resources_pb2.PaymentStatus.ValueType = ...,
         occur_time: _timestamp_pb2.Timestamp | None = ...,
         trace: Global___TraceContext | None = ...,
+        refusal: Global___ChargeRefusal | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["occur_time", b"occur_time", "payment", b"payment", "trace", b"trace"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occur_time", b"occur_time", "payment", b"payment", "refusal", b"refusal", "trace", b"trace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "occur_time", b"occur_time", "payment", b"payment", "previous_status", b"previous_status", "sequence", b"sequence", "trace", b"trace", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "occur_time", b"occur_time", "payment", b"payment", "previous_status", b"previous_status", "refusal", b"refusal", "sequence", b"sequence", "trace", b"trace", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PaymentEvent: _TypeAlias = PaymentEvent  # noqa: Y015
+
+@_typing.final
+class ChargeRefusal(_message.Message):
+    """A charge refused before any payment was made (the checkout saga's answer to an
+    `inventory.v1.reserved` event it will never charge).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    INVENTORY_EVENT_ID_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """The machine-readable reason, as the refused call's google.rpc.ErrorInfo would carry it:
+    e.g. `ORDER_NOT_FOUND`, `ORDER_NOT_PAYABLE`, `ORDER_MISMATCH`, `INVALID_ARGUMENT`.
+    """
+    message: _builtins.str
+    """A human-readable explanation (never card data)."""
+    order_id: _builtins.str
+    """The order the event asked to charge for."""
+    inventory_event_id: _builtins.str
+    """The `inventory.v1.InventoryReserved` event that was refused."""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+        order_id: _builtins.str = ...,
+        inventory_event_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inventory_event_id", b"inventory_event_id", "message", b"message", "order_id", b"order_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChargeRefusal: _TypeAlias = ChargeRefusal  # noqa: Y015
 
 @_typing.final
 class TraceContext(_message.Message):

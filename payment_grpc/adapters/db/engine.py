@@ -32,7 +32,7 @@ from payment_grpc.adapters.db.repositories import (
 from payment_grpc.domain.payment import Payment, PaymentEvent
 from payment_grpc.domain.refund import Refund
 from payment_grpc.service.errors import StorageUnavailable
-from payment_grpc.service.ports import StatusBus
+from payment_grpc.service.ports import ChargeRefusal, StatusBus
 from payment_grpc.telemetry.metrics import REFUNDS, STATUS_CHANGES
 
 
@@ -132,6 +132,7 @@ class SqlUnitOfWork:
         self._event_log = event_log
         self.committed = False
         self._on_commit: list[Callable[[], None]] = []
+        self._refusals: list[ChargeRefusal] = []  # outbox rows without a payment
         self.payments = SqlPaymentRepository(
             conn, row_locks, cipher, written=self.events, changed=self._changed
         )
@@ -142,6 +143,9 @@ class SqlUnitOfWork:
     def on_commit(self, action: Callable[[], None]) -> None:
         self._on_commit.append(action)
 
+    def publish_refusal(self, refusal: ChargeRefusal) -> None:
+        self._refusals.append(refusal)
+
     async def commit(self) -> None:
         # The one place where what a transaction's events imply is written with them: the
         # change feed and the transactional outbox rows, with the COMMIT.
@@ -150,7 +154,9 @@ class SqlUnitOfWork:
         if log is None:
             await self._conn.commit()
         else:
-            wrote_outbox = await log.write_and_commit(self._conn, self._changed, datetime.now(UTC))
+            wrote_outbox = await log.write_and_commit(
+                self._conn, self._changed, datetime.now(UTC), self._refusals
+            )
         self.committed = True
         count_committed(self.payments.changed, self.refunds.changed)
         for action in self._on_commit:

@@ -22,10 +22,11 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from payment_grpc.adapters.db.outbox import EventEncoder, OutboxWriter, Recorded
+from payment_grpc.adapters.db.outbox import EventEncoder, OutboxWriter, Recorded, RefusalEncoder
 from payment_grpc.adapters.db.tables import feed_counter, payment_feed
 from payment_grpc.domain.payment import Payment, PaymentEvent
 from payment_grpc.service.outbox import event_type, event_types
+from payment_grpc.service.ports import ChargeRefusal
 
 # Taken last in the transaction: the counter row stays locked only for the COMMIT, and
 # transactions get their positions in the order they commit.
@@ -41,15 +42,25 @@ _TAKE_POSITIONS = (
 class EventLog:
     encode: EventEncoder
     outbox: OutboxWriter | None = None
+    encode_refusal: RefusalEncoder | None = None  # needed when refusals are published
 
     async def write_and_commit(
         self,
         conn: AsyncConnection,
         changes: Sequence[tuple[Payment, Sequence[PaymentEvent]]],
         now: datetime,
+        refusals: Sequence[ChargeRefusal] = (),
     ) -> bool:
-        """Feed and outbox rows for these changes, then COMMIT; whether outbox rows were
-        written."""
+        """Feed and outbox rows for these changes, outbox rows for the refusals (no payment:
+        not in the feed), then COMMIT; whether outbox rows were written."""
+        refused = False
+        if refusals and self.outbox is not None:
+            if self.encode_refusal is None:
+                raise RuntimeError("EventLog: refusals published without encode_refusal")
+            encode = self.encode_refusal
+            refused = await self.outbox.write_refusals(
+                conn, [(refusal, encode(refusal)) for refusal in refusals], now
+            )
         recorded = [
             Recorded(payment, event, kind, self.encode(payment, event, kind))
             for payment, events in changes
@@ -58,8 +69,9 @@ class EventLog:
         ]
         if not recorded:
             await conn.commit()
-            return False
+            return refused
         wrote = self.outbox is not None and await self.outbox.write(conn, recorded, now)
+        wrote = wrote or refused
         # The feed has one entry per event: the saga's extra `payment.completed` is published
         # only (the feed's consumers see the success as its own event).
         own = [item for item in recorded if item.kind == event_type(item.event)]

@@ -18,12 +18,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from payment_grpc.adapters.db.tables import outbox
 from payment_grpc.domain.payment import Payment, PaymentEvent
-from payment_grpc.service.outbox import event_id
-from payment_grpc.service.ports import OutboxMessage
+from payment_grpc.service.outbox import FAILED, REFUSAL_ROUTE, event_id
+from payment_grpc.service.ports import ChargeRefusal, OutboxMessage
 
 PENDING, DELIVERED, PARKED = "pending", "delivered", "parked"
 # (payment as of the transaction, event, type) -> serialized payments.v1.PaymentEvent
 EventEncoder = Callable[[Payment, PaymentEvent, str], bytes]
+# a charge refused without a payment -> serialized payments.v1.PaymentEvent (no payment)
+RefusalEncoder = Callable[[ChargeRefusal], bytes]
 Route = tuple[str, Callable[[str], bool]]  # sink name, which event types it takes
 
 
@@ -51,6 +53,36 @@ class OutboxWriter:
             for item in recorded
             for sink, wants in self.routes
             if wants(item.kind)
+        ]
+        if rows:
+            await conn.execute(outbox.insert(), rows)
+        return bool(rows)
+
+    async def write_refusals(
+        self,
+        conn: AsyncConnection,
+        refusals: Sequence[tuple[ChargeRefusal, bytes]],
+        now: datetime,
+    ) -> bool:
+        """Rows for charges refused without a payment (published as `payment.failed`), for
+        the sinks that want REFUSAL_ROUTE; each its own group (its dedupe id stands for the
+        payment id), sequence 0. Whether any was written."""
+        rows = [
+            {
+                "sink": sink,
+                "dedupe_id": refusal.event_id,
+                "payment_id": refusal.event_id,
+                "sequence": 0,
+                "event_type": FAILED,
+                "payload": payload,
+                "state": PENDING,
+                "attempts": 0,
+                "next_attempt_at": now,
+                "created_at": now,
+            }
+            for refusal, payload in refusals
+            for sink, wants in self.routes
+            if wants(REFUSAL_ROUTE)
         ]
         if rows:
             await conn.execute(outbox.insert(), rows)

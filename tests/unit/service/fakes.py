@@ -23,6 +23,7 @@ from payment_grpc.service.ports import (
     Authorization,
     AuthorizationOutcome,
     AuthorizationRequest,
+    ChargeRefusal,
     GatewayResult,
     GatewayTimeout,
     GatewayUnreachable,
@@ -296,9 +297,13 @@ class MemoryUnitOfWork:
         self.payments = MemoryPayments(tables, self.events)
         self.refunds = MemoryRefunds(tables)
         self.idempotency = MemoryKeys(tables)
+        self.refusals: list[ChargeRefusal] = []  # the outbox's refusals, in this transaction
 
     def on_commit(self, action: Callable[[], None]) -> None:
         self._on_commit.append(action)
+
+    def publish_refusal(self, refusal: ChargeRefusal) -> None:
+        self.refusals.append(refusal)
 
     async def commit(self) -> None:
         self.committed = True
