@@ -221,7 +221,10 @@ def running_server(
     env = {**os.environ, **SERVER_ENV, **run_secrets.env(), **(extra_env or {})}
     env |= {"DATABASE_URL": database_url, "WORKERS": str(workers)}
     env["DATA_DIR"] = str(workdir / "data")
-    with _started([sys.executable, "-m", "payment_grpc", "serve"], env, workdir) as server:
+    # Started in the run's directory: `python -m` puts the working directory first on
+    # sys.path, so from a checkout it would import that tree, not --server-path's.
+    command = [sys.executable, "-m", "payment_grpc", "serve"]
+    with _started(command, env, workdir, cwd=workdir) as server:
         yield server
 
 
@@ -235,7 +238,12 @@ def running_ceiling(workdir: pathlib.Path, *, workers: int) -> Iterator[RunningS
 
 @contextlib.contextmanager
 def _started(
-    command: list[str], env: dict[str, str], workdir: pathlib.Path, *, port_flag: bool = False
+    command: list[str],
+    env: dict[str, str],
+    workdir: pathlib.Path,
+    *,
+    port_flag: bool = False,
+    cwd: pathlib.Path | None = None,
 ) -> Iterator[RunningServer]:
     port = free_port()
     if port_flag:
@@ -243,7 +251,7 @@ def _started(
     env = {**env, "PORT": str(port)}
     log_path = workdir / f"server-{port}.log"
     with log_path.open("wb") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
     server = RunningServer(process, port, log_path)
     try:
         _wait_serving(server)
