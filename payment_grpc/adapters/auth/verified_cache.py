@@ -13,40 +13,44 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from dataclasses import KW_ONLY, dataclass, field
 
 from payment_grpc.service.ports import Clock, Principal, TokenVerifier
 
 DEFAULT_MAX_ENTRIES = 10_000
 
 
+@dataclass(eq=False)
 class CachedVerifier:
-    def __init__(
-        self, inner: TokenVerifier, clock: Clock, *, max_entries: int = DEFAULT_MAX_ENTRIES
-    ) -> None:
-        if max_entries < 1:
+    inner: TokenVerifier
+    clock: Clock
+    _: KW_ONLY
+    max_entries: int = DEFAULT_MAX_ENTRIES
+    _verified: OrderedDict[bytes, Principal] = field(
+        init=False, repr=False, default_factory=OrderedDict
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_entries < 1:
             raise ValueError("max_entries must be at least 1")
-        self._inner = inner
-        self._clock = clock
-        self._max_entries = max_entries
-        self._verified: OrderedDict[bytes, Principal] = OrderedDict()
 
     async def verify(self, token: str) -> Principal:
         key = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
         principal = self._verified.get(key)
         if principal is not None:
-            if self._clock.now() < principal.expires_at:
+            if self.clock.now() < principal.expires_at:
                 self._verified.move_to_end(key)
                 return principal
             del self._verified[key]
-        principal = await self._inner.verify(token)  # raises for a bad token: not cached
-        if self._clock.now() < principal.expires_at:
+        principal = await self.inner.verify(token)  # raises for a bad token: not cached
+        if self.clock.now() < principal.expires_at:
             self._remember(key, principal)
         return principal
 
     def _remember(self, key: bytes, principal: Principal) -> None:
         self._verified[key] = principal
         self._verified.move_to_end(key)
-        while len(self._verified) > self._max_entries:
+        while len(self._verified) > self.max_entries:
             self._verified.popitem(last=False)
 
     def __len__(self) -> int:
