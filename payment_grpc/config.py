@@ -285,20 +285,19 @@ class OrderServiceSettings(_Group):
     """Name checked in the order service's certificate (unset: the address's host)."""
 
 
+# A JetStream stream or consumer name; a NATS subject (dot-separated tokens, no wildcards).
+JetStreamName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+NatsSubject = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")]
+
+
 class EventSettings(_Group):
     """Payment events: NATS JetStream, the outbox relay, the WatchPayments feed."""
 
     nats_url: str | None = Field(None, validation_alias="NATS_URL")
     """NATS with JetStream, e.g. nats://127.0.0.1:4222; unset: no broker."""
-    nats_stream: str = Field(
-        "PAYMENTS", pattern=r"^[A-Za-z0-9_-]{1,64}$", validation_alias="NATS_STREAM"
-    )
+    nats_stream: JetStreamName = Field("PAYMENTS", validation_alias="NATS_STREAM")
     """The JetStream stream, created when missing."""
-    nats_subject_prefix: str = Field(
-        "payments.v1",
-        pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
-        validation_alias="NATS_SUBJECT_PREFIX",
-    )
+    nats_subject_prefix: NatsSubject = Field("payments.v1", validation_alias="NATS_SUBJECT_PREFIX")
     """Subjects are <prefix>.<type>, e.g. payments.v1.payment.captured."""
     outbox_batch_size: int = Field(100, ge=1, le=10_000, validation_alias="OUTBOX_BATCH_SIZE")
     """Rows a relay claims at once."""
@@ -323,19 +322,11 @@ class EventSettings(_Group):
     saga_consume: bool = Field(False, validation_alias="SAGA_CONSUME")
     """true: take part in the checkout saga: charge for each inventory.v1.reserved event
     (a durable JetStream consumer on NATS_URL), answer payment.completed / payment.failed."""
-    saga_stream: str = Field(
-        "INVENTORY", pattern=r"^[A-Za-z0-9_-]{1,64}$", validation_alias="SAGA_STREAM"
-    )
+    saga_stream: JetStreamName = Field("INVENTORY", validation_alias="SAGA_STREAM")
     """The JetStream stream holding the inventory events (created when missing)."""
-    saga_subject: str = Field(
-        "inventory.v1.reserved",
-        pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
-        validation_alias="SAGA_SUBJECT",
-    )
+    saga_subject: NatsSubject = Field("inventory.v1.reserved", validation_alias="SAGA_SUBJECT")
     """The subject of the inventory.v1.InventoryReserved events."""
-    saga_durable: str = Field(
-        "payment-grpc-saga", pattern=r"^[A-Za-z0-9_-]{1,64}$", validation_alias="SAGA_DURABLE"
-    )
+    saga_durable: JetStreamName = Field("payment-grpc-saga", validation_alias="SAGA_DURABLE")
     """Name of the durable consumer, shared by every replica."""
     saga_retry_delay_seconds: float = Field(2.0, gt=0, validation_alias="SAGA_RETRY_DELAY_SECONDS")
     """An event that cannot be charged now (storage, order service down) comes back after it."""
