@@ -10,7 +10,7 @@ one stores the answer.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from payment_grpc.domain.errors import GatewayRejected, OperationInProgress
@@ -41,7 +41,6 @@ from payment_grpc.service.ports import (
     NO_ANSWER,
     GatewayResult,
     RecoveryPoint,
-    UnitOfWork,
 )
 
 CAPTURE = "capture"
@@ -103,12 +102,13 @@ class Operations:
         checkpoint = checkpoint or no_checkpoint()
         if checkpoint.resumes_at(RecoveryPoint.OPERATION_CLAIMED):
             return await self._resume_claim(payment_id, CAPTURE, ctx, checkpoint)
-        async with self._deps.uow() as tx:
-            payment = await tx.payments.get(payment_id, for_update=True)
-            amount = amount or payment.amount
-            payment.check_capture(amount)
-            claimed = payment.claim(capture_claim(amount.amount_minor))
-            await self._save_claim(tx, payment, claimed, checkpoint)
+
+        def claim(payment: Payment) -> str:
+            captured = amount or payment.amount
+            payment.check_capture(captured)
+            return capture_claim(captured.amount_minor)
+
+        claimed = await self._claim(payment_id, claim, checkpoint)
         self._deps.faults.hit("capture.before_gateway")
         return await self.finish_capture(claimed, ctx, checkpoint)
 
@@ -136,14 +136,14 @@ class Operations:
         checkpoint = checkpoint or no_checkpoint()
         if checkpoint.resumes_at(RecoveryPoint.OPERATION_CLAIMED):
             return await self._resume_claim(payment_id, CANCEL, ctx, checkpoint)
-        async with self._deps.uow() as tx:
-            payment = await tx.payments.get(payment_id, for_update=True)
+
+        def claim(payment: Payment) -> str | None:
             payment.require(CANCEL, PaymentStatus.PENDING, PaymentStatus.AUTHORIZED)
-            if payment.status is not PaymentStatus.PENDING:
-                claimed = payment.claim(CANCEL)
-                await self._save_claim(tx, payment, claimed, checkpoint)
-        if payment.status is PaymentStatus.PENDING:
-            return await self._cancel_unsent(payment, ctx, checkpoint)
+            return None if payment.status is PaymentStatus.PENDING else CANCEL
+
+        claimed = await self._claim(payment_id, claim, checkpoint)
+        if claimed.status is PaymentStatus.PENDING:  # not claimed: nothing reached the gateway
+            return await self._cancel_unsent(claimed, ctx, checkpoint)
         self._deps.faults.hit("cancel.before_gateway")
         return await self.finish_cancel(claimed, ctx, checkpoint)
 
@@ -198,13 +198,24 @@ class Operations:
 
     # ------------------------------------------------------------ shared
 
-    async def _save_claim(
-        self, tx: UnitOfWork, payment: Payment, claimed: Payment, checkpoint: Checkpoint
-    ) -> None:
-        reached = checkpoint.reaching(
-            RecoveryPoint.OPERATION_CLAIMED, payment_id=payment.payment_id
-        )
-        await self._changes.commit(tx, Change(claimed, payment), reached)
+    async def _claim(
+        self,
+        payment_id: str,
+        claim: Callable[[Payment], str | None],
+        checkpoint: Checkpoint,
+    ) -> Payment:
+        """Under the row lock, `claim` checks the payment and names the claim to put on it;
+        the claimed payment is committed with the key's recovery point and returned. If
+        `claim` names none, the payment as read is returned, unchanged."""
+        async with self._deps.uow() as tx:
+            payment = await tx.payments.get(payment_id, for_update=True)
+            name = claim(payment)
+            if name is None:
+                return payment
+            claimed = payment.claim(name)
+            reached = checkpoint.reaching(RecoveryPoint.OPERATION_CLAIMED, payment_id=payment_id)
+            await self._changes.commit(tx, Change(claimed, payment), reached)
+        return claimed
 
     async def _resume_claim(
         self, payment_id: str, operation: str, ctx: RequestContext, checkpoint: Checkpoint
