@@ -28,6 +28,7 @@ from typing import Any
 
 import aiosqlite
 
+from payment_grpc.adapters import sqlite_open
 from payment_grpc.domain.money import Money
 from payment_grpc.domain.payment import (
     ASYNC_METHOD_TYPES,
@@ -128,7 +129,7 @@ _INDEXES = (
 
 
 async def _open_ledger(path: str) -> aiosqlite.Connection:
-    db = await aiosqlite.connect(path, timeout=30, isolation_level=None)
+    db = await sqlite_open.connect(path, timeout=30, isolation_level=None)
     try:
         await db.execute_fetchall("PRAGMA journal_mode=WAL")
         # Under WAL, NORMAL syncs at checkpoints rather than at every commit: a power cut may
