@@ -215,6 +215,25 @@ async def published_refusal(
     return envelope
 
 
+async def delivered_refusal(
+    app: Application,
+    js: JetStreamContext,
+    names: dict[str, Any],
+    event: inventory.InventoryReserved,
+    times: int,
+    verdict: Verdict,
+) -> tuple[list[tuple[str, str, str]], list[tuple[str, str]]]:
+    """Publish `event` `times` times; once every delivery is settled with `verdict` and the
+    relay has delivered, the outbox rows and the order's payments."""
+    assert app.saga is not None
+    assert app.relay is not None
+    for _ in range(times):
+        await js.publish(names["saga_subject"], event.SerializeToString())
+    await asyncio.wait_for(app.saga.wait_until(lambda s: s[verdict] >= times), WAIT_S)
+    await asyncio.wait_for(app.relay.wait_until(lambda s: s.delivered >= 1), WAIT_S)
+    return await outbox_rows(app), await payments_of(app, event.order_id)
+
+
 async def test_an_unknown_order_delivered_three_times_is_one_payment_failed_and_no_payment(
     database_url: str, tmp_path: pathlib.Path, broker
 ) -> None:
@@ -261,14 +280,7 @@ async def test_an_order_mismatch_is_one_payment_failed_and_no_payment(
         orders.add(event.order_id, 12_345, customer_id="cus_saga")
         names = {**names, "order_service_addr": f"127.0.0.1:{port}"}
         async with consuming(database_url, tmp_path, names) as app:
-            assert app.saga is not None
-            assert app.relay is not None
-            for _ in range(3):
-                await js.publish(names["saga_subject"], event.SerializeToString())
-            await asyncio.wait_for(app.saga.wait_until(lambda s: s[Verdict.DONE] >= 3), WAIT_S)
-            await asyncio.wait_for(app.relay.wait_until(lambda s: s.delivered >= 1), WAIT_S)
-            rows = await outbox_rows(app)
-            charged = await payments_of(app, event.order_id)
+            rows, charged = await delivered_refusal(app, js, names, event, 3, Verdict.DONE)
     assert charged == []
     assert len(rows) == 1
     envelope = await published_refusal(js, names, event)
@@ -282,14 +294,7 @@ async def test_an_invalid_event_is_dropped_with_one_payment_failed(
     js, names = broker
     negative = reserved(amount=-5)
     async with consuming(database_url, tmp_path, names) as app:
-        assert app.saga is not None
-        assert app.relay is not None
-        for _ in range(2):
-            await js.publish(names["saga_subject"], negative.SerializeToString())
-        await asyncio.wait_for(app.saga.wait_until(lambda s: s[Verdict.REJECTED] >= 2), WAIT_S)
-        await asyncio.wait_for(app.relay.wait_until(lambda s: s.delivered >= 1), WAIT_S)
-        rows = await outbox_rows(app)
-        charged = await payments_of(app, negative.order_id)
+        rows, charged = await delivered_refusal(app, js, names, negative, 2, Verdict.REJECTED)
     assert charged == []
     assert len(rows) == 1
     envelope = await published_refusal(js, names, negative)
