@@ -35,7 +35,6 @@ from payment_grpc.adapters.faults import KillAtFaultPoint, NoFaults
 from payment_grpc.adapters.gateways.guarded import GuardedGateway
 from payment_grpc.adapters.gateways.instrumented import InstrumentedGateway
 from payment_grpc.adapters.gateways.simulated import (
-    FailureMix,
     SimulatedGateway,
     SimulatedGatewayConfig,
 )
@@ -209,7 +208,7 @@ def build_gateway(settings: Settings, news: GatewayNews) -> GatewayAdapter:
         SimulatedGatewayConfig(
             ledger_path=str(ledger),
             success_rate=gateway.success_rate,
-            failure_mix=FailureMix(**gateway.failure_mix.model_dump()),
+            failure_mix=gateway.failure_mix,
             latency_ms_min=gateway.latency_ms_min,
             latency_ms_max=gateway.latency_ms_max,
             async_settle_ms=gateway.async_settle_ms,

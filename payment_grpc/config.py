@@ -24,7 +24,6 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    NonNegativeInt,
     SecretStr,
     field_validator,
     model_validator,
@@ -32,6 +31,8 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
+
+from payment_grpc.adapters.gateways.failure_mix import FailureMix
 
 # The drivers this service runs on, by the bare scheme an operator may write instead.
 DATABASE_DRIVERS = {
@@ -340,35 +341,9 @@ class EventSettings(_Group):
         return self
 
 
-class FailureMix(BaseModel):
-    """Relative weights of the simulated gateway's failure kinds, written
-    "declined=60,insufficient_funds=10,network_error=20,invalid_method=10"."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    declined: NonNegativeInt = 60
-    insufficient_funds: NonNegativeInt = 10
-    network_error: NonNegativeInt = 20
-    invalid_method: NonNegativeInt = 10
-
-    @model_validator(mode="before")
-    @classmethod
-    def _parse(cls, value: object) -> object:
-        if not isinstance(value, str):
-            return value
-        weights: dict[str, str] = {}
-        for part in filter(None, (p.strip() for p in value.split(","))):
-            name, equals, weight = part.partition("=")
-            if not equals:
-                raise ValueError(f"{part!r} is not kind=weight")
-            weights[name.strip()] = weight.strip()
-        return weights
-
-    @model_validator(mode="after")
-    def _some_weight(self) -> Self:
-        if not any(self.model_dump().values()):
-            raise ValueError("at least one failure kind needs a positive weight")
-        return self
+def _failure_mix(value: object) -> object:
+    """GATEWAY_FAILURE_MIX is read by the same parser as gateway-sim's --failure-mix."""
+    return FailureMix.parse(value) if isinstance(value, str) else value
 
 
 class GatewaySettings(_Group):
@@ -378,7 +353,7 @@ class GatewaySettings(_Group):
     """The simulated gateway's own ledger (SQLite); unset: DATA_DIR/simulated_gateway.db."""
     success_rate: float = Field(0.95, ge=0, le=1, validation_alias="GATEWAY_SUCCESS_RATE")
     """Success probability for card tokens without a fixed outcome."""
-    failure_mix: Annotated[FailureMix, NoDecode] = Field(
+    failure_mix: Annotated[FailureMix, NoDecode, BeforeValidator(_failure_mix)] = Field(
         default_factory=FailureMix, validation_alias="GATEWAY_FAILURE_MIX"
     )
     """Relative weights of the failures, "declined=60,insufficient_funds=10,..."."""

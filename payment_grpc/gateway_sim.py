@@ -7,11 +7,8 @@ import asyncio
 import logging
 import signal
 
-from payment_grpc.adapters.gateways.engine import (
-    FailureMix,
-    SimulatedGatewayConfig,
-    SimulatorEngine,
-)
+from payment_grpc.adapters.gateways.engine import SimulatedGatewayConfig, SimulatorEngine
+from payment_grpc.adapters.gateways.failure_mix import FailureMix
 from payment_grpc.adapters.gateways.stripe_simulator import StripeSimulator, start_simulator
 from payment_grpc.adapters.gateways.stripe_webhooks_out import DeliveryPolicy, WebhookSender
 

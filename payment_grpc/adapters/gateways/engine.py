@@ -22,13 +22,14 @@ import random
 import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiosqlite
 
 from payment_grpc.adapters import sqlite_open
+from payment_grpc.adapters.gateways.failure_mix import FailureMix
 from payment_grpc.domain.money import Money
 from payment_grpc.domain.payment import (
     ASYNC_METHOD_TYPES,
@@ -80,26 +81,10 @@ GENERIC_CARD = CardDetails("visa", "0000", 12, 2034)
 
 
 @dataclass(frozen=True, slots=True)
-class FailureMix:
-    """Relative weights of the failure kinds for tokens without a fixed outcome."""
-
-    declined: int = 60
-    insufficient_funds: int = 10
-    network_error: int = 20
-    invalid_method: int = 10
-
-    @classmethod
-    def parse(cls, spec: str) -> FailureMix:
-        """ "declined=60,insufficient_funds=10,network_error=20,invalid_method=10"."""
-        weights = dict(part.split("=") for part in spec.split(",") if part)
-        return cls(**{name.strip(): int(value) for name, value in weights.items()})
-
-
-@dataclass(frozen=True, slots=True)
 class SimulatedGatewayConfig:
     ledger_path: str
     success_rate: float = 0.95
-    failure_mix: FailureMix = FailureMix()
+    failure_mix: FailureMix = field(default_factory=FailureMix)
     latency_ms_min: int = 0
     latency_ms_max: int = 0
     async_settle_ms: int = 2000

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import logging
 
-from payment_grpc.adapters.gateways.engine import (
-    FailureMix,
-    SimulatedGatewayConfig,
-    SimulatorEngine,
-)
+from payment_grpc.adapters.gateways.engine import SimulatedGatewayConfig, SimulatorEngine
+from payment_grpc.adapters.gateways.failure_mix import FailureMix
 from payment_grpc.domain.money import Money
 from payment_grpc.service.ports import (
     Authorization,
