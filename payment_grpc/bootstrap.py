@@ -203,19 +203,8 @@ def build_gateway(settings: Settings, news: GatewayNews) -> GatewayAdapter:
         return GuardedGateway(build_stripe_gateway(settings), policy)
     ledger = settings.ledger_path()
     ledger.parent.mkdir(parents=True, exist_ok=True)
-    gateway = settings.gateway
-    return SimulatedGateway(
-        SimulatedGatewayConfig(
-            ledger_path=str(ledger),
-            success_rate=gateway.success_rate,
-            failure_mix=gateway.failure_mix,
-            latency_ms_min=gateway.latency_ms_min,
-            latency_ms_max=gateway.latency_ms_max,
-            async_settle_ms=gateway.async_settle_ms,
-            seed=gateway.seed,
-        ),
-        news,
-    )
+    config = SimulatedGatewayConfig.from_knobs(str(ledger), settings.gateway)
+    return SimulatedGateway(config, news)
 
 
 def build_stripe_gateway(settings: Settings) -> StripeGateway:

@@ -50,18 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    engine = SimulatorEngine(
-        SimulatedGatewayConfig(
-            ledger_path=args.ledger,
-            success_rate=args.success_rate,
-            failure_mix=args.failure_mix,
-            latency_ms_min=args.latency_ms_min,
-            latency_ms_max=args.latency_ms_max,
-            async_settle_ms=args.async_settle_ms,
-            seed=args.seed,
-        ),
-        reference_prefix="pi_sim",
-    )
+    config = SimulatedGatewayConfig.from_knobs(args.ledger, args)
+    engine = SimulatorEngine(config, reference_prefix="pi_sim")
     policy = DeliveryPolicy(first_retry_s=args.webhook_retry_ms / 1000, chaos=args.chaos)
     webhooks = WebhookSender(args.webhook_url, args.webhook_secret, policy, args.seed)
     running = await start_simulator(

@@ -22,7 +22,7 @@ import random
 import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -89,6 +89,13 @@ class SimulatedGatewayConfig:
     latency_ms_max: int = 0
     async_settle_ms: int = 2000
     seed: int | None = None
+
+    @classmethod
+    def from_knobs(cls, ledger_path: str, knobs: object) -> SimulatedGatewayConfig:
+        """The other fields read by name from `knobs`: the GATEWAY_* settings or
+        gateway-sim's flags, named alike so that a knob added here is taken from both."""
+        names = (knob.name for knob in fields(cls) if knob.name != "ledger_path")
+        return cls(ledger_path, **{name: getattr(knobs, name) for name in names})
 
 
 _SCHEMA = """
