@@ -65,13 +65,20 @@ class StreamsSummary:
     fanout_p99_ms: float
     fanout_max_ms: float
     failures: dict[str, int]
+    open_s: float = 0.0  # from the watchers' start until every stream had its snapshot
+    capture_s: float = 0.0  # from the first capture's start until the last event arrived
+    server_cpu_open_s: float = 0.0  # the server's CPU in each of those two phases
+    server_cpu_fanout_s: float = 0.0
 
     def row(self) -> str:
         return (
             f"| streams | {self.streams} | opened {self.opened} | events {self.events} "
             f"| RSS MB {self.rss_before_bytes / 2**20:.0f} -> {self.rss_open_bytes / 2**20:.0f}"
             f" | fan-out p50 {self.fanout_p50_ms:.0f} ms, p99 {self.fanout_p99_ms:.0f} ms, "
-            f"max {self.fanout_max_ms:.0f} ms | failures {self.failures or 0} |"
+            f"max {self.fanout_max_ms:.0f} ms | failures {self.failures or 0} "
+            f"| opening {self.open_s:.1f} s (server CPU {self.server_cpu_open_s:.1f} s), "
+            f"captures + fan-out {self.capture_s:.1f} s (server CPU "
+            f"{self.server_cpu_fanout_s:.1f} s) |"
         )
 
 
@@ -87,19 +94,29 @@ async def _watch_one(
     stream = stub.WatchPaymentStatus(
         api.WatchPaymentStatusRequest(payment_id=payment_id), metadata=credentials
     )
+    first = True
+
+    def settled() -> None:
+        """Counts this stream once: its snapshot, or the error it was answered with.
+        Heartbeats (a stream quiet for WATCH_HEARTBEAT_SECONDS) must not count again."""
+        nonlocal first
+        if first:
+            first = False
+            counter[0] += 1
+            if counter[0] == goal:
+                opened.set()
+
     try:
         async for reply in stream:
             if reply.event.status == pb.PAYMENT_STATUS_CAPTURED:
                 result.arrivals.append((payment_id, time.monotonic()))
                 return
-            counter[0] += 1
-            if counter[0] == goal:
-                opened.set()
+            if reply.HasField("event"):
+                result.opened += first
+                settled()
     except aio.AioRpcError as exc:
         result.failures[exc.code().name] = result.failures.get(exc.code().name, 0) + 1
-        counter[0] += 1  # counted as settled, so the run does not wait for it
-        if counter[0] == goal:
-            opened.set()
+        settled()  # so the run does not wait for it
 
 
 async def _watch(config: WatchConfig, barrier: Any) -> WatchResult:
@@ -129,7 +146,6 @@ async def _watch(config: WatchConfig, barrier: Any) -> WatchResult:
             for i in range(config.streams)
         ]
         await asyncio.wait_for(opened.wait(), OPEN_TIMEOUT_S)
-        result.opened = counter[0]
         await asyncio.to_thread(barrier.wait, OPEN_TIMEOUT_S)  # all open: RSS, then captures
         await asyncio.wait_for(asyncio.gather(*tasks), EVENT_TIMEOUT_S)
     finally:
@@ -207,20 +223,21 @@ def run_streams(
         )
         for i in range(processes)
     ]
+    open_start, cpu_start = time.monotonic(), server.cpu_seconds()
     for watcher in watchers:
         watcher.start()
     with contextlib.suppress(threading.BrokenBarrierError):
         barrier.wait(OPEN_TIMEOUT_S)
+    open_end, cpu_open = time.monotonic(), server.cpu_seconds()
     rss_open = server.rss_bytes()
     started = asyncio.run(_capture_all(server.target, jwt_secret, payment_ids))
     collected: list[WatchResult] = [results.get(timeout=EVENT_TIMEOUT_S) for _ in watchers]
+    cpu_end = server.cpu_seconds()
     for watcher in watchers:
         watcher.join(timeout=10)
-    latencies = sorted(
-        (arrived - started[payment_id]) * 1000
-        for r in collected
-        for payment_id, arrived in r.arrivals
-    )
+    arrivals = [(p, arrived) for r in collected for p, arrived in r.arrivals]
+    latencies = sorted((arrived - started[p]) * 1000 for p, arrived in arrivals)
+    last_arrival = max((arrived for _, arrived in arrivals), default=open_end)
     failures: dict[str, int] = {}
     for r in collected:
         for code, n in r.failures.items():
@@ -238,4 +255,8 @@ def run_streams(
         fanout_p99_ms=percentile(latencies, 99),
         fanout_max_ms=latencies[-1] if latencies else float("nan"),
         failures=failures,
+        open_s=open_end - open_start,
+        capture_s=last_arrival - min(started.values(), default=open_end),
+        server_cpu_open_s=cpu_open - cpu_start,
+        server_cpu_fanout_s=cpu_end - cpu_open,
     )
