@@ -6,6 +6,9 @@
   ORDER_SERVICE_ADDR at it to try `make run` with an order service.
 - The real NATS JetStream (BENCH_NATS_URL, default nats://127.0.0.1:4222), a stream and
   subject prefix of the run's own, deleted afterwards.
+- The Stripe-compatible simulator (`payment-grpc gateway-sim`) for `charge-stripe`: the
+  service's gateway calls (the `stripe` SDK, HTTP) and the simulator's ledger in a process
+  of their own, latency 0, every card authorized.
 - Outbox lag: after the load, the rows the run wrote are awaited until delivered (at most
   DRAIN_TIMEOUT_S), then `delivered_at - created_at` per sink (commit -> the sink took it).
 """
@@ -18,6 +21,7 @@ import contextlib
 import datetime
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -75,6 +79,53 @@ def order_service_stub(port: int, workdir: pathlib.Path) -> Iterator[str]:
     try:
         _wait_listening(workdir / "order-stub.log", process)
         yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+STRIPE_SIM_KEY = "sk_test_bench"
+SIM_LISTENING = re.compile(r"listening on (http://127\.0\.0\.1:\d+)")
+
+
+@dataclass(frozen=True, slots=True)
+class Neighbour:
+    """A collaborator process: the server settings that point at it, and its pid."""
+
+    env: dict[str, str]
+    pid: int
+
+
+@contextlib.contextmanager
+def stripe_simulator(workdir: pathlib.Path) -> Iterator[Neighbour]:
+    """`payment-grpc gateway-sim` on a free port, no latency, every card authorized; yields
+    the GATEWAY=stripe settings for the service."""
+    command = [
+        sys.executable, "-m", "payment_grpc", "gateway-sim",
+        "--port", "0",
+        "--api-key", STRIPE_SIM_KEY,
+        "--ledger", str(workdir / "stripe-sim-ledger.db"),
+        "--seed", "1",
+        "--success-rate", "1.0",
+    ]  # fmt: skip
+    log_path = workdir / "stripe-sim.log"
+    log = log_path.open("wb")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, cwd=workdir)
+    try:
+        assert process.stdout is not None
+        match = SIM_LISTENING.search(process.stdout.readline().decode(errors="replace"))
+        if match is None:
+            raise RuntimeError(f"gateway-sim did not start: {log_path.read_text()}")
+        env = {
+            "GATEWAY": "stripe",
+            "STRIPE_API_KEY": STRIPE_SIM_KEY,
+            "STRIPE_API_BASE": match.group(1),
+        }
+        yield Neighbour(env, process.pid)
     finally:
         process.terminate()
         try:

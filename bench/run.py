@@ -32,7 +32,14 @@ from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from bench.collaborators import NATS_URL, delete_stream, order_service_stub, outbox_lag
+from bench.collaborators import (
+    NATS_URL,
+    Neighbour,
+    delete_stream,
+    order_service_stub,
+    outbox_lag,
+    stripe_simulator,
+)
 from bench.scenarios import SCENARIOS, Scenario, ideal_rps
 from bench.server import (
     STOP_TIMEOUT_S,
@@ -43,6 +50,7 @@ from bench.server import (
     machine_busy_seconds,
     running_ceiling,
     running_server,
+    tree_cpu_seconds,
 )
 from bench.stats import (
     TABLE_HEADER,
@@ -61,6 +69,7 @@ DBS = ("sqlite", "postgresql")
 COLLECT_SLACK_S = 60.0
 POLL_S = 1.0
 SLOW_GATEWAY_IN_FLIGHT = 1000
+RSS_SAMPLE_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +107,9 @@ PROFILES = {
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
-    parser.add_argument("--profile", choices=PROFILES, default="short")
+    parser.add_argument(
+        "--profile", choices=PROFILES, help="short (default; with --streams: no runs unless given)"
+    )
     parser.add_argument("--db", choices=[*DBS, "both"], help="only runs on this database")
     parser.add_argument(
         "--scenario",
@@ -136,14 +147,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--stream-payments", type=int, default=100, help="payments the streams watch"
     )
     args = parser.parse_args(argv)
-    profile = PROFILES[args.profile]
+    # `--streams N` alone measures the streams only; with --profile or --scenario, both.
+    streams_only = args.streams and not (args.profile or args.scenario or args.soak)
+    profile = PROFILES[args.profile or "short"]
     args.duration = args.soak or args.duration or profile.duration_s
     args.warmup = profile.warmup_s if args.warmup is None else args.warmup
     if args.duration <= 0 or args.warmup < 0 or args.processes < 1 or args.concurrency < 1:
         parser.error("duration > 0, warmup >= 0, processes >= 1 and concurrency >= 1")
     if args.workers < 1:
         parser.error("workers >= 1")
-    args.runs = _runs(args, profile)
+    args.runs = [] if streams_only else _runs(args, profile)
     return args
 
 
@@ -193,6 +206,26 @@ class CpuSample:
         )
 
 
+class RssSampler(threading.Thread):
+    """The server's RSS every RSS_SAMPLE_S while the load runs (a soak's curve)."""
+
+    def __init__(self, server: RunningServer) -> None:
+        super().__init__(daemon=True)
+        self._server = server
+        self._stop_event = threading.Event()
+        self.samples: list[tuple[float, int]] = []
+
+    def run(self) -> None:
+        start = time.monotonic()
+        while not self._stop_event.wait(RSS_SAMPLE_S):
+            self.samples.append((round(time.monotonic() - start), self._server.rss_bytes()))
+
+    def stop(self) -> list[tuple[float, int]]:
+        self._stop_event.set()
+        self.join()
+        return self.samples
+
+
 def run_load(
     config: WorkerConfig, processes: int, server: RunningServer
 ) -> tuple[list[WorkerResult], CpuSample]:
@@ -227,10 +260,13 @@ def _measure(server: RunningServer, info: RunInfo, run_tag: str, jwt_secret: str
         jwt_secret,
     )
     rss_start = server.rss_bytes()
+    sampler = RssSampler(server)
+    sampler.start()
     results, used = run_load(config, info.processes, server)
     summary = summarize(info, results, used.server_s, used.wall_s)
     summary.machine_busy_cpu_s = used.machine_s
     summary.rss_start_bytes, summary.rss_end_bytes = rss_start, server.rss_bytes()
+    summary.rss_samples = sampler.stop()
     return summary
 
 
@@ -273,6 +309,16 @@ def _collaborators(
             delete_stream(stream)
 
 
+@contextlib.contextmanager
+def _gateway(scenario: Scenario, workdir: pathlib.Path) -> Iterator[Neighbour | None]:
+    """The Stripe-compatible simulator process for a scenario that wants it."""
+    if not scenario.stripe_simulator:
+        yield None
+        return
+    with stripe_simulator(workdir) as simulator:
+        yield simulator
+
+
 def run_one(
     info: RunInfo, run_tag: str, scenario: Scenario, server_path: pathlib.Path | None = None
 ) -> Summary:
@@ -282,15 +328,22 @@ def run_one(
         with (
             fresh_database(info.db, workdir) as url,
             _collaborators(scenario, workdir, run_tag) as neighbours,
+            _gateway(scenario, workdir) as gateway,
             running_server(
                 url,
                 workdir,
                 run_secrets,
                 workers=info.workers,
-                extra_env=scenario.server_env | neighbours | _source_env(server_path),
+                extra_env=scenario.server_env
+                | neighbours
+                | (gateway.env if gateway else {})
+                | _source_env(server_path),
             ) as server,
         ):
+            gateway_cpu = tree_cpu_seconds(gateway.pid) if gateway else 0.0
             summary = _measure(server, info, run_tag, run_secrets.jwt_secret)
+            if gateway:  # its CPU over the whole load (the workers' start included)
+                summary.neighbour_cpu_s = tree_cpu_seconds(gateway.pid) - gateway_cpu
             if scenario.collaborators:
                 summary.outbox_lag = [lag.line() for lag in outbox_lag(url)]
         summary.server_exit_code = server.exit_code
@@ -338,6 +391,9 @@ def _report_problems(summary: Summary) -> None:
         print(f"  errors during warm-up (not in the row): {warmup_errors}", file=sys.stderr)
     for message, count in summary.error_messages.items():
         print(f"  error x{count}: {message}", file=sys.stderr)
+    if summary.rss_samples:
+        curve = ", ".join(f"{t:.0f}s {rss / 2**20:.0f}" for t, rss in summary.rss_samples)
+        print(f"  server RSS MB every {RSS_SAMPLE_S:.0f} s: {curve}", file=sys.stderr)
     for line in summary.outbox_lag:
         print(f"  {line}", file=sys.stderr)
     for failure in summary.worker_failures:

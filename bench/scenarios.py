@@ -64,6 +64,9 @@ class Scenario:
     # True: an order service (stub process) and NATS JetStream are configured, and the
     # outbox lag (commit -> sink) is measured after the load (bench/collaborators.py).
     collaborators: bool = False
+    # True: GATEWAY=stripe (the SDK) against `payment-grpc gateway-sim` in its own process,
+    # so the gateway's bookkeeping (its ledger) is off the service's event loop and GIL.
+    stripe_simulator: bool = False
 
 
 def charge_request(order_id: str) -> api.ChargeRequest:
@@ -134,6 +137,13 @@ SCENARIOS: dict[str, Scenario] = {
         "new charges with an order service (GetOrder per charge, NotifyPaymentOutcome via the"
         " outbox) and NATS JetStream (every event published); outbox lag commit -> sink",
         collaborators=True,
+    ),
+    "charge-stripe": Scenario(
+        "Charge",
+        unique_charge,
+        "new charges with GATEWAY=stripe against the Stripe-compatible simulator in its own"
+        " process (latency 0): the gateway's ledger off the service's event loop and GIL",
+        stripe_simulator=True,
     ),
     "get": Scenario(
         "GetPayment",

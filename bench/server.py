@@ -80,8 +80,7 @@ class RunningServer:
 
     def cpu_seconds(self) -> float:
         """utime + stime of the server and its worker processes (Linux /proc)."""
-        ticks = sum(stat.cpu_ticks for stat in _process_tree(self.process.pid))
-        return ticks / os.sysconf("SC_CLK_TCK")
+        return tree_cpu_seconds(self.process.pid)
 
     def rss_bytes(self) -> int:
         """Resident memory of the server and its worker processes (Linux /proc)."""
@@ -115,6 +114,11 @@ def _read_stat(path: pathlib.Path) -> _ProcStat | None:
     return _ProcStat(
         int(path.parent.name), int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[21])
     )
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """utime + stime of the process `root` and its descendants (Linux /proc)."""
+    return sum(stat.cpu_ticks for stat in _process_tree(root)) / os.sysconf("SC_CLK_TCK")
 
 
 def _process_tree(root: int) -> list[_ProcStat]:

@@ -62,6 +62,10 @@ class Summary:
     worker_failures: list[str] = field(default_factory=list)
     # charge-events: one line per sink (bench/collaborators.py, OutboxLag.line)
     outbox_lag: list[str] = field(default_factory=list)
+    # charge-stripe: CPU of the gateway simulator's process (not in server_cpu_s)
+    neighbour_cpu_s: float = 0.0
+    # (seconds since the load started, server RSS bytes), every RSS_SAMPLE_S: a soak's curve
+    rss_samples: list[tuple[float, int]] = field(default_factory=list)
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -142,10 +146,12 @@ def markdown_row(s: Summary) -> str:
 def cpu_split(s: Summary) -> str:
     """Where the machine's CPU went during the load phase, in cores busy on average."""
     wall = s.load_wall_s or math.nan
-    rest = max(0.0, s.machine_busy_cpu_s - s.server_cpu_s - s.loadgen_cpu_s)
+    known = s.server_cpu_s + s.loadgen_cpu_s + s.neighbour_cpu_s
+    rest = max(0.0, s.machine_busy_cpu_s - known)
+    neighbour = f" + gateway simulator {s.neighbour_cpu_s / wall:.2f}" if s.neighbour_cpu_s else ""
     return (
         f"machine {s.machine_busy_cpu_s / wall:.2f} = server {s.server_cpu_s / wall:.2f}"
-        f" + load generator {s.loadgen_cpu_s / wall:.2f}"
+        f" + load generator {s.loadgen_cpu_s / wall:.2f}{neighbour}"
         f" + everything else {rest / wall:.2f} (PostgreSQL, other processes)"
     )
 
