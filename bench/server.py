@@ -28,7 +28,9 @@ HOST = "127.0.0.1"
 PG_ADMIN_URL = os.environ.get(
     "BENCH_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
-PG_BENCH_DB = "payment_grpc_bench"
+# One database per bench process: two sessions benchmarking on one PostgreSQL at once
+# would otherwise drop each other's database mid-run (DROP ... WITH (FORCE)).
+PG_BENCH_DB = f"payment_grpc_bench_{os.getpid()}"
 READY_TIMEOUT_S = 60.0
 HEALTH_DEADLINE_S = 0.5
 STOP_TIMEOUT_S = 30.0
