@@ -1,4 +1,4 @@
-"""One load-generating process: one grpc.aio channel, N coroutines calling one RPC.
+"""One load-generating process: N coroutines calling one RPC (a channel per 100 of them).
 
 Every coroutine stops starting calls at the end of the window and every call carries a
 deadline, so a worker always finishes within warmup + duration + CALL_TIMEOUT_S.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import os
 import resource
 import time
@@ -30,6 +31,7 @@ MESSAGE_CHARS = 160
 REPLAYED = "idempotent-replayed"
 SCOPES = ("payments.charge", "payments.refund", "payments.read")
 PREPARE_IN_FLIGHT = 8
+CALLS_PER_CHANNEL = 100
 JWT_AUDIENCE = "payment-service"  # the server's defaults (JWT_AUDIENCE, JWT_ISSUER)
 JWT_ISSUER = "payment-grpc"
 JWT_SUBJECT = "bench"
@@ -150,22 +152,37 @@ async def _prepare(
 
 
 async def _load(config: WorkerConfig, barrier: Any) -> WorkerResult:
-    async with aio.insecure_channel(config.target) as channel:
-        await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)
-        stub = payment_service_pb2_grpc.PaymentServiceStub(channel)
+    # One HTTP/2 connection per CALLS_PER_CHANNEL in flight (a distinct channel_id, or
+    # gRPC shares one connection between the channels): the 1,000 calls of slow-gateway
+    # must not queue behind a peer's max-concurrent-streams. 64 in flight: one connection.
+    channels = [
+        aio.insecure_channel(config.target, options=[("grpc.channel_id", n)])
+        for n in range(math.ceil(config.concurrency / CALLS_PER_CHANNEL))
+    ]
+    try:
+        for channel in channels:
+            await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)
+        stubs = [payment_service_pb2_grpc.PaymentServiceStub(c) for c in channels]
         scenario = SCENARIOS[config.scenario]
         who = WorkerIdentity(os.getpid(), config.run_tag)
         credentials = _credentials(config.jwt_secret)
-        prepared = await _prepare(stub, scenario, who, credentials)
-        load = Load(getattr(stub, scenario.rpc), scenario.build, who, prepared, credentials)
+        prepared = await _prepare(stubs[0], scenario, who, credentials)
+        loads = [
+            Load(getattr(stub, scenario.rpc), scenario.build, who, prepared, credentials)
+            for stub in stubs
+        ]
         await asyncio.to_thread(barrier.wait, BARRIER_TIMEOUT_S)
         start, cpu_start = time.perf_counter(), _cpu_seconds()
         window = Window(start + config.warmup_s, start + config.warmup_s + config.duration_s)
         recorder = Recorder(window)
         counter = itertools.count()
-        await asyncio.gather(*(_client(load, counter, recorder) for _ in range(config.concurrency)))
+        await asyncio.gather(
+            *(_client(loads[i % len(loads)], counter, recorder) for i in range(config.concurrency))
+        )
         recorder.result.cpu_s = _cpu_seconds() - cpu_start
         return recorder.result
+    finally:
+        await asyncio.gather(*(channel.close() for channel in channels))
 
 
 def _credentials(jwt_secret: str) -> CallMetadata:
