@@ -148,7 +148,8 @@ class DatabaseSettings(_Group):
     statement_timeout_seconds: float = Field(
         30.0, gt=0, validation_alias="DB_STATEMENT_TIMEOUT_SECONDS"
     )
-    """PostgreSQL statement_timeout."""
+    """PostgreSQL statement_timeout, and idle_in_transaction_session_timeout (the change feed
+    waits for open writing transactions: none of ours stays open idle longer)."""
     pool_timeout_seconds: float = Field(5.0, gt=0, validation_alias="DB_POOL_TIMEOUT_SECONDS")
     """Longest a call waits for a free pooled connection; past it UNAVAILABLE + RetryInfo."""
     wait_seconds: float = Field(30.0, ge=0, validation_alias="DATABASE_WAIT_SECONDS")

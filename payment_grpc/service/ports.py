@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from payment_grpc.domain.money import Money
 from payment_grpc.domain.payment import (
@@ -291,15 +291,35 @@ class FeedFilter:
     statuses: frozenset[PaymentStatus] = frozenset()
 
 
+class FeedPosition(NamedTuple):
+    """An entry's place in the feed, ordered as a tuple: (tx, id). `tx` is a horizon value
+    of the writing transaction on PostgreSQL (0 on SQLite and for entries written before
+    revision 0011), `id` the entry's row id. An entry is handed out only once no entry can
+    still appear below it, so this order never changes for what a reader has seen."""
+
+    tx: int
+    id: int
+
+
+FEED_START = FeedPosition(0, 0)  # before every entry
+
+
 @dataclass(frozen=True, slots=True)
 class FeedEntry:
-    position: int  # global, in commit order
+    position: FeedPosition
     payload: bytes  # a serialized payments.v1.PaymentEvent
 
 
+@dataclass(frozen=True, slots=True)
+class FeedRead:
+    entries: list[FeedEntry]
+    held: bool  # more entries have committed but wait for older transactions to end
+
+
 class PaymentFeed(Protocol):
-    async def after(self, position: int, where: FeedFilter, limit: int) -> list[FeedEntry]:
-        """Entries after `position` that match, in position order."""
+    async def after(self, position: FeedPosition, where: FeedFilter, limit: int) -> FeedRead:
+        """Entries after `position` that match and are final (nothing can still commit
+        below them), in position order."""
         ...
 
 

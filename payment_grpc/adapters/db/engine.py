@@ -82,9 +82,15 @@ def _still_connected(_dbapi_connection: Any, _record: Any, proxy: Any) -> None:
 def postgres_options(timeouts: Timeouts) -> str:
     """Session settings: a lock or a statement that waits longer fails (SQLSTATE 55P03 /
     57014, an OperationalError mapped to StorageUnavailable below) instead of holding its
-    pooled connection for as long as another transaction likes."""
+    pooled connection for as long as another transaction likes. A transaction that sends
+    nothing for as long as a statement may run (a stalled task, a blocked event loop) is
+    ended by the server: an open writing transaction holds the change feed back (feed.py),
+    so none of ours can do that for longer."""
     lock_ms, statement_ms = round(timeouts.lock * 1000), round(timeouts.statement * 1000)
-    return f"-c lock_timeout={lock_ms} -c statement_timeout={statement_ms}"
+    return (
+        f"-c lock_timeout={lock_ms} -c statement_timeout={statement_ms}"
+        f" -c idle_in_transaction_session_timeout={statement_ms}"
+    )
 
 
 def _sqlite_engine(url: str, timeouts: Timeouts) -> AsyncEngine:

@@ -1,13 +1,10 @@
 """What a transaction's payment events imply, written in that transaction right before
-COMMIT (called by the unit of work): the change feed rows (every event, a global
-position each) and the outbox rows (per sink). Each event is encoded once.
+COMMIT (called by the unit of work): the change feed rows (every event) and the outbox
+rows (per sink). Each event is encoded once.
 
-The feed's positions come from a one-row counter taken last, so transactions get them in
-the order they commit (a reader resuming after a position misses nothing); that row stays
-locked until COMMIT, so the time between taking it and committing is what bounds how many
-event-writing transactions commit per second. On PostgreSQL the positions, the feed rows
-and the COMMIT go in one round trip (psycopg pipeline): the row is held for the server's
-own work and the WAL flush, not also for a round trip and the event loop's turn.
+The feed rows take their place in the feed, (tx, position), from the database's defaults
+(tables.py): no counter and no lock, so event-writing transactions commit side by side.
+On PostgreSQL the feed rows and the COMMIT still go in one round trip (psycopg pipeline).
 """
 
 from __future__ import annotations
@@ -18,24 +15,14 @@ from datetime import datetime
 from typing import Any, cast
 
 import psycopg
-import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from payment_grpc.adapters.db.outbox import EventEncoder, OutboxWriter, Recorded, RefusalEncoder
-from payment_grpc.adapters.db.tables import feed_counter, payment_feed
+from payment_grpc.adapters.db.tables import payment_feed
 from payment_grpc.domain.payment import Payment, PaymentEvent
 from payment_grpc.service.outbox import event_type, event_types
 from payment_grpc.service.ports import ChargeRefusal
-
-# Taken last in the transaction: the counter row stays locked only for the COMMIT, and
-# transactions get their positions in the order they commit.
-_TAKE_POSITIONS = (
-    feed_counter.update()
-    .where(feed_counter.c.id == 1)
-    .values(last_position=feed_counter.c.last_position + sa.bindparam("b_count"))
-    .returning(feed_counter.c.last_position)
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,21 +74,18 @@ class EventLog:
             self.outbox.wake()
 
 
-# PostgreSQL: the same in one statement, sent with the COMMIT (psycopg's own parameters):
-# the positions taken, then the rows inserted with them.
+# PostgreSQL: the rows in one statement, sent with the COMMIT (psycopg's own parameters);
+# `position` and `tx` are the columns' defaults.
 _APPEND_POSTGRES = """
-    WITH taken AS (
-        UPDATE feed_counter SET last_position = last_position + %(count)s WHERE id = 1
-        RETURNING last_position
-    )
     INSERT INTO payment_feed
-        (position, payment_id, sequence, order_id, customer_id, status, payload, created_at)
-    SELECT taken.last_position - %(count)s + e.n, e.payment_id, e.sequence, e.order_id,
-           e.customer_id, e.status, e.payload, %(created_at)s
-    FROM taken, unnest(
+        (payment_id, sequence, order_id, customer_id, status, payload, created_at)
+    SELECT e.payment_id, e.sequence, e.order_id, e.customer_id, e.status, e.payload,
+           %(created_at)s
+    FROM unnest(
         %(payment_ids)s::text[], %(sequences)s::bigint[], %(order_ids)s::text[],
         %(customer_ids)s::text[], %(statuses)s::text[], %(payloads)s::bytea[]
     ) WITH ORDINALITY AS e(payment_id, sequence, order_id, customer_id, status, payload, n)
+    ORDER BY e.n
 """
 
 
@@ -114,7 +98,6 @@ async def _append_and_commit_postgres(
     fairy = await conn.get_raw_connection()
     driver: psycopg.AsyncConnection[Any] = fairy.driver_connection  # type: ignore[assignment]
     parameters = {
-        "count": len(recorded),
         "created_at": now,
         "payment_ids": [item.event.payment_id for item in recorded],
         "sequences": [item.event.sequence for item in recorded],
@@ -125,7 +108,7 @@ async def _append_and_commit_postgres(
     }
     try:
         async with driver.pipeline():
-            cursor = await driver.execute(_APPEND_POSTGRES, parameters)
+            await driver.execute(_APPEND_POSTGRES, parameters)
             await driver.commit()
     except psycopg.Error as exc:
         disconnect = conn.dialect.is_disconnect(cast(Any, exc), None, None)
@@ -135,21 +118,16 @@ async def _append_and_commit_postgres(
             _APPEND_POSTGRES, None, exc, psycopg.Error, connection_invalidated=disconnect
         )
         raise error from exc
-    if cursor.rowcount != len(recorded):  # no counter row: the schema is not migrated
-        raise RuntimeError("payment_feed: the feed counter row is missing")
     await conn.commit()
 
 
 async def _append_to_feed(
     conn: AsyncConnection, recorded: Sequence[Recorded], now: datetime
 ) -> None:
-    last = (await conn.execute(_TAKE_POSITIONS, {"b_count": len(recorded)})).scalar_one()
-    first = last - len(recorded) + 1
     await conn.execute(
         payment_feed.insert(),
         [
             {
-                "position": first + offset,
                 "payment_id": item.event.payment_id,
                 "sequence": item.event.sequence,
                 "order_id": item.payment.order_id,
@@ -158,6 +136,6 @@ async def _append_to_feed(
                 "payload": item.payload,
                 "created_at": now,
             }
-            for offset, item in enumerate(recorded)
+            for item in recorded
         ],
     )

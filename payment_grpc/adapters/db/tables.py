@@ -210,14 +210,20 @@ outbox = sa.Table(
     sa.Index("ix_outbox_sink_payment_sequence", "sink", "payment_id", "sequence"),
 )
 
-# The change feed (WatchPayments): every payment event with a global `position` taken from
-# `feed_counter` in the transaction that records it. The counter row is updated right
-# before COMMIT and stays locked until then, so positions become visible in order: a
-# reader that saw position N has seen every position below it (no gap on resume).
+# The change feed (WatchPayments): every payment event, ordered by (tx, position); no lock
+# and no counter (adapters/db/feed.py explains why readers still miss nothing).
+# `position`: the row id (identity; SQLite: an AUTOINCREMENT rowid, never reused).
+# `tx`: set by the database default (revision 0011), not by the writer. PostgreSQL:
+#   GREATEST(pg_current_xact_id(), pg_snapshot_xmax(pg_current_snapshot()) - 1) as bigint,
+#   at least the writing transaction's own id and at least that of every transaction that
+#   had committed when the row was written; SQLite: 0 (one writer at a time, so the
+#   position alone is in commit order). Rows from before revision 0011 have tx 0.
+FEED_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite: rowid alias
 payment_feed = sa.Table(
     "payment_feed",
     metadata,
-    sa.Column("position", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("position", FEED_ID, sa.Identity(), primary_key=True),
+    sa.Column("tx", sa.BigInteger, nullable=False),
     sa.Column("payment_id", sa.String(64), nullable=False),
     sa.Column("sequence", sa.BigInteger, nullable=False),
     sa.Column("order_id", sa.String(128), nullable=False),
@@ -225,13 +231,8 @@ payment_feed = sa.Table(
     sa.Column("status", sa.String(24), nullable=False),
     sa.Column("payload", sa.LargeBinary, nullable=False),  # payments.v1.PaymentEvent
     sa.Column("created_at", UtcDateTime, nullable=False),
-    sa.Index("ix_payment_feed_order_position", "order_id", "position"),
-    sa.Index("ix_payment_feed_customer_position", "customer_id", "position"),
-)
-
-feed_counter = sa.Table(
-    "feed_counter",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
-    sa.Column("last_position", sa.BigInteger, nullable=False),
+    sa.Index("ix_payment_feed_tx_position", "tx", "position"),
+    sa.Index("ix_payment_feed_order_tx_position", "order_id", "tx", "position"),
+    sa.Index("ix_payment_feed_customer_tx_position", "customer_id", "tx", "position"),
+    sqlite_autoincrement=True,
 )
