@@ -146,6 +146,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--stream-payments", type=int, default=100, help="payments the streams watch"
     )
+    parser.add_argument(
+        "--stream-capture-interval",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="one capture every SECONDS (0: 10 at a time, a burst of events)",
+    )
     args = parser.parse_args(argv)
     # `--streams N` alone measures the streams only; with --profile or --scenario, both.
     streams_only = args.streams and not (args.profile or args.scenario or args.soak)
@@ -481,7 +488,12 @@ def _streams(args: argparse.Namespace) -> StreamsSummary:
             running_server(url, workdir, run_secrets, workers=1) as server,
         ):
             summary = run_streams(
-                server, run_secrets.jwt_secret, args.streams, args.stream_payments, args.processes
+                server,
+                run_secrets.jwt_secret,
+                args.streams,
+                args.stream_payments,
+                args.processes,
+                args.stream_capture_interval,
             )
     print(summary.row(), flush=True)
     return summary

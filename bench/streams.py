@@ -33,7 +33,7 @@ from bench.worker import CALL_TIMEOUT_S, CONNECT_TIMEOUT_S, _credentials
 CHANNELS_PER_PROCESS = 10  # HTTP/2 connections; each carries streams / channels streams
 CAPTURES_IN_FLIGHT = 10
 OPEN_TIMEOUT_S = 300.0
-EVENT_TIMEOUT_S = 120.0
+EVENT_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,16 +180,21 @@ async def _authorize(target: str, jwt_secret: str, run_tag: str, count: int) -> 
         return list(await asyncio.gather(*(one(n) for n in range(count))))
 
 
-async def _capture_all(target: str, jwt_secret: str, payment_ids: list[str]) -> dict[str, float]:
-    """Captures every payment; returns each CapturePayment call's start (monotonic)."""
+async def _capture_all(
+    target: str, jwt_secret: str, payment_ids: list[str], interval_s: float
+) -> dict[str, float]:
+    """Captures every payment; returns each CapturePayment call's start (monotonic).
+    `interval_s` > 0: one capture every interval_s (each event's fan-out on its own);
+    0: as fast as CAPTURES_IN_FLIGHT at a time allow (a burst of events)."""
     credentials = _credentials(jwt_secret)
     started: dict[str, float] = {}
     async with aio.insecure_channel(target) as channel:
         stub = payment_service_pb2_grpc.PaymentServiceStub(channel)
         limit = asyncio.Semaphore(CAPTURES_IN_FLIGHT)
 
-        async def one(payment_id: str) -> None:
+        async def one(n: int, payment_id: str) -> None:
             metadata = (*credentials, ("idempotency-key", str(uuid.uuid4())))
+            await asyncio.sleep(n * interval_s)
             async with limit:
                 started[payment_id] = time.monotonic()
                 await stub.CapturePayment(
@@ -198,12 +203,17 @@ async def _capture_all(target: str, jwt_secret: str, payment_ids: list[str]) -> 
                     timeout=CALL_TIMEOUT_S,
                 )
 
-        await asyncio.gather(*(one(p) for p in payment_ids))
+        await asyncio.gather(*(one(n, p) for n, p in enumerate(payment_ids)))
     return started
 
 
 def run_streams(
-    server: RunningServer, jwt_secret: str, streams: int, payments: int, processes: int
+    server: RunningServer,
+    jwt_secret: str,
+    streams: int,
+    payments: int,
+    processes: int,
+    capture_interval_s: float = 0.0,
 ) -> StreamsSummary:
     run_tag = uuid.uuid4().hex[:12]
     payment_ids = asyncio.run(_authorize(server.target, jwt_secret, run_tag, payments))
@@ -230,7 +240,7 @@ def run_streams(
         barrier.wait(OPEN_TIMEOUT_S)
     open_end, cpu_open = time.monotonic(), server.cpu_seconds()
     rss_open = server.rss_bytes()
-    started = asyncio.run(_capture_all(server.target, jwt_secret, payment_ids))
+    started = asyncio.run(_capture_all(server.target, jwt_secret, payment_ids, capture_interval_s))
     collected: list[WatchResult] = [results.get(timeout=EVENT_TIMEOUT_S) for _ in watchers]
     cpu_end = server.cpu_seconds()
     for watcher in watchers:
