@@ -68,13 +68,12 @@ async def with_heartbeats(
         await _cancel(following)
 
 
-async def until_set(items: AsyncIterator[T], stop: asyncio.Event) -> AsyncIterator[T]:
-    """`items` until they end or `stop` is set, whichever comes first."""
-    stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+async def until_set(items: AsyncIterator[T], stop: asyncio.Future[None]) -> AsyncIterator[T]:
+    """`items` until they end or `stop` is done, whichever comes first."""
     following: asyncio.Future[Any] = asyncio.ensure_future(anext(items))
     try:
         while True:
-            await asyncio.wait({following, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({following, stop}, return_when=asyncio.FIRST_COMPLETED)
             if not following.done():
                 return
             try:
@@ -82,32 +81,46 @@ async def until_set(items: AsyncIterator[T], stop: asyncio.Event) -> AsyncIterat
             except StopAsyncIteration:
                 return
             yield item
-            if stop.is_set():
+            if stop.done():
                 return
             following = asyncio.ensure_future(anext(items))
     finally:
         await _cancel(following)
-        await _cancel(stopped)
 
 
 class StreamDrain(MethodInterceptor):
     """Ends open PaymentService streams with UNAVAILABLE SERVER_SHUTTING_DOWN once
-    `close()` is called; streams opened afterwards end the same way at once."""
+    `close()` is called; streams opened afterwards end the same way at once.
+
+    Each stream has a future of its own in a set, not a task waiting on one shared
+    asyncio.Event: with 10,000 streams open, every stream's end scanned the Event's list
+    of waiters to remove its own (O(n) each), and each stream held one more task."""
 
     def __init__(self) -> None:
-        self._closing = asyncio.Event()
+        self._closing = False
+        self._stops: set[asyncio.Future[None]] = set()
 
     def close(self) -> None:
-        self._closing.set()
+        self._closing = True
+        for stop in self._stops:
+            if not stop.done():
+                stop.set_result(None)
 
     def wrap(self, handler: Handler, details: grpc.HandlerCallDetails) -> Handler:
         return wrap_handler(handler, unchanged, self._drained)
 
     def _drained(self, behavior: Streaming) -> Streaming:
         async def drained(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-            async for item in until_set(behavior(request, context), self._closing):
-                yield item
-            if self._closing.is_set():
+            stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            if self._closing:
+                stop.set_result(None)
+            self._stops.add(stop)
+            try:
+                async for item in until_set(behavior(request, context), stop):
+                    yield item
+            finally:
+                self._stops.discard(stop)
+            if self._closing:
                 await abort_with(context, SHUTTING_DOWN)
 
         return drained
