@@ -1,5 +1,6 @@
-"""An aiosqlite open of the simulated gateway's ledger that fails or is cancelled (its
-readiness check or a first ledger read cut by shutdown) leaves no worker thread answering
+"""An aiosqlite open of the simulated gateway's ledger, or the service's database readiness
+check, that fails or is cancelled (a readiness check or a first ledger read cut by
+shutdown) leaves no worker thread answering
 into a loop the process has since closed
 ("Exception in thread ... RuntimeError: Event loop is closed" at exit).
 
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from payment_grpc.adapters.db.health import DatabaseProbe
 from payment_grpc.adapters.gateways.simulated import SimulatedGateway, SimulatedGatewayConfig
 
 WORKER = "_connection_worker_thread"  # aiosqlite's thread target, in the thread's name
@@ -67,6 +69,27 @@ def test_a_ledger_read_cancelled_while_the_ledger_opens_leaves_no_thread(
             await _cancelled_while_it_starts(gateway.healthy())
         finally:
             await gateway.close()
+
+    _run_then_close_loop(monkeypatch, case)
+
+
+def test_a_readiness_check_of_a_missing_database_leaves_no_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def case() -> None:
+        probe = DatabaseProbe(f"sqlite+aiosqlite:///{tmp_path / 'missing.db'}")
+        assert not await probe.reachable()
+        assert not (tmp_path / "missing.db").exists()  # checked, never created
+
+    _run_then_close_loop(monkeypatch, case)
+
+
+def test_a_readiness_check_cut_short_leaves_no_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def case() -> None:
+        probe = DatabaseProbe(f"sqlite+aiosqlite:///{tmp_path / 'payments.db'}")
+        await _cancelled_while_it_starts(probe.reachable())
 
     _run_then_close_loop(monkeypatch, case)
 

@@ -8,8 +8,8 @@ turn readiness NOT_SERVING and take a replica that still serves out of the Servi
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 
-import aiosqlite
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -51,8 +51,20 @@ class DatabaseProbe:
 
 async def _sqlite_file_opens(url: str) -> bool:
     """Open the file read-write without creating it: a missing or unreadable file fails,
-    which pooled connections (holding an open descriptor) would not notice."""
+    which pooled connections (holding an open descriptor) would not notice.
+
+    Plain sqlite3 in a worker thread, not aiosqlite: a check cut by its timeout or by
+    shutdown lets the thread finish and close the file on its own, and nothing answers
+    into the event loop afterwards (an aiosqlite open cut half-way left its thread behind
+    to answer into a closed loop at exit)."""
     database = make_url(url).database or ""
-    async with aiosqlite.connect(f"file:{database}?mode=rw", uri=True) as db:
-        await db.execute("SELECT 1 FROM alembic_version")
+    return await asyncio.to_thread(_opens_read_write, database)
+
+
+def _opens_read_write(database: str) -> bool:
+    db = sqlite3.connect(f"file:{database}?mode=rw", uri=True, timeout=PING_TIMEOUT_S)
+    try:
+        db.execute("SELECT 1 FROM alembic_version").fetchall()
+    finally:
+        db.close()
     return True
