@@ -18,6 +18,7 @@ interrupted call never leaves its key held behind it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -52,6 +53,8 @@ OutcomeReader = Callable[[UnitOfWork, KeyRecord], Awaitable[object | None]]
 AnswerEncoding = Callable[[KeyRecord, object], StoredAnswer]
 # A checkpoint's step inside a use case's transaction (see service/changes.py).
 Mark = Callable[[UnitOfWork], Awaitable[None]]
+# What names one key: (scope, operation, key).
+KeyIdentity = tuple[str, Operation, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +82,8 @@ class IdempotencyKeys:
         self._policy = policy
         self._holding: set[str] = set()  # record ids of the keys this process executes
         self._pending: set[asyncio.Task[Any]] = set()  # claims/releases run to their end
+        # The clean-ups (release, stored answer) still running for each key, by identity.
+        self._cleaning: dict[KeyIdentity, set[asyncio.Task[Any]]] = {}
 
     @property
     def holding(self) -> int:
@@ -96,23 +101,43 @@ class IdempotencyKeys:
         the claim runs (its COMMIT may already have happened), the claim still runs to its
         end and a key it took is released before the cancellation goes on.
         """
+        identity = (scope, operation, key)
+        await self._after_cleanups(identity)
         claiming = self._run_to_end(self._begin(scope, operation, key, fingerprint))
         try:
             return await asyncio.shield(claiming)
         except asyncio.CancelledError:
-            await asyncio.shield(self._run_to_end(self._give_back(claiming)))
+            await asyncio.shield(self._run_to_end(self._give_back(claiming), identity))
             raise
+
+    async def _after_cleanups(self, identity: KeyIdentity) -> None:
+        """A retry right after an interrupted call waits here for that call's release (or
+        stored answer), which is already under way, instead of meeting its key still held
+        (IDEMPOTENCY_KEY_IN_USE). If the release could not be written (a busy database),
+        the key is this process's and no execution holds it: the claim resumes it."""
+        cleaning = self._cleaning.get(identity)
+        if cleaning:
+            await asyncio.wait(set(cleaning))
 
     async def _begin(
         self, scope: str, operation: Operation, key: str, fingerprint: str
     ) -> KeyRecord | StoredAnswer:
         now = self._clock.now()
         fresh = self._new_record(scope, operation, key, fingerprint, now)
-        async with self._uow() as tx:
-            outcome = await self._claim(tx, fresh, now)
-            await tx.commit()
-        if isinstance(outcome, KeyRecord):
-            self._holding.add(outcome.record_id)
+        claimed: KeyRecord | None = None
+        try:
+            async with self._uow() as tx:
+                outcome = await self._claim(tx, fresh, now)
+                if isinstance(outcome, KeyRecord):
+                    # Held before the claim is visible: another claim in this process that
+                    # finds the key locked by this owner knows an execution is running.
+                    claimed = outcome
+                    self._holding.add(claimed.record_id)
+                await tx.commit()
+        except BaseException:
+            if claimed is not None:  # no execution follows a claim that failed
+                self._holding.discard(claimed.record_id)
+            raise
         return outcome
 
     async def _give_back(self, claiming: asyncio.Task[KeyRecord | StoredAnswer]) -> None:
@@ -124,16 +149,28 @@ class IdempotencyKeys:
         if isinstance(outcome, KeyRecord):
             await self._release(outcome)
 
-    def _run_to_end(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+    def _run_to_end(
+        self, work: Coroutine[Any, Any, Any], cleaning: KeyIdentity | None = None
+    ) -> asyncio.Task[Any]:
         """A task that finishes even if whoever awaits it is cancelled; `settle` waits
-        for the ones still running (at shutdown)."""
+        for the ones still running (at shutdown). `cleaning`: the key it gives back or
+        answers, which a new claim of that key waits for (`_after_cleanups`)."""
         task = asyncio.ensure_future(work)
         self._pending.add(task)
-        task.add_done_callback(self._finished_in_background)
+        if cleaning is not None:
+            self._cleaning.setdefault(cleaning, set()).add(task)
+        task.add_done_callback(functools.partial(self._finished_in_background, cleaning))
         return task
 
-    def _finished_in_background(self, task: asyncio.Task[Any]) -> None:
+    def _finished_in_background(
+        self, cleaning: KeyIdentity | None, task: asyncio.Task[Any]
+    ) -> None:
         self._pending.discard(task)
+        if cleaning is not None:
+            tasks = self._cleaning.get(cleaning, set())
+            tasks.discard(task)
+            if not tasks:
+                self._cleaning.pop(cleaning, None)
         if task.cancelled():
             return
         error = task.exception()  # retrieved here: the caller that awaited it may be gone
@@ -183,11 +220,18 @@ class IdempotencyKeys:
         if existing.recovery_point is RecoveryPoint.FINISHED:
             assert existing.response_code is not None
             return StoredAnswer(existing.response_code, existing.response_body or b"")
-        if self._held(existing, now):
+        if self._held(existing, now) and not self._ended_here(existing):
             raise IdempotencyKeyInUse()
         resumed = replace(existing, locked_by=self._policy.owner, locked_at=now)
         await tx.idempotency.save(resumed)
         return resumed
+
+    def _ended_here(self, record: KeyRecord) -> bool:
+        """Locked by this process, which no longer executes it: the call that held it was
+        cut and its release could not be written. This process knows, without waiting
+        for the lease to run out, that nobody works on the key. (INSTANCE_ID is unique
+        among live processes: the owner names this one.)"""
+        return record.locked_by == self._policy.owner and record.record_id not in self._holding
 
     def _held(self, record: KeyRecord, now: datetime) -> bool:
         """Locked by an execution that may still be running (its lock is not stale)."""
@@ -215,7 +259,8 @@ class IdempotencyKeys:
         """Keep a business error as the key's final answer (nothing changed for it), and
         publish `refusal` through the outbox in the same transaction (the saga's
         `payment.failed` without a payment): a replay of the key never writes it again."""
-        await asyncio.shield(self._run_to_end(self._store_answer(record, answer, refusal)))
+        storing = self._store_answer(record, answer, refusal)
+        await asyncio.shield(self._run_to_end(storing, _identity(record)))
 
     async def _store_answer(
         self, record: KeyRecord, answer: StoredAnswer, refusal: ChargeRefusal | None
@@ -233,7 +278,7 @@ class IdempotencyKeys:
         """Give the key back after a retryable failure or an interruption: a retry runs
         (nothing was created yet) or resumes from the recorded point. Runs to its end even
         if the caller is cancelled meanwhile."""
-        await asyncio.shield(self._run_to_end(self._release(record)))
+        await asyncio.shield(self._run_to_end(self._release(record), _identity(record)))
 
     async def _release(self, record: KeyRecord) -> None:
         """Released, tried again while the database is busy (a lock or pool timeout): a
@@ -357,6 +402,10 @@ class IdempotencyKeys:
             released = await tx.idempotency.release_locks_of(self._policy.owner)
             await tx.commit()
         return released
+
+
+def _identity(record: KeyRecord) -> KeyIdentity:
+    return (record.scope, record.operation, record.key)
 
 
 def same_outcome(a: object, b: object) -> bool:

@@ -18,7 +18,7 @@ from payment_grpc.domain.money import Money
 from payment_grpc.domain.payment import INACTIVE_STATUSES, Failure, Payment, PaymentEvent
 from payment_grpc.domain.payment import PaymentStatus as S
 from payment_grpc.domain.refund import Refund, RefundStatus
-from payment_grpc.service.errors import ConcurrentModification
+from payment_grpc.service.errors import ConcurrentModification, StorageUnavailable
 from payment_grpc.service.ports import (
     Authorization,
     AuthorizationOutcome,
@@ -313,13 +313,17 @@ class MemoryUnitOfWork:
 
 class MemoryDatabase:
     """UnitOfWorkFactory over one in-memory state. Writing transactions run one at a
-    time (SQLite's writer lock); `writing` tells whether one holds that lock now."""
+    time (SQLite's writer lock); `writing` tells whether one holds that lock now. While
+    `busy` is set, writing transactions fail as a busy database's do, and `refused` is
+    set once one has."""
 
     def __init__(self, bus: RecordingBus | None = None) -> None:
         self.tables = Tables()
         self.bus = bus
         self.transactions = 0
         self._writer = asyncio.Lock()
+        self.busy = False
+        self.refused = asyncio.Event()
 
     @property
     def writing(self) -> bool:
@@ -331,6 +335,9 @@ class MemoryDatabase:
         if read_only:
             yield MemoryUnitOfWork(self.tables.copy())
             return
+        if self.busy:
+            self.refused.set()
+            raise StorageUnavailable("the database is unavailable")
         tx: MemoryUnitOfWork | None = None
         crashed = False  # a crash ends the process: nothing after it is announced
         try:

@@ -7,8 +7,9 @@ lost answer left."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import pytest
@@ -27,7 +28,12 @@ from payment_grpc.domain.refund import RefundReason, RefundStatus
 from payment_grpc.service.charging import ChargeCommand, Charging
 from payment_grpc.service.context import RequestContext
 from payment_grpc.service.deps import Deps, Records
-from payment_grpc.service.errors import IdempotencyKeyInUse, IdempotencyKeyReused, OutcomePending
+from payment_grpc.service.errors import (
+    IdempotencyKeyInUse,
+    IdempotencyKeyReused,
+    OutcomePending,
+    StorageUnavailable,
+)
 from payment_grpc.service.idempotency import Checkpoint, IdempotencyKeys, IdempotencyPolicy
 from payment_grpc.service.operations import Operations
 from payment_grpc.service.ports import (
@@ -340,3 +346,36 @@ async def test_a_key_is_claimed_once_refused_for_another_request_and_replayed_wh
     payment = await w.charging.charge(charge(), CALLER, checkpoint)
     replay = await w.keys.begin(CALLER.subject, Operation.CHARGE, "k1", "first")
     assert replay == StoredAnswer(0, w.encode(payment))
+
+
+async def test_a_retry_waits_for_the_release_of_the_call_it_follows_instead_of_in_use() -> None:
+    w = world()
+    cut = await w.keys.begin(CALLER.subject, Operation.CHARGE, "k1", "f")
+    assert isinstance(cut, KeyRecord)
+    w.db.busy = True  # the cut call's release meets a busy database and tries again
+    releasing = asyncio.ensure_future(w.keys.release(cut))
+    await w.db.refused.wait()
+    w.db.busy = False
+    retry = await w.keys.begin(CALLER.subject, Operation.CHARGE, "k1", "f")
+    assert isinstance(retry, KeyRecord)  # runs: the released key was dropped (STARTED)
+    await releasing
+
+
+async def test_a_key_its_replica_could_not_release_is_resumed_there_at_once() -> None:
+    w = world()
+    short_lease = IdempotencyPolicy("replica-1", lock_timeout=timedelta(milliseconds=200))
+    keys = IdempotencyKeys(w.db, w.clock, short_lease)
+    cut = await keys.begin(CALLER.subject, Operation.CHARGE, "k1", "f")
+    assert isinstance(cut, KeyRecord)
+    w.db.busy = True  # busy for the whole lease: the release gives up
+    with pytest.raises(StorageUnavailable):
+        await keys.release(cut)
+    w.db.busy = False
+    other_replica = IdempotencyKeys(w.db, w.clock, replace(short_lease, owner="replica-2"))
+    with pytest.raises(IdempotencyKeyInUse):  # its lease has not run out (the clock stood)
+        await other_replica.begin(CALLER.subject, Operation.CHARGE, "k1", "f")
+    resumed = await keys.begin(CALLER.subject, Operation.CHARGE, "k1", "f")
+    assert isinstance(resumed, KeyRecord)
+    assert resumed.record_id == cut.record_id  # resumed, not run as a new request
+    with pytest.raises(IdempotencyKeyInUse):  # and now held by that execution
+        await keys.begin(CALLER.subject, Operation.CHARGE, "k1", "f")
