@@ -15,7 +15,6 @@ import random
 import uuid
 
 import grpc
-import pytest
 from payments.v1 import payment_service_pb2 as api
 
 from tests.conftest import make_settings
@@ -33,15 +32,8 @@ ATTEMPTS = 5  # UNAVAILABLE (a busy SQLite writer lock) is retried, like clients
 
 
 async def test_a_retry_right_after_a_deadline_runs_or_resumes(
-    database_url: str, tmp_path: pathlib.Path, request: pytest.FixtureRequest
+    database_url: str, tmp_path: pathlib.Path
 ) -> None:
-    if database_url.startswith("sqlite"):
-        # Known open (issue 13): on SQLite about a third of the runs still leave a few keys
-        # IDEMPOTENCY_KEY_IN_USE after every cut call and its clean-up ended, or hang;
-        # PostgreSQL passes. Kept running (not skipped) so a fix shows as XPASS.
-        request.applymarker(
-            pytest.mark.xfail(reason="SQLite: interrupted keys not always free", strict=False)
-        )
     settings = make_settings(
         database_url, tmp_path, gateway_latency_ms_min=0, gateway_latency_ms_max=50
     )

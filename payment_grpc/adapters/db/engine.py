@@ -7,6 +7,8 @@ way SELECT ... FOR UPDATE makes them on PostgreSQL.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import select
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -112,7 +114,25 @@ def _sqlite_engine(url: str, timeouts: Timeouts) -> AsyncEngine:
         mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
         conn.exec_driver_sql(f"BEGIN {mode}")
 
+    sa.event.listen(engine.sync_engine, "invalidate", _roll_back_before_closing)
     return engine
+
+
+def _roll_back_before_closing(dbapi_connection: Any, _record: Any, _error: Any) -> None:
+    """End the transaction of a connection SQLAlchemy is about to close because its call
+    was cancelled mid-transaction (a deadline, a client gone).
+
+    Closing alone did not always end it: sqlite3's close leaves a connection whose
+    statements are still referenced (by the cut call's traceback, until the garbage
+    collector runs) open as a "zombie", transaction and writer lock included, and every
+    later write waited for the busy timeout and failed: test_interrupted_keys[sqlite] hung
+    that way. ROLLBACK releases the lock whatever still references the statements.
+    Outside the connection's own task (the garbage collector's clean-up) this cannot
+    wait for the rollback; the close that follows is all there is, as before."""
+    # Cancelled again meanwhile, or no task to wait in: the close follows either way, and
+    # the call's own CancelledError is already on its way out.
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        dbapi_connection.rollback()
 
 
 async def without_writer_lock(conn: AsyncConnection) -> AsyncConnection:
