@@ -114,6 +114,7 @@ class Application:
     relay: Relay | None = None
     saga: SagaConsumer | None = None
     servicer: PaymentServicer | None = None
+    lease_engine: AsyncEngine | None = None  # idempotency lease renewals' own connection
     port: int = 0
     _recovery_task: asyncio.Task[None] | None = None
     _relay_task: asyncio.Task[None] | None = None
@@ -171,6 +172,8 @@ class Application:
         if self.order_client is not None:
             await self.order_client.close()
         await self.engine.dispose()
+        if self.lease_engine is not None:
+            await self.lease_engine.dispose()
         if self.probe is not None:
             await self.probe.close()
 
@@ -471,7 +474,10 @@ def build_application(settings: Settings) -> Application:
     outbox = build_relay(settings, engine, build_sinks(settings, order_client))
     relay, writer = outbox if outbox is not None else (None, None)
     event_log = EventLog(encode_event, writer, encode_refusal)
-    uow = SqlUnitOfWorkFactory(engine, build_cipher(settings), bus, event_log)
+    cipher = build_cipher(settings)
+    uow = SqlUnitOfWorkFactory(engine, cipher, bus, event_log)
+    # Lease renewals on a connection of their own: never queued behind calls for the pool.
+    lease_engine = make_engine(settings.database.url, 1, db_timeouts(settings))
     fault_point = settings.recovery.fault_point
     faults = KillAtFaultPoint(fault_point) if fault_point else NoFaults()
     clock = SystemClock()
@@ -479,7 +485,9 @@ def build_application(settings: Settings) -> Application:
     settlements = Settlements(records)  # the inbound port, given to the gateway adapter
     gateway = build_gateway(settings, settlements)
     deps = Deps(uow=uow, bus=bus, clock=clock, faults=faults, gateway=InstrumentedGateway(gateway))
-    keys = IdempotencyKeys(uow, clock, idempotency_policy(settings))
+    keys = IdempotencyKeys(
+        uow, clock, idempotency_policy(settings), SqlUnitOfWorkFactory(lease_engine, cipher)
+    )
     charging = Charging(deps, settlements, order_client)
     operations = Operations(deps)
     recovery = Recovery(
@@ -538,6 +546,7 @@ def build_application(settings: Settings) -> Application:
         saga=build_saga(settings, charging, keys, clock),
         servicer=servicer,
         probe=probe,
+        lease_engine=lease_engine,
     )
     server.add_readiness_check(gateway_ready(gateway))
     app.webhooks = build_webhooks(settings, gateway, GatewayEvents(records, settlements))

@@ -76,8 +76,19 @@ RELEASE_RETRY_MAX_S = 1.0  # this, doubling up to this
 
 
 class IdempotencyKeys:
-    def __init__(self, uow: UnitOfWorkFactory, clock: Clock, policy: IdempotencyPolicy) -> None:
+    def __init__(
+        self,
+        uow: UnitOfWorkFactory,
+        clock: Clock,
+        policy: IdempotencyPolicy,
+        leases: UnitOfWorkFactory | None = None,
+    ) -> None:
+        """`leases`: where lease renewals write, when not through `uow`. The composition
+        root gives them a connection of their own: a renewal that waited behind calls for
+        a pooled connection (a pool saturated by slow calls) could let the leases run out
+        while their calls still run, and another replica take the keys over."""
         self._uow = uow
+        self._leases = leases or uow
         self._clock = clock
         self._policy = policy
         self._holding: set[str] = set()  # record ids of the keys this process executes
@@ -320,7 +331,7 @@ class IdempotencyKeys:
         held = sorted(self._holding)
         renewed = 0
         for start in range(0, len(held), RENEW_BATCH):
-            async with self._uow() as tx:
+            async with self._leases() as tx:
                 renewed += await tx.idempotency.renew(
                     held[start : start + RENEW_BATCH], self._policy.owner, self._clock.now()
                 )
