@@ -6,6 +6,10 @@ import json
 import logging
 import sys
 
+from grpc._cython.cygrpc import (  # type: ignore[import-not-found]
+    ExecuteBatchError,  # what grpc.aio raises for a write that failed
+)
+
 from payment_grpc.pan_masking import STANDARD_RECORD_ATTRS, PanMaskingFilter
 
 
@@ -67,9 +71,25 @@ def configure_logging(level: str, fmt: str) -> None:
     for chatty in ("stripe", "httpx", "httpcore"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     logging.getLogger("psycopg").addFilter(_expected_cancellation)
+    logging.getLogger("grpc._cython.cygrpc").addFilter(_client_gone_mid_write)
 
 
 def _expected_cancellation(record: logging.LogRecord) -> bool:
     """psycopg warns when a call cut at the end of the shutdown grace was inside a query;
     the server already says in one line how many calls the grace cut (api/server.py)."""
     return not str(record.msg).startswith("query cancellation interrupted")
+
+
+def _client_gone_mid_write(record: logging.LogRecord) -> bool:
+    """grpc logs an ERROR with a traceback when a handler's write fails because its client
+    went away (ExecuteBatchError: a cancelled or disconnected stream, a grpcurl cut by
+    -max-time during server reflection). That is an expected condition, not a fault of
+    ours: one INFO line naming the method instead (issue 13; our own streams say it
+    themselves, api/servicer.py)."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, ExecuteBatchError):
+        method = str(record.getMessage()).rpartition(" ")[2]
+        record.msg, record.args = "client went away mid-write; the call ends: %s", (method,)
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.exc_info, record.exc_text = None, None
+    return True
