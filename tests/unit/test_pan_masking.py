@@ -191,20 +191,10 @@ def test_a_broken_format_still_masks() -> None:
 
 
 def test_configure_logging_installs_the_filter() -> None:
-    from payment_grpc.logging_setup import configure_logging
+    from tests.helpers.logs import service_logging
 
-    root = logging.getLogger()
-    saved, level = root.handlers[:], root.level
-    output = io.StringIO()
-    try:
-        configure_logging("INFO", "json")
-        handler = root.handlers[0]
-        assert isinstance(handler, logging.StreamHandler)
-        handler.setStream(output)
+    with service_logging() as output:
         logging.getLogger("payment_grpc.anything").warning("card %s", VISA)
-    finally:
-        root.handlers[:] = saved
-        root.setLevel(level)
     err = output.getvalue()
     assert VISA_MASKED in err
     assert VISA not in err

@@ -4,34 +4,23 @@ grpcurl cut by -max-time during server reflection, whose handler is grpc's own."
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 
 from grpc._cython.cygrpc import ExecuteBatchError  # type: ignore[import-not-found]
 
-from payment_grpc.logging_setup import configure_logging
+from tests.helpers.logs import service_logging
 
 GRPC_CORE = "grpc._cython.cygrpc"
 METHOD = "[/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo]"
 
 
 def _logged(emit: logging.Logger) -> list[dict[str, object]]:
-    root = logging.getLogger()
-    saved, level = root.handlers[:], root.level
-    output = io.StringIO()
-    try:
-        configure_logging("INFO", "json")
-        handler = root.handlers[0]
-        assert isinstance(handler, logging.StreamHandler)
-        handler.setStream(output)
+    with service_logging() as output:
         try:
             raise ExecuteBatchError("Failed grpc_call_start_batch: 8")
         except ExecuteBatchError:
             emit.exception("ExecuteBatchError raised in core by servicer method %s", METHOD)
-    finally:
-        root.handlers[:] = saved
-        root.setLevel(level)
     return [json.loads(line) for line in output.getvalue().splitlines()]
 
 
