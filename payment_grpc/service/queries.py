@@ -17,6 +17,7 @@ from payment_grpc.domain.payment import (
 from payment_grpc.domain.refund import Refund
 from payment_grpc.service.context import RequestContext
 from payment_grpc.service.deps import Deps
+from payment_grpc.service.event_reads import SharedEventReads
 from payment_grpc.service.paging import decode_token, encode_token, page_size
 from payment_grpc.service.ports import PageCursor, PaymentFilter
 
@@ -42,6 +43,7 @@ class SizeLimit(Generic[T]):
 class Queries:
     def __init__(self, deps: Deps) -> None:
         self._deps = deps
+        self._events = SharedEventReads(deps.uow)
 
     async def get_payment(self, payment_id: str, ctx: RequestContext) -> Payment:
         async with self._deps.uow(read_only=True) as tx:
@@ -96,6 +98,8 @@ class Queries:
 
         Subscribes before reading, so a change committed between the read and the wait
         still wakes us; events always come from the table, so none is skipped or repeated.
+        The snapshot (with its access check) is this stream's own; after a wake-up the
+        read is shared with the other watchers of the payment at the same sequence.
         """
         async with self._deps.bus.subscribe(payment_id) as subscription:
             async with self._deps.uow(read_only=True) as tx:
@@ -112,8 +116,8 @@ class Queries:
                     return
                 if not pending:
                     await subscription.wait()
-                async with self._deps.uow(read_only=True) as tx:
-                    pending = await tx.payments.events_after(payment_id, last, EVENT_BATCH)
+                # Shared with the other watchers of this payment woken with us.
+                pending = await self._events.after(payment_id, last, EVENT_BATCH)
 
 
 def _visible(payment: Payment, ctx: RequestContext) -> Payment:

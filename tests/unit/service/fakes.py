@@ -32,6 +32,7 @@ from payment_grpc.service.ports import (
     PageCursor,
     PaymentFilter,
     RecoveryPoint,
+    StatusBus,
 )
 
 # ---------------------------------------------------------------- clock, faults, bus
@@ -317,7 +318,7 @@ class MemoryDatabase:
     `busy` is set, writing transactions fail as a busy database's do, and `refused` is
     set once one has."""
 
-    def __init__(self, bus: RecordingBus | None = None) -> None:
+    def __init__(self, bus: StatusBus | None = None) -> None:
         self.tables = Tables()
         self.bus = bus
         self.transactions = 0
