@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import IO, Any
 
 import sqlalchemy as sa
 
@@ -80,12 +81,7 @@ def order_service_stub(port: int, workdir: pathlib.Path) -> Iterator[str]:
         _wait_listening(workdir / "order-stub.log", process)
         yield f"127.0.0.1:{port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+        stop_process(process, log)
 
 
 STRIPE_SIM_KEY = "sk_test_bench"
@@ -127,12 +123,7 @@ def stripe_simulator(workdir: pathlib.Path) -> Iterator[Neighbour]:
         }
         yield Neighbour(env, process.pid)
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+        stop_process(process, log)
 
 
 def _wait_listening(log_path: pathlib.Path, process: subprocess.Popen[bytes]) -> None:
@@ -240,6 +231,16 @@ def main() -> None:
     except ImportError:
         pass
     asyncio.run(_serve(args.port))
+
+
+def stop_process(process: subprocess.Popen[bytes], log: IO[Any]) -> None:
+    """SIGTERM, then SIGKILL if it has not ended within 10 s; its log closed."""
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from payments.v1 import payment_service_pb2_grpc
 from payments.v1 import resources_pb2 as pb
 from sqlalchemy.engine import make_url
 
+from bench.collaborators import stop_process
 from bench.server import ServerSecrets, free_port, fresh_database, running_server
 from bench.stats import percentile
 from bench.worker import _credentials
@@ -278,9 +279,7 @@ def simulator(workdir: pathlib.Path, webhook_port: int, args: argparse.Namespace
             raise RuntimeError("gateway-sim did not start: " + (workdir / "sim.log").read_text())
         yield f"http://127.0.0.1:{int(match.group(1))}"
     finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
+        stop_process(process, log)
 
 
 def reconcile(env: dict[str, str], since: datetime.datetime) -> dict[str, Any]:

@@ -6,10 +6,7 @@ import json
 import logging
 import sys
 
-from grpc._cython.cygrpc import (  # type: ignore[import-not-found]
-    ExecuteBatchError,  # what grpc.aio raises for a write that failed
-)
-
+from payment_grpc.grpc_private import ExecuteBatchError
 from payment_grpc.pan_masking import STANDARD_RECORD_ATTRS, PanMaskingFilter
 
 

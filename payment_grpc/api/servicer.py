@@ -11,9 +11,6 @@ from typing import Any, Generic, Protocol, TypeVar
 import grpc
 from google.protobuf.message import Message
 from grpc import aio
-from grpc._cython.cygrpc import (  # type: ignore[import-not-found]
-    ExecuteBatchError,  # what grpc.aio raises for a write that failed
-)
 from payments.v1 import events_pb2, payment_service_pb2_grpc
 from payments.v1 import payment_service_pb2 as api
 
@@ -28,6 +25,7 @@ from payment_grpc.api.responses import (
 )
 from payment_grpc.api.streams import with_heartbeats
 from payment_grpc.domain.refund import RefundReason
+from payment_grpc.grpc_private import ExecuteBatchError
 from payment_grpc.service.charging import Charging
 from payment_grpc.service.context import RequestContext
 from payment_grpc.service.feed import ChangeFeed

@@ -104,12 +104,10 @@ class CheckoutSaga:
         if isinstance(claimed, StoredAnswer):
             # answered before (a charge or a refusal): its outcome was committed then
             return Verdict.REJECTED if reservation.invalid else Verdict.DONE
-        if reservation.command is None:
-            invalid = InvalidEvent(reservation.invalid)
-            await self._store_refusal(reservation, claimed, invalid, ctx)
-            log.error("inventory event %s can never be charged: %s", reservation.event_id, invalid)
-            return Verdict.REJECTED
         checkpoint = Checkpoint(claimed, self._encode, self._encode_refusal)
+        if reservation.command is None:  # breaks the Charge request's rules: refused as such
+            invalid = InvalidEvent(reservation.invalid)
+            return await self._refused(reservation, claimed, checkpoint, invalid, ctx)
         try:
             payment = await self._charging.charge(reservation.command, ctx, checkpoint)
         except ReportableError as error:

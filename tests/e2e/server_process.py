@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from payment_grpc.adapters.db.engine import make_engine, without_writer_lock
+from payment_grpc.adapters.db.engine import make_engine
+from payment_grpc.adapters.db.reading import without_writer_lock
 from payment_grpc.adapters.db.tables import payment_events, payments, refunds
 from tests.helpers.credentials import TEST_ENCRYPTION_KEYS, TEST_JWT_SECRET
 

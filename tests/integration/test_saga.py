@@ -74,6 +74,17 @@ async def consuming(
         yield app
 
 
+def asking_once(names: dict[str, Any], port: int) -> dict[str, Any]:
+    """The settings with the order service on `port`, asked once per delivery and never
+    cut off by the breaker: each delivery meets the service as it is."""
+    return {
+        **names,
+        "order_service_addr": f"127.0.0.1:{port}",
+        "order_service_attempts": 1,
+        "order_service_breaker_threshold": 1000,
+    }
+
+
 async def payments_of(app: Application, order: str) -> list[tuple[str, str]]:
     async with app.engine.connect() as conn:
         rows = await conn.execute(
@@ -173,12 +184,7 @@ async def test_an_event_that_cannot_be_charged_now_comes_back_until_it_is(
     async with order_service() as (orders, port):
         orders.add(event.order_id, 10_000, customer_id="cus_saga")
         orders.down = True
-        names = {
-            **names,
-            "order_service_addr": f"127.0.0.1:{port}",
-            "order_service_attempts": 1,
-            "order_service_breaker_threshold": 1000,
-        }
+        names = asking_once(names, port)
         async with consuming(database_url, tmp_path, names) as app:
             assert app.saga is not None
             await js.publish(names["saga_subject"], event.SerializeToString())
@@ -244,12 +250,7 @@ async def test_an_unknown_order_delivered_three_times_is_one_payment_failed_and_
     event = reserved()
     async with order_service() as (orders, port):
         orders.down = True
-        names = {
-            **names,
-            "order_service_addr": f"127.0.0.1:{port}",
-            "order_service_attempts": 1,
-            "order_service_breaker_threshold": 1000,
-        }
+        names = asking_once(names, port)
         async with consuming(database_url, tmp_path, names) as app:
             assert app.saga is not None
             assert app.relay is not None

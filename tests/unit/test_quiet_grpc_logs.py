@@ -7,8 +7,7 @@ from __future__ import annotations
 import json
 import logging
 
-from grpc._cython.cygrpc import ExecuteBatchError  # type: ignore[import-not-found]
-
+from payment_grpc.grpc_private import ExecuteBatchError
 from tests.helpers.logs import service_logging
 
 GRPC_CORE = "grpc._cython.cygrpc"

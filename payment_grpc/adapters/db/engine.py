@@ -26,6 +26,7 @@ from payment_grpc.adapters.db.crypto import FieldCipher
 from payment_grpc.adapters.db.event_log import EventLog
 from payment_grpc.adapters.db.gateway_events import SqlGatewayEventRepository
 from payment_grpc.adapters.db.idempotency import SqlIdempotencyRepository
+from payment_grpc.adapters.db.reading import without_writer_lock
 from payment_grpc.adapters.db.repositories import (
     SqlPaymentRepository,
     SqlRefundRepository,
@@ -133,15 +134,6 @@ def _roll_back_before_closing(dbapi_connection: Any, _record: Any, _error: Any) 
     # the call's own CancelledError is already on its way out.
     with contextlib.suppress(Exception, asyncio.CancelledError):
         dbapi_connection.rollback()
-
-
-async def without_writer_lock(conn: AsyncConnection) -> AsyncConnection:
-    """For a read-only transaction: on SQLite it begins DEFERRED, taking no writer lock; on
-    PostgreSQL each statement runs on its own (autocommit: no BEGIN and ROLLBACK round
-    trips; under READ COMMITTED every statement had its own snapshot anyway)."""
-    if conn.dialect.name != "sqlite":
-        return await conn.execution_options(isolation_level="AUTOCOMMIT")
-    return await conn.execution_options(sqlite_begin="DEFERRED")
 
 
 class SqlUnitOfWork:

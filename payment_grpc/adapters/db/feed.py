@@ -22,7 +22,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from payment_grpc.adapters.db.engine import without_writer_lock
+from payment_grpc.adapters.db.reading import without_writer_lock
 from payment_grpc.adapters.db.tables import payment_feed
 from payment_grpc.service.ports import FeedEntry, FeedFilter, FeedPosition, FeedRead
 

@@ -16,6 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from payment_grpc.adapters.db.reading import without_writer_lock
 from payment_grpc.adapters.db.tables import outbox
 from payment_grpc.domain.payment import Payment, PaymentEvent
 from payment_grpc.service.outbox import FAILED, REFUSAL_ROUTE, event_id
@@ -214,7 +215,7 @@ class SqlOutboxStore:
             outbox.c.state == PENDING, ~_UNDELIVERED_EARLIER
         )
         async with self._engine.connect() as conn:
-            conn = await conn.execution_options(sqlite_begin="DEFERRED")
+            conn = await without_writer_lock(conn)
             due = (await conn.execute(query)).scalar_one()
         return _utc(due)
 
@@ -229,7 +230,7 @@ class SqlOutboxStore:
             .group_by(outbox.c.sink)
         )
         async with self._engine.connect() as conn:
-            conn = await conn.execution_options(sqlite_begin="DEFERRED")
+            conn = await without_writer_lock(conn)
             rows = (await conn.execute(query)).all()
         return {sink: (_utc(oldest), parked) for sink, oldest, parked in rows}
 

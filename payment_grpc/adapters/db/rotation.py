@@ -19,8 +19,9 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from payment_grpc.adapters.db.crypto import DecryptionError, FieldCipher
-from payment_grpc.adapters.db.engine import make_engine, without_writer_lock
+from payment_grpc.adapters.db.engine import make_engine
 from payment_grpc.adapters.db.idempotency import RESPONSE_BODY
+from payment_grpc.adapters.db.reading import without_writer_lock
 from payment_grpc.adapters.db.rows import ENCRYPTED_PAYMENT_COLUMNS
 from payment_grpc.adapters.db.tables import idempotency_keys, payments
 
