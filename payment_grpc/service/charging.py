@@ -1,6 +1,7 @@
 """Charge: create the payment, ask the gateway, record the outcome.
 
-Phases (each one transaction): 1. insert PENDING -> PROCESSING; 2. authorize at the
+Phases (each one transaction): 1. insert PENDING -> PROCESSING (and claim the idempotency
+key, unless the transport or an order check claimed it before); 2. authorize at the
 gateway with a key derived from the payment id (the gateway dedupes on it); 3. record
 the outcome (service/settlements.py: the same use case takes the gateway's own news).
 A crash or timeout between 1 and 3 leaves the payment PROCESSING and the recovery
@@ -63,6 +64,10 @@ class Charging:
         self, command: ChargeCommand, ctx: RequestContext, checkpoint: Checkpoint | None = None
     ) -> Payment:
         checkpoint = checkpoint or no_checkpoint()
+        if self._orders is not None:
+            # The order service is asked once per execution of the key, never for a
+            # replay: the key is claimed before, in a transaction of its own.
+            await checkpoint.claim()
         if checkpoint.payment_id:
             return await self._resume(checkpoint.payment_id, ctx, checkpoint)
         if not self._deps.gateway.available():
@@ -110,11 +115,12 @@ class Charging:
             trace_id=ctx.trace_id,
             at=now,
         )
-        reached = checkpoint.reaching(
-            RecoveryPoint.PAYMENT_CREATED, payment_id=processing.payment_id
-        )
+        claim = checkpoint.claiming(RecoveryPoint.PAYMENT_CREATED, payment_id=processing.payment_id)
         async with self._deps.uow() as tx:
-            await self._changes.commit(tx, Change(processing, events=[created, sent]), reached)
+            # First: a Charge whose key is not claimed yet claims it here, so a concurrent
+            # one with the key waits at its claim before it wrote anything of its own.
+            await claim(tx)
+            await self._changes.commit(tx, Change(processing, events=[created, sent]))
         return processing
 
     async def authorize(

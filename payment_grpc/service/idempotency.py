@@ -13,6 +13,11 @@ a key whose lease ran out (its replica died, or stalled that long) may be taken 
 replica, which resumes it from its recovery point. Claims and releases run to their end
 even when the call that started them is cancelled (a deadline, a client gone), so an
 interrupted call never leaves its key held behind it.
+
+A Charge's key is claimed by its first write instead (`unclaimed`, `claim_in`): one
+INSERT ... ON CONFLICT DO NOTHING at the head of the transaction that creates the
+payment, so the claim costs no transaction of its own. A key already there is decided in
+that transaction (`KeyDecided`: a stored answer, a conflict) or claimed the usual way.
 """
 
 from __future__ import annotations
@@ -75,6 +80,17 @@ RELEASE_RETRY_FIRST_S = 0.05  # a release that met a busy database is tried agai
 RELEASE_RETRY_MAX_S = 1.0  # this, doubling up to this
 
 
+class KeyDecided(Exception):
+    """A claim merged into an execution's first write met the key already there, so that
+    execution wrote nothing: `found` is what the key answers (a stored answer to replay,
+    a conflict to raise), or None: claim the key the usual way (`begin`) and run again
+    (a key to resume, an expired one, one whose release this process could not write)."""
+
+    def __init__(self, found: StoredAnswer | ReportableError | None) -> None:
+        super().__init__(found)
+        self.found = found
+
+
 class IdempotencyKeys:
     def __init__(
         self,
@@ -120,6 +136,44 @@ class IdempotencyKeys:
         except asyncio.CancelledError:
             await asyncio.shield(self._run_to_end(self._give_back(claiming), identity))
             raise
+
+    async def unclaimed(
+        self, scope: str, operation: Operation, key: str, fingerprint: str
+    ) -> KeyRecord:
+        """The record a claim merged into the execution's first write inserts
+        (`claim_in`); nothing is written yet. Like `begin`, it waits for the clean-ups of
+        an interrupted call with the key first."""
+        await self._after_cleanups((scope, operation, key))
+        return self._new_record(scope, operation, key, fingerprint, self._clock.now())
+
+    async def claim_in(self, tx: UnitOfWork, record: KeyRecord) -> None:
+        """Claim the key in `tx`, the execution's first write, with `record` (from
+        `unclaimed`, at the recovery point that write reaches). Run it first in `tx`: a
+        concurrent claim of the key waits on this INSERT (PostgreSQL's unique index,
+        SQLite's writer lock) before it has written anything, and then finds the key.
+        Held before the claim is visible (COMMIT), as in `begin`. A key already there
+        raises KeyDecided: the caller rolls `tx` back, nothing of it is written."""
+        if await tx.idempotency.insert_if_absent(record):
+            self._holding.add(record.record_id)
+            return
+        existing = await self._current(tx, record)
+        raise KeyDecided(self._decided(existing, record, self._clock.now()))
+
+    def _decided(
+        self, existing: KeyRecord | None, fresh: KeyRecord, now: datetime
+    ) -> StoredAnswer | ReportableError | None:
+        """What a key found by `claim_in` answers, as `_existing` would decide it
+        without writing; None where `begin` must take it (resume, delete an expired key)."""
+        if existing is None or existing.expires_at <= now:
+            return None
+        if existing.fingerprint != fresh.fingerprint:
+            return IdempotencyKeyReused()
+        if existing.recovery_point is RecoveryPoint.FINISHED:
+            assert existing.response_code is not None
+            return StoredAnswer(existing.response_code, existing.response_body or b"")
+        if self._held(existing, now) and not self._ended_here(existing):
+            return IdempotencyKeyInUse()
+        return None
 
     async def _after_cleanups(self, identity: KeyIdentity) -> None:
         """A retry right after an interrupted call waits here for that call's release (or
@@ -313,6 +367,8 @@ class IdempotencyKeys:
             current = await self._current(tx, record)
             if current is None or current.recovery_point is RecoveryPoint.FINISHED:
                 return
+            if current.record_id != record.record_id:
+                return  # another claim's row (ours never committed: a claim in a write)
             if current.locked_by not in (None, self._policy.owner):
                 return  # taken over after our lease ran out: no longer ours to give
             if current.recovery_point is RecoveryPoint.STARTED:
@@ -447,17 +503,32 @@ class Checkpoint:
         record: KeyRecord | None,
         encode: Callable[[Any], bytes],
         encode_refusal: Callable[[ReportableError], StoredAnswer],
+        claim_with: IdempotencyKeys | None = None,
     ) -> None:
+        """`claim_with`: the key (`record`, from `IdempotencyKeys.unclaimed`) is not
+        claimed yet; the execution's first write claims it (`claiming`), or `claim`."""
         self._record = record
         self._encode = encode
         self._encode_refusal = encode_refusal
         self._answer: StoredAnswer | None = None
+        self._claim_with = claim_with if record is not None else None
+
+    @property
+    def claimed(self) -> bool:
+        """False while the key is still to be claimed: nothing ran under it yet (or the
+        claiming write's COMMIT did not answer: `IdempotencyKeys.begin` finds out)."""
+        return self._claim_with is None
 
     @property
     def answer(self) -> StoredAnswer | None:
         """The final answer this execution stored; None while the key is left open (the
         outcome is pending) or for an execution without a key."""
         return self._answer
+
+    @property
+    def record(self) -> KeyRecord | None:
+        """The key's record as this execution holds it (from its claim and progress)."""
+        return self._record
 
     @property
     def payment_id(self) -> str | None:
@@ -496,6 +567,54 @@ class Checkpoint:
                 await self._stage(tx, progressed, None, progress_only=True)
 
         return reach
+
+    def claiming(
+        self, point: RecoveryPoint, *, payment_id: str | None = None, refund_id: str | None = None
+    ) -> Mark:
+        """The mark of the execution's first write: `reaching(point)` for a claimed key;
+        for a key still to be claimed, the claim itself, inserted at `point`. Run it first
+        in its transaction (see `IdempotencyKeys.claim_in`); it raises KeyDecided if the
+        key is there already."""
+        keys, record = self._claim_with, self._record
+        if keys is None or record is None:
+            return self.reaching(point, payment_id=payment_id, refund_id=refund_id)
+        progressed = replace(
+            record,
+            recovery_point=point,
+            payment_id=payment_id or record.payment_id,
+            refund_id=refund_id or record.refund_id,
+        )
+
+        async def claim(tx: UnitOfWork) -> None:
+            await keys.claim_in(tx, progressed)
+
+            def committed() -> None:
+                self._record = progressed
+                self._claim_with = None
+
+            tx.on_commit(committed)
+
+        return claim
+
+    async def claim(self) -> None:
+        """Claim a key still to be claimed now, in a transaction of its own (`begin`),
+        for an execution that must not do something before its first write unless it
+        holds the key (ask the order service again for a replay). Raises KeyDecided for
+        a key there already that this execution does not take (a stored answer, a
+        conflict); a key it takes to resume is its record from then on."""
+        keys, record = self._claim_with, self._record
+        if keys is None or record is None:
+            return
+        try:
+            outcome = await keys.begin(
+                record.scope, record.operation, record.key, record.fingerprint
+            )
+        except (IdempotencyKeyReused, IdempotencyKeyInUse) as conflict:
+            raise KeyDecided(conflict) from None
+        if isinstance(outcome, StoredAnswer):
+            raise KeyDecided(outcome)
+        self._record = outcome
+        self._claim_with = None
 
     def finishing(self, answer: StoredAnswer | None) -> Mark:
         """The mark that stores `answer` (from answer_for) as the key's final answer, in

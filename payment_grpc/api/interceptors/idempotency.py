@@ -39,9 +39,9 @@ from payment_grpc.service.errors import (
     IdempotencyKeyReused,
     InvalidIdempotencyKey,
 )
-from payment_grpc.service.idempotency import Checkpoint, IdempotencyKeys
+from payment_grpc.service.idempotency import Checkpoint, IdempotencyKeys, KeyDecided
 from payment_grpc.service.limits import MAX_IDEMPOTENCY_KEY_LENGTH
-from payment_grpc.service.ports import KeyRecord, StoredAnswer
+from payment_grpc.service.ports import KeyRecord, Operation, StoredAnswer
 from payment_grpc.telemetry.metrics import IDEMPOTENCY_CONFLICTS, IDEMPOTENCY_REPLAYS
 
 HEADER = "idempotency-key"
@@ -100,6 +100,15 @@ async def _replay(answer: StoredAnswer, context: aio.ServicerContext[Any, Any]) 
     raise AssertionError("unreachable")
 
 
+class _Unclaimed(Exception):
+    """An execution failed before its first write claimed its key: nothing ran under it."""
+
+
+# Charge claims its key in the transaction that creates the payment (issue 12: two
+# transactions per Charge); the other operations claim it in one of its own first.
+CLAIMED_BY_FIRST_WRITE = frozenset({Operation.CHARGE})
+
+
 class IdempotencyInterceptor(MethodInterceptor):
     def __init__(self, keys: IdempotencyKeys) -> None:
         self._keys = keys
@@ -117,21 +126,30 @@ class IdempotencyInterceptor(MethodInterceptor):
             async def keyed(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
                 key = valid_key(raw_key)
                 scope = current_request.get().subject
+                printed = fingerprint(method, request)
                 try:
-                    claimed = await self._keys.begin(
-                        scope, operation, key, fingerprint(method, request)
-                    )
+                    if operation in CLAIMED_BY_FIRST_WRITE:
+                        try:
+                            record = await self._keys.unclaimed(scope, operation, key, printed)
+                            return await self._execute(record, behavior, request, context, True)
+                        except KeyDecided as decided:
+                            if isinstance(decided.found, StoredAnswer):
+                                IDEMPOTENCY_REPLAYS.add(1, rpc)
+                                return await _replay(decided.found, context)
+                            if decided.found is not None:
+                                raise decided.found from None
+                        except _Unclaimed:
+                            pass
+                        # The key is there to resume, or the execution failed before its
+                        # claim: claim it the usual way and run again (see README).
+                    claimed = await self._keys.begin(scope, operation, key, printed)
                 except (IdempotencyKeyReused, IdempotencyKeyInUse) as conflict:
                     IDEMPOTENCY_CONFLICTS.add(1, {**rpc, "reason": conflict.reason})
                     raise
                 if isinstance(claimed, StoredAnswer):
                     IDEMPOTENCY_REPLAYS.add(1, rpc)
                     return await _replay(claimed, context)
-                response = Response(BUILDERS[operation])
-                execution = KeyedExecution(
-                    Checkpoint(claimed, response.encode, refusal_answer), response
-                )
-                return await self._execute(claimed, execution, behavior, request, context)
+                return await self._execute(claimed, behavior, request, context, False)
 
             return keyed
 
@@ -139,28 +157,44 @@ class IdempotencyInterceptor(MethodInterceptor):
 
     async def _execute(
         self,
-        claimed: KeyRecord,
-        execution: KeyedExecution,
+        record: KeyRecord,
         behavior: Unary,
         request: Any,
         context: aio.ServicerContext[Any, Any],
+        claim_in_first_write: bool,
     ) -> Any:
-        token = current_execution.set(execution)
+        """Run the call under the key: claimed already, or (`claim_in_first_write`) to be
+        claimed by the use case's first write. Raises KeyDecided when that claim met the
+        key, and _Unclaimed when the call refused before it claimed the key."""
+        response = Response(BUILDERS[record.operation])
+        checkpoint = Checkpoint(
+            record,
+            response.encode,
+            refusal_answer,
+            claim_with=self._keys if claim_in_first_write else None,
+        )
+        token = current_execution.set(KeyedExecution(checkpoint, response))
         try:
-            response = await behavior(request, context)
+            answer = await behavior(request, context)
+        except KeyDecided:
+            raise  # the key was there: this execution wrote nothing, holds nothing
         except ReportableError as error:
-            await asyncio.shield(self._after_error(claimed, execution.checkpoint, error))
+            if not checkpoint.claimed:
+                raise _Unclaimed() from error  # nothing ran under the key
+            await asyncio.shield(self._after_error(_held(checkpoint, record), checkpoint, error))
             raise
         except BaseException:  # cancelled (deadline, client gone, shutdown) or a bug
-            await self._keys.release(claimed)  # runs to its end even if cancelled again
+            # Runs to its end even if cancelled again. A claim in a write whose COMMIT was
+            # cut may have committed: released too if so (a row of another claim is not).
+            await self._keys.release(_held(checkpoint, record))
             raise
         finally:
             current_execution.reset(token)
-            self._keys.done(claimed)
-        stored = execution.checkpoint.answer
+            self._keys.done(_held(checkpoint, record))
+        stored = checkpoint.answer
         if stored is None:
-            await self._keys.release(claimed)  # outcome still pending
-            return response
+            await self._keys.release(_held(checkpoint, record))  # outcome still pending
+            return answer
         return stored.body  # the stored bytes: what a replay sends, serialized once
 
     async def _after_error(
@@ -172,3 +206,9 @@ class IdempotencyInterceptor(MethodInterceptor):
             await self._keys.release(claimed)
             return
         await self._keys.store_answer(claimed, refusal_answer(error))
+
+
+def _held(checkpoint: Checkpoint, claimed: KeyRecord) -> KeyRecord:
+    """The key's record as the execution holds it now (a claim in its first write, or a
+    resumed key taken by `Checkpoint.claim`, has its own record id)."""
+    return checkpoint.record or claimed
