@@ -7,6 +7,12 @@ For a claimed key it builds the call's Checkpoint and publishes it read-only
 stores the answer (service/idempotency.py). Afterwards the checkpoint's `answer` says
 what was stored: this layer sends that answer, stores a business error nothing stored,
 and gives the key back after retryable failures or while the outcome is pending.
+
+A Charge's key is claimed by the use case's first write instead (README, "One claim fewer
+per Charge"): its Checkpoint carries the unclaimed record. If that claim met the key
+(KeyDecided) the key's answer or conflict is sent; if the call refused before its claim,
+or the key is there to resume, the key is claimed here as for the other RPCs and the call
+runs again under it.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from payment_grpc.service.errors import (
     IdempotencyKeyInUse,
     IdempotencyKeyReused,
     InvalidIdempotencyKey,
+    StorageUnavailable,
 )
 from payment_grpc.service.idempotency import Checkpoint, IdempotencyKeys, KeyDecided
 from payment_grpc.service.limits import MAX_IDEMPOTENCY_KEY_LENGTH
@@ -180,6 +187,11 @@ class IdempotencyInterceptor(MethodInterceptor):
             raise  # the key was there: this execution wrote nothing, holds nothing
         except ReportableError as error:
             if not checkpoint.claimed:
+                if isinstance(error, StorageUnavailable):
+                    # Claimed now, it would wait for the database as long again: the
+                    # caller retries (RetryInfo), and its retry finds the key if this
+                    # write's COMMIT went through after all.
+                    raise
                 raise _Unclaimed() from error  # nothing ran under the key
             await asyncio.shield(self._after_error(_held(checkpoint, record), checkpoint, error))
             raise
