@@ -34,7 +34,12 @@ from payment_grpc.service.errors import (
     OutcomePending,
     StorageUnavailable,
 )
-from payment_grpc.service.idempotency import Checkpoint, IdempotencyKeys, IdempotencyPolicy
+from payment_grpc.service.idempotency import (
+    Checkpoint,
+    IdempotencyKeys,
+    IdempotencyPolicy,
+    KeyDecided,
+)
 from payment_grpc.service.operations import Operations
 from payment_grpc.service.ports import (
     Authorization,
@@ -379,3 +384,67 @@ async def test_a_key_its_replica_could_not_release_is_resumed_there_at_once() ->
     assert resumed.record_id == cut.record_id  # resumed, not run as a new request
     with pytest.raises(IdempotencyKeyInUse):  # and now held by that execution
         await keys.begin(CALLER.subject, Operation.CHARGE, "k1", "f")
+
+
+# ------------------------------------------- a Charge's key claimed in its first write
+
+
+async def _unclaimed(w: World, key: str, fp: str = "f") -> Checkpoint:
+    record = await w.keys.unclaimed(CALLER.subject, Operation.CHARGE, key, fp)
+    return Checkpoint(record, w.encode, w.refuse, claim_with=w.keys)
+
+
+async def test_a_charge_claiming_its_key_in_its_create_runs_two_transactions_in_all() -> None:
+    w = world()
+    checkpoint = await _unclaimed(w, "k1")
+    assert not checkpoint.claimed
+    before = w.db.transactions
+    payment = await w.charging.charge(charge(), CALLER, checkpoint)
+    assert w.db.transactions - before == 2  # claim + create, then outcome + answer
+    assert checkpoint.claimed
+    assert checkpoint.answer == StoredAnswer(0, w.encode(payment))
+    stored = await w.stored(Operation.CHARGE, "k1")
+    assert stored.recovery_point is RecoveryPoint.FINISHED
+    assert stored.payment_id == payment.payment_id
+
+
+async def test_a_claim_in_the_create_that_meets_the_key_writes_nothing() -> None:
+    w = world()
+    running = await w.checkpoint(Operation.CHARGE, "k1", fp="first")
+    for fp, found in (("first", IdempotencyKeyInUse), ("other", IdempotencyKeyReused)):
+        with pytest.raises(KeyDecided) as decided:
+            await w.charging.charge(charge(), CALLER, await _unclaimed(w, "k1", fp))
+        assert isinstance(decided.value.found, found)
+    assert w.db.tables.payments == {}
+    payment = await w.charging.charge(charge(), CALLER, running)
+    with pytest.raises(KeyDecided) as decided:
+        await w.charging.charge(charge(), CALLER, await _unclaimed(w, "k1", "first"))
+    assert decided.value.found == StoredAnswer(0, w.encode(payment))
+    assert len(w.db.tables.payments) == 1
+
+
+async def test_a_key_held_by_a_claim_in_a_create_is_in_use_before_its_commit() -> None:
+    w = world()
+    checkpoint = await _unclaimed(w, "k1")
+    async with w.db() as tx:
+        await checkpoint.claiming(RecoveryPoint.PAYMENT_CREATED, payment_id="pay_1")(tx)
+        assert w.keys.holding == 1  # held before the claim is visible
+        await tx.commit()
+    assert checkpoint.claimed
+    with pytest.raises(KeyDecided) as decided:  # not taken for a key nobody works on
+        await w.charging.charge(charge(), CALLER, await _unclaimed(w, "k1"))
+    assert isinstance(decided.value.found, IdempotencyKeyInUse)
+
+
+async def test_a_release_gives_back_only_the_row_of_its_own_claim() -> None:
+    """A cut Charge whose create never committed releases its record: the key's row is
+    another call's claim (same replica), which must stay held."""
+    w = world()
+    cut = await w.keys.unclaimed(CALLER.subject, Operation.CHARGE, "k1", "f")
+    other = await w.keys.begin(CALLER.subject, Operation.CHARGE, "k1", "f")
+    assert isinstance(other, KeyRecord)
+    await w.keys.release(cut)
+    stored = await w.stored(Operation.CHARGE, "k1")
+    assert stored.record_id == other.record_id
+    with pytest.raises(IdempotencyKeyInUse):
+        await w.keys.begin(CALLER.subject, Operation.CHARGE, "k1", "f")
