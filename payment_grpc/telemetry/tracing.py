@@ -11,6 +11,7 @@ passes through (logs, payment events and outgoing calls keep its trace id).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import secrets
 from collections.abc import Iterator, Mapping
@@ -76,7 +77,10 @@ def trace_database(engine: AsyncEngine, provider: TracerProvider) -> None:
     )
 
 
+@functools.cache
 def tracer() -> trace.Tracer:
+    """Ours, got once: before an SDK is installed this is the API's proxy, which follows
+    the provider installed later (there is only ever one per process)."""
     return trace.get_tracer(TRACER_NAME)
 
 

@@ -217,7 +217,7 @@ def _start_span(full_method: str, metadata: dict[str, str]) -> tuple[trace.Span,
         span = NonRecordingSpan(
             SpanContext(
                 trace_id=caller.trace_id if caller.is_valid else int(tracing.new_trace_id(), 16),
-                span_id=int(secrets.token_hex(8), 16),
+                span_id=secrets.randbits(64),
                 is_remote=False,
                 trace_flags=caller.trace_flags,
                 trace_state=caller.trace_state,
@@ -259,6 +259,8 @@ class ObservabilityInterceptor(MethodInterceptor):
                 headers += ((REQUEST_ID_HEADER, call.request_id),)
             return HeaderedContext(context, headers)
 
+        level = logging.DEBUG if quiet else logging.INFO
+
         def finish(
             started: tuple[trace.Span, Any, CallRecord, float],
             context: aio.ServicerContext[Any, Any],
@@ -276,8 +278,10 @@ class ObservabilityInterceptor(MethodInterceptor):
                 span.set_status(Status(StatusCode.ERROR, code.name))
             span.end()
             otel_context.detach(token)
+            if not log.isEnabledFor(level):
+                return  # the line's fields are not even gathered
             log.log(
-                logging.DEBUG if quiet else logging.INFO,
+                level,
                 "rpc finished",
                 extra={
                     "rpc_method": full_method,
@@ -301,7 +305,9 @@ class ObservabilityInterceptor(MethodInterceptor):
                     annotated = headered(context, started[2])
                     response = await behavior(request, cast(Any, annotated))
                     await annotated.send_headers()
-                    if not started[2].payment_id:
+                    if not started[2].payment_id and log.isEnabledFor(level):
+                        # Only the log line names it: a stored answer is not decoded
+                        # again for a line that is not written.
                         started[2].payment_id = payment_of(response, answer_type(full_method))
                     return response
                 except BaseException as exc:

@@ -3,13 +3,14 @@ call details, so interceptors that need the request or the outcome wrap the hand
 
 `MethodInterceptor` is the shape of all of ours (which methods, then how to wrap their
 handler); `CheckFirst` is the common kind that only checks something before the call
-(and refuses it with a status, or lets it through).
+(and refuses it with a status, or lets it through). `chained` hands grpc.aio one
+interceptor for a run of them: one handler lookup per call instead of one per layer.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
@@ -49,16 +50,23 @@ def wrap_handler(
     """
     if handler.request_streaming:
         return handler  # no client-streaming RPCs in this API
-    request_deserializer = handler.request_deserializer
-    if deserializer is not None and request_deserializer is not None:
-        request_deserializer = deserializer(request_deserializer)
     if handler.response_streaming:
         behavior: Any = handler.unary_stream  # grpc-stubs types aio handlers as sync
         # A streaming handler is either an async generator or a coroutine that writes
         # with context.write() (grpc_health's Watch); the latter wraps like a unary one.
-        wrapped = streaming(behavior) if inspect.isasyncgenfunction(behavior) else unary(behavior)
+        wrap: Callable[[Any], Any] = streaming if inspect.isasyncgenfunction(behavior) else unary
+    else:
+        behavior = handler.unary_unary
+        wrap = unary
+        passthrough_bytes = passthrough_bytes and handler.response_serializer is not None
+    if wrap is unchanged and deserializer is None and not passthrough_bytes:
+        return handler  # this kind of call is left alone: no new handler for it
+    request_deserializer = handler.request_deserializer
+    if deserializer is not None and request_deserializer is not None:
+        request_deserializer = deserializer(request_deserializer)
+    if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(
-            wrapped,
+            wrap(behavior),
             request_deserializer=request_deserializer,
             response_serializer=handler.response_serializer,
         )
@@ -66,7 +74,7 @@ def wrap_handler(
     if passthrough_bytes and serializer is not None:
         serializer = _passthrough(serializer)
     return grpc.unary_unary_rpc_method_handler(
-        unary(cast(Unary, handler.unary_unary)),
+        wrap(cast(Unary, behavior)),
         request_deserializer=request_deserializer,
         response_serializer=serializer,
     )
@@ -101,6 +109,47 @@ class MethodInterceptor(ServerInterceptor):
         if handler is None or not self.applies(handler_call_details):
             return handler
         return self.wrap(handler, handler_call_details)
+
+
+class _Chain(ServerInterceptor):
+    """Several MethodInterceptors as one grpc.aio interceptor: the handler is looked up
+    once, then wrapped by each of them, innermost first, exactly as grpc.aio would have
+    had them wrap it one continuation at a time."""
+
+    def __init__(self, interceptors: Sequence[MethodInterceptor]) -> None:
+        self._innermost_first = tuple(reversed(interceptors))
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        for interceptor in self._innermost_first:
+            if handler is None:
+                return handler
+            if interceptor.applies(handler_call_details):
+                handler = interceptor.wrap(handler, handler_call_details)
+        return handler
+
+
+def chained(interceptors: Sequence[ServerInterceptor]) -> list[ServerInterceptor]:
+    """`interceptors` (call order: the first sees the call first) with each run of
+    MethodInterceptors made one: per call, grpc.aio runs one intercept_service coroutine
+    for the run instead of one per interceptor. The calls see no difference."""
+    composed: list[ServerInterceptor] = []
+    run: list[MethodInterceptor] = []
+    for interceptor in interceptors:
+        if isinstance(interceptor, MethodInterceptor) and (
+            type(interceptor).intercept_service is MethodInterceptor.intercept_service
+        ):
+            run.append(interceptor)
+            continue
+        if run:
+            composed.append(_Chain(run))
+            run = []
+        composed.append(interceptor)
+    if run:
+        composed.append(_Chain(run))
+    return composed
 
 
 class CheckFirst(MethodInterceptor):
