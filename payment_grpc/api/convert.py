@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -53,10 +53,19 @@ def money_from_pb(money: pb.Money) -> Money:
     return Money(money.currency, money.amount_minor)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SECOND = timedelta(seconds=1)
+_TIMESTAMP_SECONDS = range(-62_135_596_800, 253_402_300_800)  # 0001-01-01 .. 9999-12-31
+
+
 def timestamp(at: datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(at)
-    return ts
+    """What Timestamp.FromDatetime gives (a naive datetime is UTC), without its detour
+    through a struct_time: several of these go into every answer and event."""
+    seconds = (at if at.utcoffset() is not None else at.replace(tzinfo=UTC)) - _EPOCH
+    whole = seconds // _SECOND
+    if whole not in _TIMESTAMP_SECONDS:
+        raise ValueError(f"Timestamp is not valid: Seconds {whole} out of range")
+    return Timestamp(seconds=whole, nanos=at.microsecond * 1000)
 
 
 def datetime_of(stamp: Timestamp) -> datetime:
@@ -117,20 +126,17 @@ def failure_to_pb(failure: Failure | None) -> pb.PaymentFailure | None:
 
 
 def payment_to_pb(p: Payment) -> pb.Payment:
+    card = p.card
     details = pb.PaymentMethodDetails(
         type=METHOD_TYPE_TO_PB[p.method.type],
         wallet_provider=p.method.wallet_provider,
         bank_code=p.method.bank_code,
+        card=None
+        if card is None
+        else pb.CardDetails(
+            brand=card.brand, last4=card.last4, exp_month=card.exp_month, exp_year=card.exp_year
+        ),
     )
-    if p.card is not None:
-        details.card.CopyFrom(
-            pb.CardDetails(
-                brand=p.card.brand,
-                last4=p.card.last4,
-                exp_month=p.card.exp_month,
-                exp_year=p.card.exp_year,
-            )
-        )
     return pb.Payment(
         payment_id=p.payment_id,
         order_id=p.order_id,

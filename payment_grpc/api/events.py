@@ -8,44 +8,71 @@ current span, captured there, so the relay can continue the trace long after the
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from payments.v1 import events_pb2
 from payments.v1 import resources_pb2 as pb
 
-from payment_grpc.api.convert import STATUS_TO_PB, payment_to_pb, timestamp
+from payment_grpc.api.convert import (
+    STATUS_TO_PB,
+    cancellation_to_pb,
+    failure_to_pb,
+    payment_to_pb,
+    timestamp,
+)
 from payment_grpc.domain.payment import Payment, PaymentEvent
 from payment_grpc.service.outbox import FAILED, event_id
 from payment_grpc.service.ports import ChargeRefusal
 from payment_grpc.telemetry.tracing import traceparent_of_trace
 
 
-def as_of(payment: Payment, event: PaymentEvent) -> Payment:
-    """The payment as this event left it (a transaction may write several events)."""
-    return replace(
-        payment,
-        status=event.status,
-        captured_minor=event.captured.amount_minor,
-        refunded_minor=event.refunded.amount_minor,
-        failure=event.failure,
-        cancellation_reason=event.cancellation_reason,
-        sequence=event.sequence,
-        updated_at=event.occurred_at,
-    )
+class _EventPayments:
+    """The payment of each event, converted once per changed payment: a transaction writes
+    its events one after the other for the same payment state (created and processing
+    for a new charge), and each event's copy differs from it only in the fields an event
+    carries (its status, amounts, failure, reason, sequence and time)."""
+
+    def __init__(self) -> None:
+        self._last: tuple[Payment, pb.Payment] | None = None  # strong ref: `is` holds
+
+    def converted(self, payment: Payment) -> pb.Payment:
+        last = self._last
+        if last is None or last[0] is not payment:
+            last = self._last = (payment, payment_to_pb(payment))
+        return last[1]
+
+
+_event_payments = _EventPayments()
+
+
+def _as_of(message: pb.Payment, event: PaymentEvent) -> None:
+    """`message` (a copy of the payment) as this event left it (a transaction may write
+    several events): the payment's state with the event's own fields."""
+    message.status = STATUS_TO_PB[event.status]
+    message.captured_amount.amount_minor = event.captured.amount_minor
+    message.refunded_amount.amount_minor = event.refunded.amount_minor
+    failure = failure_to_pb(event.failure)
+    if failure is None:
+        message.ClearField("failure")
+    else:
+        message.failure.CopyFrom(failure)
+    message.cancellation_reason = cancellation_to_pb(event.cancellation_reason)
+    message.sequence = event.sequence
+    message.update_time.CopyFrom(timestamp(event.occurred_at))
 
 
 def event_message(
     payment: Payment, event: PaymentEvent, kind: str, traceparent: str = ""
 ) -> events_pb2.PaymentEvent:
-    return events_pb2.PaymentEvent(
+    message = events_pb2.PaymentEvent(
         event_id=event_id(event, kind),
         type=kind,
-        payment=payment_to_pb(as_of(payment, event)),
         sequence=event.sequence,
         previous_status=STATUS_TO_PB.get(event.previous_status, pb.PAYMENT_STATUS_UNSPECIFIED),
         occur_time=timestamp(event.occurred_at),
         trace=events_pb2.TraceContext(trace_id=event.trace_id, traceparent=traceparent),
     )
+    message.payment.CopyFrom(_event_payments.converted(payment))
+    _as_of(message.payment, event)
+    return message
 
 
 def encode_event(payment: Payment, event: PaymentEvent, kind: str) -> bytes:
