@@ -23,7 +23,6 @@ from payment_grpc.api.responses import (
     charge_response,
     refund_response,
 )
-from payment_grpc.api.streams import with_heartbeats
 from payment_grpc.domain.refund import RefundReason
 from payment_grpc.grpc_private import ExecuteBatchError
 from payment_grpc.service.charging import Charging
@@ -200,13 +199,13 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
             request.from_sequence,
             request.follow_refunds,
             request_context(context),
+            quiet_s=self._heartbeat_s,
         )
-        responses = (
-            api.WatchPaymentStatusResponse(event=convert.event_to_pb(event))
-            async for event in events
-        )
-        async for response in with_heartbeats(responses, self._heartbeat_s, _heartbeat):
-            yield response
+        async for event in events:  # None: quiet for heartbeat_s
+            if event is None:
+                yield _heartbeat()
+            else:
+                yield api.WatchPaymentStatusResponse(event=convert.event_to_pb(event))
 
     async def _send(self, context: Context, response: api.WatchPaymentsResponse, sent: str) -> bool:
         """Write one message; False when the call is over (the client cancelled)."""

@@ -9,10 +9,8 @@ between a read and the wait, and reads again at least every POLL_S.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import contextlib
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
 
@@ -105,9 +103,7 @@ class ChangeFeed:
                 # the longer it lasts.
                 wait = held_wait if read.held else self._poll_s
                 held_wait = min(held_wait * 2, self._poll_s) if read.held else HELD_FIRST_S
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        await woken.wait()
+                await woken.wait(wait)
 
 
 def _item(entry: FeedEntry) -> FeedItem:

@@ -529,8 +529,9 @@ class AnswerEncoder(Protocol):
 
 
 class Subscription(Protocol):
-    async def wait(self) -> None:
-        """Return once something was published for the payment since the last wait."""
+    async def wait(self, timeout_s: float | None = None) -> bool:
+        """Return True once something was published for the payment since the last
+        wait; False when `timeout_s` passed first."""
         ...
 
 

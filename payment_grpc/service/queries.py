@@ -92,32 +92,49 @@ class Queries:
         return _page(rows, size, payment_id, lambda r: PageCursor(r.created_at, r.refund_id), limit)
 
     async def watch(
-        self, payment_id: str, from_sequence: int, follow_refunds: bool, ctx: RequestContext
-    ) -> AsyncIterator[PaymentEvent]:
+        self,
+        payment_id: str,
+        from_sequence: int,
+        follow_refunds: bool,
+        ctx: RequestContext,
+        quiet_s: float = 0.0,
+    ) -> AsyncIterator[PaymentEvent | None]:
         """Snapshot (unless resuming), then every event in order; ends after a final status.
+        With `quiet_s` > 0, None whenever that long passed without a change (a stream
+        kept open through proxies sends a heartbeat then).
 
         Subscribes before reading, so a change committed between the read and the wait
         still wakes us; events always come from the table, so none is skipped or repeated.
         The snapshot (with its access check) is this stream's own; after a wake-up the
         read is shared with the other watchers of the payment at the same sequence.
+        Between events a watcher keeps only a few numbers: with 10,000 watchers open,
+        each one's snapshot transaction and payment were objects the GC walked.
         """
+        timeout_s = quiet_s if quiet_s > 0 else None
         async with self._deps.bus.subscribe(payment_id) as subscription:
-            async with self._deps.uow(read_only=True) as tx:
-                payment = _visible(await tx.payments.get(payment_id), ctx)
-                start = from_sequence or payment.sequence - 1
-                pending = await tx.payments.events_after(payment_id, start, EVENT_BATCH)
-            status = payment.status
-            last = start
+            last, known, status, pending = await self._snapshot(payment_id, from_sequence, ctx)
             while True:
                 for event in pending:
                     yield event
                     last, status = event.sequence, event.status
-                if _stream_ends(status, follow_refunds) and last >= payment.sequence:
+                if _stream_ends(status, follow_refunds) and last >= known:
                     return
                 if not pending:
-                    await subscription.wait()
+                    while not await subscription.wait(timeout_s):
+                        yield None
                 # Shared with the other watchers of this payment woken with us.
                 pending = await self._events.after(payment_id, last, EVENT_BATCH)
+
+    async def _snapshot(
+        self, payment_id: str, from_sequence: int, ctx: RequestContext
+    ) -> tuple[int, int, PaymentStatus, list[PaymentEvent]]:
+        """(sequence the stream starts after, the payment's sequence and status, the
+        first events)."""
+        async with self._deps.uow(read_only=True) as tx:
+            payment = _visible(await tx.payments.get(payment_id), ctx)
+            start = from_sequence or payment.sequence - 1
+            pending = await tx.payments.events_after(payment_id, start, EVENT_BATCH)
+        return start, payment.sequence, payment.status, pending
 
 
 def _visible(payment: Payment, ctx: RequestContext) -> Payment:

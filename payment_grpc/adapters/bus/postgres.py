@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 
 import psycopg
 from sqlalchemy.engine import make_url
@@ -80,10 +79,8 @@ class PostgresStatusBus:
                 log.warning("NOTIFY failed for %d changes: %s", len(payloads), exc)
                 self._publisher = None
 
-    @asynccontextmanager
-    async def subscribe(self, payment_id: str) -> AsyncIterator[Subscription]:
-        async with self._local.subscribe(payment_id) as subscription:
-            yield subscription
+    def subscribe(self, payment_id: str) -> AbstractAsyncContextManager[Subscription]:
+        return self._local.subscribe(payment_id)
 
     def watcher_count(self) -> int:
         return self._local.watcher_count()

@@ -66,8 +66,12 @@ class CrashAt:
 
 
 class _Wakeups:
-    async def wait(self) -> None:
-        await asyncio.Event().wait()
+    async def wait(self, timeout_s: float | None = None) -> bool:
+        """Never woken: quiet until `timeout_s` (or for ever)."""
+        if timeout_s is None:
+            await asyncio.Event().wait()
+        await asyncio.sleep(timeout_s or 0)
+        return False
 
 
 class RecordingBus:

@@ -43,12 +43,12 @@ class _Parked:
     def __init__(self, subscription: Subscription, bus: ParkingBus) -> None:
         self._subscription, self._bus = subscription, bus
 
-    async def wait(self) -> None:
+    async def wait(self, timeout_s: float | None = None) -> bool:
         self._bus.parked += 1
         if self._bus.parked == WATCHERS:
             self._bus.all_parked.set()
         try:
-            await self._subscription.wait()
+            return await self._subscription.wait(timeout_s)
         finally:
             self._bus.parked -= 1
 
