@@ -81,6 +81,11 @@ class ServerSettings(_Group):
     Kubernetes endpoints and Envoy's health checks move traffic away) before it stops."""
     watch_heartbeat_seconds: float = Field(15.0, ge=0, validation_alias="WATCH_HEARTBEAT_SECONDS")
     """A watch stream quiet this long gets a heartbeat message (no event); 0: none."""
+    gc_oldest_threshold: int = Field(100, ge=1, le=100_000, validation_alias="GC_OLDEST_THRESHOLD")
+    """Python's garbage collector: a full collection only after this many collections
+    of the middle generation (Python's default: 10). A full collection walks every
+    tracked object and stops the process meanwhile (0.5-2 s with 10,000 watch streams
+    open); the young generations stay small and cheap (bench/README, issue 12)."""
     health_check_interval_seconds: float = Field(
         2.0, gt=0, validation_alias="HEALTH_CHECK_INTERVAL_SECONDS"
     )

@@ -51,6 +51,7 @@ def sqlite_env(tmp_path: pathlib.Path) -> dict[str, str]:
         ("JWT_ALGORITHMS", "none"),
         ("DATABASE_URL", "mysql://db/payments"),
         ("LOG_LEVEL", "chatty"),
+        ("GC_OLDEST_THRESHOLD", "-1"),
     ],
 )
 def test_an_invalid_setting_is_one_line_naming_it(

@@ -71,6 +71,8 @@ def test_database_urls_name_the_driver_we_run_on(given: str, expected: str) -> N
         ("JWT_ALGORITHMS", ""),
         ("DATABASE_URL", "mysql://db/pay"),
         ("LOG_FORMAT", "xml"),
+        ("GC_OLDEST_THRESHOLD", "0"),
+        ("GC_OLDEST_THRESHOLD", "lots"),
     ],
 )
 def test_a_bad_value_is_refused_naming_its_variable(
