@@ -69,6 +69,10 @@ class StreamsSummary:
     capture_s: float = 0.0  # from the first capture's start until the last event arrived
     server_cpu_open_s: float = 0.0  # the server's CPU in each of those two phases
     server_cpu_fanout_s: float = 0.0
+    # The slowest captures, (their place in capture order, their slowest delivery in ms):
+    # p99 is about the slowest one or two of 100 captures, so which ones (the first, still
+    # cold? one in the middle, a pause?) says what the tail is.
+    slowest_captures: list[tuple[int, float]] = field(default_factory=list)
 
     def row(self) -> str:
         return (
@@ -78,7 +82,9 @@ class StreamsSummary:
             f"max {self.fanout_max_ms:.0f} ms | failures {self.failures or 0} "
             f"| opening {self.open_s:.1f} s (server CPU {self.server_cpu_open_s:.1f} s), "
             f"captures + fan-out {self.capture_s:.1f} s (server CPU "
-            f"{self.server_cpu_fanout_s:.1f} s) |"
+            f"{self.server_cpu_fanout_s:.1f} s) | slowest captures (#, max ms) "
+            + ", ".join(f"#{n} {ms:.0f}" for n, ms in self.slowest_captures)
+            + " |"
         )
 
 
@@ -246,6 +252,11 @@ def run_streams(
     for watcher in watchers:
         watcher.join(timeout=10)
     arrivals = [(p, arrived) for r in collected for p, arrived in r.arrivals]
+    order = {p: n for n, p in enumerate(sorted(started, key=started.__getitem__), start=1)}
+    worst: dict[str, float] = {}
+    for p, arrived in arrivals:
+        worst[p] = max(worst.get(p, 0.0), (arrived - started[p]) * 1000)
+    slowest = sorted(((order[p], ms) for p, ms in worst.items()), key=lambda c: -c[1])[:5]
     latencies = sorted((arrived - started[p]) * 1000 for p, arrived in arrivals)
     last_arrival = max((arrived for _, arrived in arrivals), default=open_end)
     failures: dict[str, int] = {}
@@ -269,4 +280,5 @@ def run_streams(
         capture_s=last_arrival - min(started.values(), default=open_end),
         server_cpu_open_s=cpu_open - cpu_start,
         server_cpu_fanout_s=cpu_end - cpu_open,
+        slowest_captures=slowest,
     )
