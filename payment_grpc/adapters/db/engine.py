@@ -26,6 +26,7 @@ from payment_grpc.adapters.db.crypto import FieldCipher
 from payment_grpc.adapters.db.event_log import EventLog
 from payment_grpc.adapters.db.gateway_events import SqlGatewayEventRepository
 from payment_grpc.adapters.db.idempotency import SqlIdempotencyRepository
+from payment_grpc.adapters.db.pipelining import pipelined_engine
 from payment_grpc.adapters.db.reading import without_writer_lock
 from payment_grpc.adapters.db.repositories import (
     SqlPaymentRepository,
@@ -55,12 +56,12 @@ def is_sqlite(url: str) -> bool:
 def make_engine(url: str, pool_size: int = 10, timeouts: Timeouts = Timeouts()) -> AsyncEngine:
     if is_sqlite(url):
         return _sqlite_engine(url, timeouts)
-    engine = create_async_engine(
+    engine = pipelined_engine(
         url,
+        postgres_options(timeouts),
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_timeout=timeouts.pool,
-        connect_args={"options": postgres_options(timeouts)},
     )
     sa.event.listen(engine.sync_engine, "checkout", _still_connected)
     return engine

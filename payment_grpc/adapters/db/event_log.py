@@ -4,7 +4,7 @@ rows (per sink). Each event is encoded once.
 
 The feed rows take their place in the feed, (tx, position), from the database's defaults
 (tables.py): no counter and no lock, so event-writing transactions commit side by side.
-On PostgreSQL the feed rows and the COMMIT still go in one round trip (psycopg pipeline).
+On PostgreSQL the feed rows go out with the COMMIT, in one round trip (pipelining.py).
 """
 
 from __future__ import annotations
@@ -12,13 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
 
-import psycopg
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from payment_grpc.adapters.db.outbox import EventEncoder, OutboxWriter, Recorded, RefusalEncoder
+from payment_grpc.adapters.db.pipelining import PipelinedConnection
 from payment_grpc.adapters.db.tables import payment_feed
 from payment_grpc.domain.payment import Payment, PaymentEvent
 from payment_grpc.service.outbox import event_type, event_types
@@ -92,11 +90,9 @@ _APPEND_POSTGRES = """
 async def _append_and_commit_postgres(
     conn: AsyncConnection, recorded: Sequence[Recorded], now: datetime
 ) -> None:
-    """The feed rows and COMMIT in one pipeline on the transaction's own connection, then
-    SQLAlchemy's COMMIT, which finds the transaction over and sends nothing. psycopg's
-    errors are raised as SQLAlchemy's (the unit of work maps those)."""
-    fairy = await conn.get_raw_connection()
-    driver: psycopg.AsyncConnection[Any] = fairy.driver_connection  # type: ignore[assignment]
+    """The feed rows queued on the transaction's own connection, then SQLAlchemy's COMMIT,
+    which sends them, whatever else is queued and COMMIT in one pipeline (pipelining.py);
+    its errors are SQLAlchemy's (the unit of work maps those)."""
     parameters = {
         "created_at": now,
         "payment_ids": [item.event.payment_id for item in recorded],
@@ -106,18 +102,12 @@ async def _append_and_commit_postgres(
         "statuses": [item.event.status.value for item in recorded],
         "payloads": [item.payload for item in recorded],
     }
-    try:
-        async with driver.pipeline():
-            await driver.execute(_APPEND_POSTGRES, parameters)
-            await driver.commit()
-    except psycopg.Error as exc:
-        disconnect = conn.dialect.is_disconnect(cast(Any, exc), None, None)
-        if disconnect:
-            await conn.invalidate()
-        error = DBAPIError.instance(
-            _APPEND_POSTGRES, None, exc, psycopg.Error, connection_invalidated=disconnect
-        )
-        raise error from exc
+    fairy = await conn.get_raw_connection()
+    driver = fairy.driver_connection
+    if isinstance(driver, PipelinedConnection):
+        driver.queue(_APPEND_POSTGRES, parameters, many=False)
+    else:  # an engine not made by make_engine
+        await conn.exec_driver_sql(_APPEND_POSTGRES, parameters)
     await conn.commit()
 
 

@@ -16,6 +16,7 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from payment_grpc.adapters.db.crypto import FieldCipher
+from payment_grpc.adapters.db.pipelining import write_behind
 from payment_grpc.adapters.db.tables import idempotency_keys as keys
 from payment_grpc.service.ports import KeyRecord, Operation, RecoveryPoint
 
@@ -82,10 +83,16 @@ _BY_KEY = sa.select(keys).where(
 )
 _LOCK_BY_KEY = _BY_KEY.with_for_update()
 _UPDATE = keys.update().where(keys.c.id == sa.bindparam("b_id"))
-_ADVANCE = _UPDATE.values(
-    recovery_point=sa.bindparam("recovery_point"),
-    payment_id=sa.bindparam("payment_id"),
-    refund_id=sa.bindparam("refund_id"),
+# A checkpoint's write (progress, the final answer, a resumed lease): nobody reads its
+# result, so on PostgreSQL it goes out with the next statement that needs an answer, or
+# with the COMMIT (pipelining.py).
+_SAVE = write_behind(_UPDATE)
+_ADVANCE = write_behind(
+    _UPDATE.values(
+        recovery_point=sa.bindparam("recovery_point"),
+        payment_id=sa.bindparam("payment_id"),
+        refund_id=sa.bindparam("refund_id"),
+    )
 )
 
 
@@ -106,9 +113,7 @@ class SqlIdempotencyRepository:
         return _from_row(row, self._cipher) if row else None
 
     async def save(self, record: KeyRecord) -> None:
-        await self._conn.execute(
-            _UPDATE, {**_to_row(record, self._cipher), "b_id": record.record_id}
-        )
+        await self._conn.execute(_SAVE, {**_to_row(record, self._cipher), "b_id": record.record_id})
 
     async def advance(self, record: KeyRecord) -> None:
         await self._conn.execute(

@@ -16,6 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from payment_grpc.adapters.db.pipelining import write_behind
 from payment_grpc.adapters.db.reading import without_writer_lock
 from payment_grpc.adapters.db.tables import outbox
 from payment_grpc.domain.payment import Payment, PaymentEvent
@@ -40,6 +41,10 @@ class Recorded:
     payload: bytes
 
 
+# Written right before COMMIT, results unread: on PostgreSQL sent with it (pipelining.py).
+_INSERT = write_behind(outbox.insert())
+
+
 @dataclass(frozen=True, slots=True)
 class OutboxWriter:
     routes: Sequence[Route]
@@ -56,7 +61,7 @@ class OutboxWriter:
             if wants(item.kind)
         ]
         if rows:
-            await conn.execute(outbox.insert(), rows)
+            await conn.execute(_INSERT, rows)
         return bool(rows)
 
     async def write_refusals(
@@ -86,7 +91,7 @@ class OutboxWriter:
             if wants(REFUSAL_ROUTE)
         ]
         if rows:
-            await conn.execute(outbox.insert(), rows)
+            await conn.execute(_INSERT, rows)
         return bool(rows)
 
 

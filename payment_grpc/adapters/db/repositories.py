@@ -10,6 +10,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from payment_grpc.adapters.db.crypto import FieldCipher
+from payment_grpc.adapters.db.pipelining import write_behind
 from payment_grpc.adapters.db.rows import (
     event_to_row,
     payment_changes,
@@ -54,9 +55,11 @@ _UPDATE_PAYMENT = payments.update().where(
     payments.c.in_flight == sa.bindparam("b_in_flight"),
     payments.c.gateway_reference == sa.bindparam("b_gateway_reference"),
 )
-_INSERT_EVENT = payment_events.insert()
-_INSERT_REFUND = refunds.insert()
-_UPDATE_REFUND = refunds.update().where(refunds.c.id == sa.bindparam("b_id"))
+# Nobody reads these statements' results: on PostgreSQL they go out with the next statement
+# that needs an answer, or with the COMMIT (pipelining.py).
+_INSERT_EVENT = write_behind(payment_events.insert())
+_INSERT_REFUND = write_behind(refunds.insert())
+_UPDATE_REFUND = write_behind(refunds.update().where(refunds.c.id == sa.bindparam("b_id")))
 _SELECT_REFUND = sa.select(refunds).where(refunds.c.id == sa.bindparam("b_id"))
 
 
