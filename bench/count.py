@@ -7,15 +7,19 @@ database, the calls go through a real gRPC channel one after the other, and SQLA
 engine events count what reaches the database:
 
 - statements: every cursor execution (an INSERT of several rows sent as one multi-row
-  statement counts once), BEGIN on SQLite included;
+  statement counts once), BEGIN included (on PostgreSQL: a transaction's BEGIN, sent with
+  its first statement); `(queued)`: sent with the next statement that waits for an answer
+  or with the COMMIT (adapters/db/pipelining.py);
 - transactions: COMMITs and ROLLBACKs (a statement in autocommit mode is not counted);
   SAVEPOINTs separately;
-- round trips (PostgreSQL): statements (SAVEPOINT / RELEASE and BEGIN, which psycopg sends
-  on its own, included; psycopg pipelines an executemany: one) + COMMIT / ROLLBACK + the
-  pool's pre-ping of each checkout (an empty query) when `pool_pre_ping` is on + the
-  status bus's pg_notify statements (its own connection; `notifies`), less the
-  statements psycopg pipelines with the COMMIT (the event log's feed rows);
-  `COUNT_LOG_STATEMENTS=1` has PostgreSQL log every statement, to check;
+- round trips (PostgreSQL): measured on the wire. The application reaches PostgreSQL
+  through a relay in a process of its own, which counts, per connection, every time the
+  client sends after the server last spoke: a pipeline of statements answered together is
+  one round trip, a notification the server pushes by itself none. Everything is in it:
+  the pool, the status bus's pg_notify (its own connection; `notifies` counts those
+  statements), and what runs in the background meanwhile (a lease renewal every few
+  seconds: a few hundredths per call). `COUNT_LOG_STATEMENTS=1` has PostgreSQL log every
+  statement, to check;
 - the simulated gateway's ledger (its own SQLite file): statements and COMMITs.
 
 `cpu ms/call` is this process's CPU time (server and the one client) per call: with one
@@ -55,10 +59,12 @@ from bench.server import PG_ADMIN_URL
 from payment_grpc.adapters.auth.tokens import mint_token
 from payment_grpc.adapters.bus.postgres import libpq_dsn
 from payment_grpc.adapters.db.migrate import upgrade
+from payment_grpc.adapters.db.pipelining import WRITE_BEHIND, PipelinedConnection
 from payment_grpc.bootstrap import Application, build_application
 from payment_grpc.config import Settings
 
-PG_COUNT_DB = "payment_grpc_count"
+# One per process: two sessions counting on one server must not drop each other's database.
+PG_COUNT_DB = f"payment_grpc_count_{os.getpid()}"
 SCOPES = ("payments.charge", "payments.refund", "payments.read")
 WARMUP_CALLS = 3  # first calls open connections, fill caches
 
@@ -71,10 +77,11 @@ class Tally:
     savepoints: int = 0  # SAVEPOINT + RELEASE / ROLLBACK TO
     pings: int = 0  # PostgreSQL with pool_pre_ping: a query per checkout
     notifies: int = 0  # pg_notify statements the status bus sent
-    pipelined: int = 0  # statements sent in the round trip of the COMMIT
     ledger_statements: Counter[str] = field(default_factory=Counter)
     ledger_commits: int = 0
     cpu_s: float = 0.0
+    wire: Any = None  # PostgreSQL: the proxy's count of round trips (a shared counter)
+    turns: int = 0  # its value
 
     def snapshot(self) -> Tally:
         return Tally(
@@ -84,10 +91,11 @@ class Tally:
             self.savepoints,
             self.pings,
             self.notifies,
-            self.pipelined,
             Counter(self.ledger_statements),
             self.ledger_commits,
             time.process_time(),
+            self.wire,
+            0 if self.wire is None else self.wire.value,
         )
 
     def minus(self, other: Tally) -> Tally:
@@ -98,10 +106,11 @@ class Tally:
             self.savepoints - other.savepoints,
             self.pings - other.pings,
             self.notifies - other.notifies,
-            self.pipelined - other.pipelined,
             self.ledger_statements - other.ledger_statements,
             self.ledger_commits - other.ledger_commits,
             self.cpu_s - other.cpu_s,
+            self.wire,
+            self.turns - other.turns,
         )
 
 
@@ -125,8 +134,9 @@ def _watch(app: Application, tally: Tally) -> None:
     postgres = engine.dialect.name == "postgresql"
 
     @sa.event.listens_for(engine, "before_cursor_execute")
-    def _statement(_c: Any, _cur: Any, statement: str, *_args: Any) -> None:
-        tally.statements[_kind(statement)] += 1
+    def _statement(_c: Any, _cur: Any, statement: str, _p: Any, context: Any, _m: bool) -> None:
+        queued = postgres and context is not None and context.execution_options.get(WRITE_BEHIND)
+        tally.statements[_kind(statement) + (" (queued)" if queued else "")] += 1
 
     def autocommit(conn: Any) -> bool:  # nothing is sent for BEGIN, COMMIT, ROLLBACK
         return bool(conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT")
@@ -165,22 +175,27 @@ def _watch(app: Application, tally: Tally) -> None:
 @contextlib.contextmanager
 def _notifies_counted(tally: Tally) -> Any:
     """Counts the statements sent by psycopg itself, past SQLAlchemy: the status bus's
-    pg_notify (its own connection) and those pipelined with a COMMIT."""
+    pg_notify (its own connection) and those queued for the COMMIT (the feed rows)."""
     original = psycopg.AsyncConnection.execute
 
     async def execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
         if "pg_notify" in str(query):
             tally.notifies += 1
-        elif self._pipeline is not None:  # the event log's feed rows, sent with the COMMIT
-            tally.statements[_kind(str(query)) + " (with COMMIT)"] += 1
-            tally.pipelined += 1
         return await original(self, query, *args, **kwargs)
 
+    queue = PipelinedConnection.queue
+
+    def queued(self: Any, query: Any, *args: Any, **kwargs: Any) -> None:
+        tally.statements[_kind(str(query)) + " (queued)"] += 1
+        queue(self, query, *args, **kwargs)
+
     psycopg.AsyncConnection.execute = execute  # type: ignore[method-assign]
+    PipelinedConnection.queue = queued  # type: ignore[method-assign]
     try:
         yield
     finally:
         psycopg.AsyncConnection.execute = original  # type: ignore[method-assign]
+        PipelinedConnection.queue = queue  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
@@ -205,6 +220,68 @@ def _ledger_traced(tally: Tally) -> Any:
         yield
     finally:
         gateway_engine._open_ledger = original
+
+
+# ---------------------------------------------------------------- the wire
+
+
+async def _relay_counted(host: str, port: int, turns: Any, ready: Any) -> None:
+    """Forward 127.0.0.1:<the port sent to `ready`> to host:port and count the round
+    trips: on each connection, every time the client sends after the server last spoke
+    (or first). A pipeline (statements sent back to back, answered together) is one; a
+    notification the server pushes on its own adds none."""
+
+    async def connection(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection(host, port)
+        last = ["server"]
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter, side: str) -> None:
+            try:
+                while data := await source.read(65536):
+                    if side == "client" and last[0] != "client":
+                        with turns.get_lock():
+                            turns.value += 1
+                    last[0] = side
+                    sink.write(data)
+                    await sink.drain()
+            except OSError:
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pump(client_r, server_w, "client"), pump(server_r, client_w, "server"))
+
+    server = await asyncio.start_server(connection, "127.0.0.1", 0)
+    ready.send(server.sockets[0].getsockname()[1])
+    await server.serve_forever()
+
+
+def _relay_main(host: str, port: int, turns: Any, ready: Any) -> None:
+    """The relay's process: its CPU is not this process's (`cpu_ms`)."""
+    asyncio.run(_relay_counted(host, port, turns, ready))
+
+
+@contextlib.contextmanager
+def _through_counting_relay(url: str) -> Any:
+    """`url` through a relay (its own process) that counts round trips; (url, counter)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    turns = context.Value("q", 0)
+    parsed = make_url(url)
+    ours, theirs = context.Pipe()
+    relay = context.Process(
+        target=_relay_main,
+        args=(parsed.host or "127.0.0.1", parsed.port or 5432, turns, theirs),
+        daemon=True,
+    )
+    relay.start()
+    try:
+        port = ours.recv()
+        yield parsed.set(host="127.0.0.1", port=port).render_as_string(False), turns
+    finally:
+        relay.kill()
+        relay.join()
 
 
 # ---------------------------------------------------------------- databases
@@ -336,7 +413,9 @@ async def _running(settings: Settings) -> AsyncIterator[Application]:
         await app.stop()
 
 
-async def _measure(url: str, workdir: pathlib.Path, scenario: str, calls: int) -> Tally:
+async def _measure(
+    url: str, workdir: pathlib.Path, scenario: str, calls: int, wire: Any = None
+) -> Tally:
     """The tally of `calls` calls, after a few unmeasured ones."""
     jwt_secret = secrets.token_urlsafe(32)
     token = mint_token(
@@ -348,7 +427,7 @@ async def _measure(url: str, workdir: pathlib.Path, scenario: str, calls: int) -
     )
     auth: Metadata = (("authorization", f"Bearer {token}"),)
     prepare, call = SCENARIOS[scenario]
-    tally = Tally()
+    tally = Tally(wire=wire)
     with _ledger_traced(tally), _notifies_counted(tally):
         async with _running(_settings(url, workdir, jwt_secret)) as app:
             _watch(app, tally)
@@ -367,14 +446,15 @@ async def _measure(url: str, workdir: pathlib.Path, scenario: str, calls: int) -
 def _count(db: str, scenario: str, calls: int, verbose: bool) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp, _database(db, pathlib.Path(tmp)) as url:
         workdir = pathlib.Path(tmp)
-        tally = asyncio.run(_measure(url, workdir, scenario, calls))
+        if db == "postgresql":
+            with _through_counting_relay(url) as (relayed, wire):
+                tally = asyncio.run(_measure(relayed, workdir, scenario, calls, wire))
+        else:
+            tally = asyncio.run(_measure(url, workdir, scenario, calls))
     per = 1 / calls
     statements = sum(tally.statements.values())
     transactions = tally.commits + tally.rollbacks
-    sent_alone = statements - tally.pipelined
-    round_trips = (
-        sent_alone + transactions + tally.pings + tally.notifies if db == "postgresql" else None
-    )
+    round_trips = tally.turns if db == "postgresql" else None
     row: dict[str, object] = {
         "db": db,
         "scenario": scenario,
