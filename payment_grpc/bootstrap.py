@@ -63,6 +63,7 @@ from payment_grpc.service.admin import Admin
 from payment_grpc.service.charging import Charging
 from payment_grpc.service.deps import Deps, Records
 from payment_grpc.service.feed import ChangeFeed
+from payment_grpc.service.final_answers import FinalAnswers
 from payment_grpc.service.gateway_events import GatewayEvents
 from payment_grpc.service.idempotency import IdempotencyKeys, IdempotencyPolicy
 from payment_grpc.service.operations import Operations
@@ -463,7 +464,8 @@ def sync_after(settings: Settings) -> float:
     )
 
 
-def build_application(settings: Settings) -> Application:
+def build_application(settings: Settings, clock: Clock | None = None) -> Application:
+    """`clock`: the time every part of the application reads (a test's; else the system's)."""
     engine = make_engine(settings.database.url, settings.database.pool_size, db_timeouts(settings))
     watch_pool("payments", engine)
     tracer_provider = trace.get_tracer_provider()
@@ -480,13 +482,17 @@ def build_application(settings: Settings) -> Application:
     lease_engine = make_engine(settings.database.url, 1, db_timeouts(settings))
     fault_point = settings.recovery.fault_point
     faults = KillAtFaultPoint(fault_point) if fault_point else NoFaults()
-    clock = SystemClock()
+    clock = clock or SystemClock()
     records = Records(uow=uow, bus=bus, clock=clock, faults=faults)
     settlements = Settlements(records)  # the inbound port, given to the gateway adapter
     gateway = build_gateway(settings, settlements)
     deps = Deps(uow=uow, bus=bus, clock=clock, faults=faults, gateway=InstrumentedGateway(gateway))
     keys = IdempotencyKeys(
-        uow, clock, idempotency_policy(settings), SqlUnitOfWorkFactory(lease_engine, cipher)
+        uow,
+        clock,
+        idempotency_policy(settings),
+        SqlUnitOfWorkFactory(lease_engine, cipher),
+        FinalAnswers(settings.idempotency.cached_answers),
     )
     charging = Charging(deps, settlements, order_client)
     operations = Operations(deps)

@@ -180,6 +180,9 @@ class IdempotencySettings(_Group):
     lease_seconds: float = Field(10.0, gt=0, validation_alias="IDEMPOTENCY_LEASE_SECONDS")
     """A replica renews the keys it works on every third of this; a key not renewed for
     this long (its replica died or stalled) may be taken over by another replica."""
+    cached_answers: int = Field(10_000, ge=0, validation_alias="IDEMPOTENCY_CACHED_ANSWERS")
+    """Final answers of keys kept in this process (least recently used out first): their
+    replays make no database round trip."""
 
 
 class RecoverySettings(_Group):

@@ -18,6 +18,9 @@ A Charge's key is claimed by its first write instead (`unclaimed`, `claim_in`): 
 INSERT ... ON CONFLICT DO NOTHING at the head of the transaction that creates the
 payment, so the claim costs no transaction of its own. A key already there is decided in
 that transaction (`KeyDecided`: a stored answer, a conflict) or claimed the usual way.
+
+Final answers committed or read here are kept in this process (`FinalAnswers`): a replay
+of one is answered by `begin` / `unclaimed` before any database work.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from payment_grpc.service.errors import (
     IdempotencyKeyReused,
     StorageUnavailable,
 )
+from payment_grpc.service.final_answers import FinalAnswers
 from payment_grpc.service.ports import (
     ChargeRefusal,
     Clock,
@@ -98,12 +102,15 @@ class IdempotencyKeys:
         clock: Clock,
         policy: IdempotencyPolicy,
         leases: UnitOfWorkFactory | None = None,
+        answers: FinalAnswers | None = None,
     ) -> None:
         """`leases`: where lease renewals write, when not through `uow`. The composition
         root gives them a connection of their own: a renewal that waited behind calls for
         a pooled connection (a pool saturated by slow calls) could let the leases run out
-        while their calls still run, and another replica take the keys over."""
+        while their calls still run, and another replica take the keys over.
+        `answers`: the final answers kept in this process (a bounded cache by default)."""
         self._uow = uow
+        self.answers = answers if answers is not None else FinalAnswers()
         self._leases = leases or uow
         self._clock = clock
         self._policy = policy
@@ -130,6 +137,11 @@ class IdempotencyKeys:
         """
         identity = (scope, operation, key)
         await self._after_cleanups(identity)
+        kept = self.answers.answer(scope, operation, key, fingerprint, self._clock.now())
+        if isinstance(kept, IdempotencyKeyReused):
+            raise kept
+        if kept is not None:
+            return kept
         claiming = self._run_to_end(self._begin(scope, operation, key, fingerprint))
         try:
             return await asyncio.shield(claiming)
@@ -142,9 +154,14 @@ class IdempotencyKeys:
     ) -> KeyRecord:
         """The record a claim merged into the execution's first write inserts
         (`claim_in`); nothing is written yet. Like `begin`, it waits for the clean-ups of
-        an interrupted call with the key first."""
+        an interrupted call with the key first. A final answer kept in this process is
+        decided at once (KeyDecided), as the claim would decide it."""
         await self._after_cleanups((scope, operation, key))
-        return self._new_record(scope, operation, key, fingerprint, self._clock.now())
+        now = self._clock.now()
+        kept = self.answers.answer(scope, operation, key, fingerprint, now)
+        if kept is not None:
+            raise KeyDecided(kept)
+        return self._new_record(scope, operation, key, fingerprint, now)
 
     async def claim_in(self, tx: UnitOfWork, record: KeyRecord) -> None:
         """Claim the key in `tx`, the execution's first write, with `record` (from
@@ -170,6 +187,7 @@ class IdempotencyKeys:
             return IdempotencyKeyReused()
         if existing.recovery_point is RecoveryPoint.FINISHED:
             assert existing.response_code is not None
+            self.answers.remember(existing)  # committed by its execution: final
             return StoredAnswer(existing.response_code, existing.response_body or b"")
         if self._held(existing, now) and not self._ended_here(existing):
             return IdempotencyKeyInUse()
@@ -284,6 +302,7 @@ class IdempotencyKeys:
             raise IdempotencyKeyReused()
         if existing.recovery_point is RecoveryPoint.FINISHED:
             assert existing.response_code is not None
+            self.answers.remember(existing)  # committed by its execution: final
             return StoredAnswer(existing.response_code, existing.response_body or b"")
         if self._held(existing, now) and not self._ended_here(existing):
             raise IdempotencyKeyInUse()
@@ -330,12 +349,14 @@ class IdempotencyKeys:
     async def _store_answer(
         self, record: KeyRecord, answer: StoredAnswer, refusal: ChargeRefusal | None
     ) -> None:
+        finished = _finished(record, answer)
         try:
             async with self._uow() as tx:
-                await tx.idempotency.save(_finished(record, answer))
+                await tx.idempotency.save(finished)
                 if refusal is not None:
                     tx.publish_refusal(refusal)
                 await tx.commit()
+            self.answers.remember(finished)
         finally:
             self.done(record)
 
@@ -450,7 +471,9 @@ class IdempotencyKeys:
             elif answer is None or not same_outcome(await settled_of(tx, current), outcome):
                 return False
             else:
-                await tx.idempotency.save(_finished(current, answer))
+                finished = _finished(current, answer)
+                await tx.idempotency.save(finished)
+                tx.on_commit(functools.partial(self.answers.remember, finished))
             await tx.commit()
         return True
 
@@ -504,14 +527,17 @@ class Checkpoint:
         encode: Callable[[Any], bytes],
         encode_refusal: Callable[[ReportableError], StoredAnswer],
         claim_with: IdempotencyKeys | None = None,
+        answers: FinalAnswers | None = None,
     ) -> None:
         """`claim_with`: the key (`record`, from `IdempotencyKeys.unclaimed`) is not
-        claimed yet; the execution's first write claims it (`claiming`), or `claim`."""
+        claimed yet; the execution's first write claims it (`claiming`), or `claim`.
+        `answers`: where the final answer is kept once its transaction committed."""
         self._record = record
         self._encode = encode
         self._encode_refusal = encode_refusal
         self._answer: StoredAnswer | None = None
         self._claim_with = claim_with if record is not None else None
+        self._answers = answers
 
     @property
     def claimed(self) -> bool:
@@ -647,6 +673,8 @@ class Checkpoint:
             self._record = record
             if answer is not None:
                 self._answer = answer
+                if self._answers is not None:
+                    self._answers.remember(record)
 
         tx.on_commit(committed)
 

@@ -10,16 +10,17 @@ from payments.v1 import payment_service_pb2_grpc
 
 from payment_grpc.bootstrap import Application, build_application
 from payment_grpc.config import Settings
+from payment_grpc.service.ports import Clock
 from tests.helpers.credentials import client_metadata
 
 
 @contextlib.asynccontextmanager
 async def serving(
-    settings: Settings,
+    settings: Settings, clock: Clock | None = None
 ) -> AsyncIterator[tuple[Application, payment_service_pb2_grpc.PaymentServiceStub]]:
     """A started application, its recovery worker's start-up pass done, and a stub that
-    adds the admin token (no idempotency keys)."""
-    app = build_application(settings)
+    adds the admin token (no idempotency keys). `clock`: the application's, if given."""
+    app = build_application(settings, clock)
     await app.start()
     try:
         await app.recovery.wait_for_passes(1)

@@ -179,6 +179,7 @@ class IdempotencyInterceptor(MethodInterceptor):
             response.encode,
             refusal_answer,
             claim_with=self._keys if claim_in_first_write else None,
+            answers=self._keys.answers,
         )
         token = current_execution.set(KeyedExecution(checkpoint, response))
         try:
