@@ -64,7 +64,8 @@ async def abandon_key(
     app: Application, rpc: str, key: str, point: RecoveryPoint, *, locked_at: datetime
 ) -> None:
     """Put a finished key back where a crash would have left it: its answer not yet
-    stored, held by a replica that stopped at `locked_at`."""
+    stored, held by a replica that stopped at `locked_at`. The process's kept final
+    answers are forgotten too (the crashed execution never committed one)."""
     async with app.engine.begin() as conn:
         await conn.execute(
             idempotency_keys.update()
@@ -80,6 +81,7 @@ async def abandon_key(
                 locked_at=locked_at,
             )
         )
+    app.keys.answers.clear()
 
 
 async def insert_pending_refund(
