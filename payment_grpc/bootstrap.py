@@ -469,15 +469,17 @@ def build_application(settings: Settings, clock: Clock | None = None) -> Applica
     engine = make_engine(settings.database.url, settings.database.pool_size, db_timeouts(settings))
     watch_pool("payments", engine)
     tracer_provider = trace.get_tracer_provider()
+    traced = False  # a span per SQL statement
     if isinstance(tracer_provider, TracerProvider):  # installed by `serve` when exporting
         trace_database(engine, tracer_provider)
+        traced = True
     bus = build_bus(settings)
     order_client = build_order_client(settings)
     outbox = build_relay(settings, engine, build_sinks(settings, order_client))
     relay, writer = outbox if outbox is not None else (None, None)
     event_log = EventLog(encode_event, writer, encode_refusal)
     cipher = build_cipher(settings)
-    uow = SqlUnitOfWorkFactory(engine, cipher, bus, event_log)
+    uow = SqlUnitOfWorkFactory(engine, cipher, bus, event_log, statement_spans=traced)
     # Lease renewals on a connection of their own: never queued behind calls for the pool.
     lease_engine = make_engine(settings.database.url, 1, db_timeouts(settings))
     fault_point = settings.recovery.fault_point

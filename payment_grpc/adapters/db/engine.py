@@ -144,6 +144,7 @@ class SqlUnitOfWork:
         row_locks: bool,
         cipher: FieldCipher,
         event_log: EventLog | None = None,
+        direct_reads: bool = False,
     ) -> None:
         self._conn = conn
         self.events: list[PaymentEvent] = []  # written in this transaction, in order
@@ -153,7 +154,12 @@ class SqlUnitOfWork:
         self._on_commit: list[Callable[[], None]] = []
         self._refusals: list[ChargeRefusal] = []  # outbox rows without a payment
         self.payments = SqlPaymentRepository(
-            conn, row_locks, cipher, written=self.events, changed=self._changed
+            conn,
+            row_locks,
+            cipher,
+            written=self.events,
+            changed=self._changed,
+            direct_reads=direct_reads,
         )
         self.refunds = SqlRefundRepository(conn)
         self.idempotency = SqlIdempotencyRepository(conn, row_locks, cipher)
@@ -215,11 +221,17 @@ class SqlUnitOfWorkFactory:
         cipher: FieldCipher,
         bus: StatusBus | None = None,
         event_log: EventLog | None = None,
+        *,
+        statement_spans: bool = False,
     ) -> None:
         """`bus` hears the events of every committed transaction (None: nobody listens,
-        as for tools that only read); `event_log` writes their feed and outbox rows."""
+        as for tools that only read); `event_log` writes their feed and outbox rows.
+        `statement_spans`: the engine's statements are traced (trace_database), so every
+        one goes through SQLAlchemy; else a read-only transaction on PostgreSQL reads a
+        payment by id through psycopg directly (reading.DirectRow)."""
         self._engine = engine
         self._sqlite = engine.dialect.name == "sqlite"
+        self._direct_reads = engine.dialect.name == "postgresql" and not statement_spans
         self._cipher = cipher  # encrypts sensitive columns (built once, shared)
         self._bus = bus
         self._event_log = event_log
@@ -233,7 +245,11 @@ class SqlUnitOfWorkFactory:
                     conn = await without_writer_lock(conn)
                 await conn.begin()
                 uow = SqlUnitOfWork(
-                    conn, not self._sqlite, cipher=self._cipher, event_log=self._event_log
+                    conn,
+                    not self._sqlite,
+                    cipher=self._cipher,
+                    event_log=self._event_log,
+                    direct_reads=read_only and self._direct_reads,
                 )
                 yield uow
         except PoolTimeout as exc:

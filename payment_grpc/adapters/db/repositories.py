@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from payment_grpc.adapters.db.crypto import FieldCipher
 from payment_grpc.adapters.db.pipelining import write_behind
+from payment_grpc.adapters.db.reading import DirectRow
 from payment_grpc.adapters.db.rows import (
     event_to_row,
     payment_changes,
@@ -46,6 +47,7 @@ _INSERT_PAYMENT = {
 }
 _SELECT_PAYMENT = sa.select(payments).where(payments.c.id == sa.bindparam("b_id"))
 _LOCK_PAYMENT = _SELECT_PAYMENT.with_for_update()
+_READ_PAYMENT = DirectRow(_SELECT_PAYMENT)  # read-only, PostgreSQL, no statement spans
 # Only if the row is still the version the change was decided on (changes.py's Snapshot:
 # sequence, status, claim, reference), so a change can be written without reading first.
 _UPDATE_PAYMENT = payments.update().where(
@@ -74,10 +76,14 @@ class SqlPaymentRepository:
         cipher: FieldCipher,
         written: list[PaymentEvent] | None = None,
         changed: Written | None = None,
+        direct_reads: bool = False,
     ) -> None:
         """`written` collects the events this repository writes (its unit of work's);
-        `changed` the same as (payment, its events), for the feed and the outbox."""
+        `changed` the same as (payment, its events), for the feed and the outbox;
+        `direct_reads`: `get` reads through psycopg directly (read-only on PostgreSQL,
+        untraced: SqlUnitOfWorkFactory decides)."""
         self._conn = conn
+        self._direct_reads = direct_reads
         self._row_locks = row_locks
         self._cipher = cipher
         self._written = [] if written is None else written
@@ -96,6 +102,11 @@ class SqlPaymentRepository:
         self.changed.append((payment, events))
 
     async def get(self, payment_id: str, *, for_update: bool = False) -> Payment:
+        if self._direct_reads and not for_update:
+            found = await _READ_PAYMENT.first(self._conn, {"b_id": payment_id})
+            if found is None:
+                raise PaymentNotFound(payment_id)
+            return row_to_payment(found, self._cipher)
         query = _LOCK_PAYMENT if for_update and self._row_locks else _SELECT_PAYMENT
         row = (await self._conn.execute(query, {"b_id": payment_id})).mappings().first()
         if row is None:

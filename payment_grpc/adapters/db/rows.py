@@ -4,6 +4,7 @@ the domain never sees ciphertext and the tables never hold the plaintext."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy.engine import RowMapping
@@ -32,12 +33,12 @@ def _failure_columns(failure: Failure | None) -> dict[str, Any]:
     }
 
 
-def _cancellation_reason(row: RowMapping) -> CancellationReason | None:
+def _cancellation_reason(row: RowMapping | Mapping[str, Any]) -> CancellationReason | None:
     reason = row["cancellation_reason"]
     return CancellationReason(reason) if reason is not None else None
 
 
-def _failure(row: RowMapping) -> Failure | None:
+def _failure(row: RowMapping | Mapping[str, Any]) -> Failure | None:
     if row["failure_code"] is None:
         return None
     return Failure(
@@ -116,7 +117,7 @@ def payment_changes(before: Payment, after: Payment, cipher: FieldCipher) -> dic
     return row
 
 
-def row_to_payment(row: RowMapping, cipher: FieldCipher) -> Payment:
+def row_to_payment(row: RowMapping | Mapping[str, Any], cipher: FieldCipher) -> Payment:
     payment_id = row["id"]
     card = None
     if row["card_brand"] is not None:
