@@ -59,7 +59,7 @@ from bench.server import PG_ADMIN_URL
 from payment_grpc.adapters.auth.tokens import mint_token
 from payment_grpc.adapters.bus.postgres import libpq_dsn
 from payment_grpc.adapters.db.migrate import upgrade
-from payment_grpc.adapters.db.pipelining import WRITE_BEHIND, PipelinedConnection
+from payment_grpc.adapters.db.pipelining import NO_TRANSACTION, WRITE_BEHIND, PipelinedConnection
 from payment_grpc.bootstrap import Application, build_application
 from payment_grpc.config import Settings
 
@@ -139,7 +139,8 @@ def _watch(app: Application, tally: Tally) -> None:
         tally.statements[_kind(statement) + (" (queued)" if queued else "")] += 1
 
     def autocommit(conn: Any) -> bool:  # nothing is sent for BEGIN, COMMIT, ROLLBACK
-        return bool(conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT")
+        options = conn.get_execution_options()
+        return bool(options.get("isolation_level") == "AUTOCOMMIT" or options.get(NO_TRANSACTION))
 
     @sa.event.listens_for(engine, "begin")
     def _begin(conn: Any) -> None:
@@ -181,6 +182,8 @@ def _notifies_counted(tally: Tally) -> Any:
     async def execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
         if "pg_notify" in str(query):
             tally.notifies += 1
+        else:  # past SQLAlchemy's events: reading.DirectRow
+            tally.statements[_kind(str(query)) + " (direct)"] += 1
         return await original(self, query, *args, **kwargs)
 
     queue = PipelinedConnection.queue

@@ -23,8 +23,9 @@ result nobody checks may be `write_behind`: never one whose row count or RETURNI
 decides what happens next (the payment's versioned UPDATE, an INSERT ... ON CONFLICT DO
 NOTHING RETURNING); those are sent at once, with what is queued ahead of them.
 
-A connection that SQLAlchemy uses with isolation_level AUTOCOMMIT (reading.py's
-read-only transactions) gets no BEGIN: each statement on its own, as before.
+A connection that SQLAlchemy uses with isolation_level AUTOCOMMIT, or marked
+NO_TRANSACTION (reading.py's read-only transactions), gets no BEGIN: each statement on its
+own, as before.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 WRITE_BEHIND = "payment_grpc_write_behind"  # the execution option that marks a statement
+# The execution option of a connection that begins no transaction (reading.py's read-only
+# work): psycopg is in autocommit mode already, so no isolation level is set at checkout
+# and reset at check-in for it (SQLAlchemy's AUTOCOMMIT costs two driver calls each way).
+NO_TRANSACTION = "payment_grpc_no_transaction"
 
 E = TypeVar("E", bound=sa.sql.Executable)
 _IDLE = psycopg.pq.TransactionStatus.IDLE
@@ -222,8 +227,9 @@ def _driver(conn: sa.Connection) -> PipelinedConnection | None:
 
 
 def _begin_later(conn: sa.Connection) -> None:
-    # Asked for AUTOCOMMIT on this connection (read-only work): no transaction at all.
-    if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+    # Asked for AUTOCOMMIT or no transaction on this connection (read-only work): none.
+    options = conn.get_execution_options()
+    if options.get(NO_TRANSACTION) or options.get("isolation_level") == "AUTOCOMMIT":
         return
     if (driver := _driver(conn)) is not None:
         driver.begin_later()

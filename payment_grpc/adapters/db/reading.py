@@ -15,6 +15,8 @@ from sqlalchemy.dialects.postgresql import psycopg as sa_psycopg
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from payment_grpc.adapters.db.pipelining import NO_TRANSACTION, PipelinedConnection
+
 _PSYCOPG = sa_psycopg.dialect()  # type: ignore[no-untyped-call]
 
 
@@ -22,14 +24,17 @@ async def without_writer_lock(conn: AsyncConnection) -> AsyncConnection:
     """For a read-only transaction: on SQLite it begins DEFERRED, taking no writer lock; on
     PostgreSQL each statement runs on its own (autocommit: no BEGIN and ROLLBACK round
     trips; under READ COMMITTED every statement had its own snapshot anyway)."""
-    if conn.dialect.name != "sqlite":
-        return await conn.execution_options(isolation_level="AUTOCOMMIT")
-    return await conn.execution_options(sqlite_begin="DEFERRED")
+    if conn.dialect.name == "sqlite":
+        return await conn.execution_options(sqlite_begin="DEFERRED")
+    raw = await conn.get_raw_connection()
+    if isinstance(raw.driver_connection, PipelinedConnection):  # autocommit for psycopg
+        return await conn.execution_options(**{NO_TRANSACTION: True})
+    return await conn.execution_options(isolation_level="AUTOCOMMIT")
 
 
 class DirectRow:
     """One table's single-row SELECT sent through psycopg itself, past SQLAlchemy's
-    execution and result layers, on a PostgreSQL connection that is in autocommit mode
+    execution and result layers, on a PostgreSQL connection that begins no transaction
     (`without_writer_lock`).
 
     Through SQLAlchemy the read of one payment row cost ~0.8 ms of CPU, the same SELECT
@@ -38,9 +43,10 @@ class DirectRow:
     per read) and a greenlet switch per await. The statement is SQLAlchemy's own,
     compiled once for psycopg; the row is handed back as the mapping SQLAlchemy would
     give, column by column (SQLAlchemy's psycopg dialect converts none of these types:
-    strings, integers and timestamptz come as psycopg decodes them; a column type that
-    processes its results is refused here). Not for a statement whose span is wanted:
-    SQLAlchemy's engine events (the OTel instrumentation) do not see it."""
+    strings, integers and timestamptz come as psycopg decodes them, a TypeDecorator's
+    `process_result_value` is applied; a type SQLAlchemy converts otherwise is refused).
+    Not for a statement whose span is wanted: SQLAlchemy's engine events (the OTel
+    instrumentation) do not see it."""
 
     def __init__(self, select: sa.Select[Any]) -> None:
         columns = select.selected_columns
