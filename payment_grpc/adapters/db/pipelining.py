@@ -153,6 +153,8 @@ class PipelinedConnection(psycopg.AsyncConnection[Any]):
         self._queued.clear()
         self._began = False
         self._write_behind = False
+        if self._pipeline is None and self.pgconn.transaction_status == _IDLE:
+            return  # nothing began (a read-only connection's check-in): what psycopg does
         # A queued statement's error is what the rollback undoes anyway; a connection
         # that is gone fails the ROLLBACK below.
         with suppress(psycopg.Error):
