@@ -50,7 +50,8 @@ async def test_a_read_only_get_reads_what_sqlalchemy_reads(app, stub) -> None:  
     async with uow() as tx:  # a writing transaction: SQLAlchemy's path on both
         assert await tx.payments.get(payment_id) == read
     assert read.payment_id == payment_id
-    assert read.card is not None and read.metadata == METADATA
+    assert read.card is not None
+    assert read.metadata == METADATA
     assert read.created_at.utcoffset() is not None
 
     with pytest.raises(PaymentNotFound):
