@@ -183,6 +183,13 @@ class IdempotencyKeys:
         without writing; None where `begin` must take it (resume, delete an expired key)."""
         if existing is None or existing.expires_at <= now:
             return None
+        return self._verdict(existing, fresh, now)
+
+    def _verdict(
+        self, existing: KeyRecord, fresh: KeyRecord, now: datetime
+    ) -> StoredAnswer | ReportableError | None:
+        """What an unexpired key already there answers `fresh` with: its stored answer, a
+        conflict, or None: no execution holds it, so this one may resume it."""
         if existing.fingerprint != fresh.fingerprint:
             return IdempotencyKeyReused()
         if existing.recovery_point is RecoveryPoint.FINISHED:
@@ -298,14 +305,11 @@ class IdempotencyKeys:
     async def _existing(
         self, tx: UnitOfWork, existing: KeyRecord, fresh: KeyRecord, now: datetime
     ) -> KeyRecord | StoredAnswer:
-        if existing.fingerprint != fresh.fingerprint:
-            raise IdempotencyKeyReused()
-        if existing.recovery_point is RecoveryPoint.FINISHED:
-            assert existing.response_code is not None
-            self.answers.remember(existing)  # committed by its execution: final
-            return StoredAnswer(existing.response_code, existing.response_body or b"")
-        if self._held(existing, now) and not self._ended_here(existing):
-            raise IdempotencyKeyInUse()
+        verdict = self._verdict(existing, fresh, now)
+        if isinstance(verdict, ReportableError):
+            raise verdict
+        if verdict is not None:
+            return verdict
         resumed = replace(existing, locked_by=self._policy.owner, locked_at=now)
         await tx.idempotency.save(resumed)
         return resumed
