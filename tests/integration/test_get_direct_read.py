@@ -59,9 +59,8 @@ async def test_a_read_only_get_reads_what_sqlalchemy_reads(app, stub) -> None:  
             await tx.payments.get("pay_nothing_here")
 
 
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)  # psycopg only
 async def test_the_direct_row_is_sqlalchemys_row(app, stub) -> None:  # type: ignore[no-untyped-def]
-    if app.engine.dialect.name != "postgresql":
-        pytest.skip("psycopg only")
     reply = await stub.Charge(charge_request(method=card("tok_visa"), metadata=METADATA))
     select = sa.select(payments).where(payments.c.id == sa.bindparam("b_id"))
     async with app.engine.connect() as plain:
@@ -84,9 +83,8 @@ async def test_traced_statements_keep_going_through_sqlalchemy(app, stub) -> Non
     assert any(s.startswith("SELECT") and "FROM payments" in s for s in seen)
 
 
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)  # psycopg only
 async def test_a_database_error_is_sqlalchemys(app) -> None:  # type: ignore[no-untyped-def]
-    if app.engine.dialect.name != "postgresql":
-        pytest.skip("psycopg only")
     missing = sa.table("no_such_table", sa.column("id")).select()
     async with app.engine.connect() as plain:
         conn = await without_writer_lock(plain)
