@@ -136,8 +136,7 @@ class IdempotencyKeys:
         end and a key it took is released before the cancellation goes on.
         """
         identity = (scope, operation, key)
-        await self._after_cleanups(identity)
-        kept = self.answers.answer(scope, operation, key, fingerprint, self._clock.now())
+        kept = await self._kept(identity, fingerprint)
         if isinstance(kept, IdempotencyKeyReused):
             raise kept
         if kept is not None:
@@ -156,12 +155,18 @@ class IdempotencyKeys:
         (`claim_in`); nothing is written yet. Like `begin`, it waits for the clean-ups of
         an interrupted call with the key first. A final answer kept in this process is
         decided at once (KeyDecided), as the claim would decide it."""
-        await self._after_cleanups((scope, operation, key))
-        now = self._clock.now()
-        kept = self.answers.answer(scope, operation, key, fingerprint, now)
+        kept = await self._kept((scope, operation, key), fingerprint)
         if kept is not None:
             raise KeyDecided(kept)
-        return self._new_record(scope, operation, key, fingerprint, now)
+        return self._new_record(scope, operation, key, fingerprint, self._clock.now())
+
+    async def _kept(
+        self, identity: KeyIdentity, fingerprint: str
+    ) -> StoredAnswer | IdempotencyKeyReused | None:
+        """Once the clean-ups of an interrupted call with the key are over: what the key's
+        final answer kept in this process says to this request (None: not kept here)."""
+        await self._after_cleanups(identity)
+        return self.answers.answer(*identity, fingerprint, self._clock.now())
 
     async def claim_in(self, tx: UnitOfWork, record: KeyRecord) -> None:
         """Claim the key in `tx`, the execution's first write, with `record` (from

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -12,6 +15,21 @@ from payment_grpc.adapters.db.tables import idempotency_keys, payment_events, pa
 from payment_grpc.api.responses import OPERATIONS
 from payment_grpc.bootstrap import Application, build_cipher
 from payment_grpc.service.ports import KeyRecord, Operation, RecoveryPoint
+
+
+@contextmanager
+def engine_events(
+    app: Application, listeners: Sequence[tuple[str, Callable[..., Any]]]
+) -> Iterator[None]:
+    """`listeners` ((SQLAlchemy engine event, function)) on the app's engine while inside."""
+    engine = app.engine.sync_engine
+    for name, listener in listeners:
+        sa.event.listen(engine, name, listener)
+    try:
+        yield
+    finally:
+        for name, listener in listeners:
+            sa.event.remove(engine, name, listener)
 
 
 async def row_counts(app: Application) -> dict[str, int]:

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
-import sqlalchemy as sa
 from payments.v1 import payment_service_pb2 as api
 
 from payment_grpc.adapters.gateways.guarded import GuardedGateway
@@ -24,7 +23,7 @@ from payment_grpc.service.ports import RecoveryPoint
 from tests.conftest import make_settings
 from tests.helpers.builders import S, charge_request, keyed
 from tests.helpers.calls import RichError, replayed, rpc_error
-from tests.helpers.db import row_counts, stored_key
+from tests.helpers.db import engine_events, row_counts, stored_key
 from tests.helpers.servers import serving
 from tests.stripe_sim import payment_stub, running_simulator, stripe_service
 
@@ -39,7 +38,6 @@ def authorizations(app: Application) -> int:
 @contextlib.contextmanager
 def transactions(app: Application) -> Iterator[list[list[str]]]:
     """The statements of every transaction that ends (COMMIT) while inside, in order."""
-    engine = app.engine.sync_engine
     running: dict[int, list[str]] = {}
     committed: list[list[str]] = []
 
@@ -57,13 +55,8 @@ def transactions(app: Application) -> Iterator[list[list[str]]]:
         ("commit", commit),
         ("rollback", rollback),
     )
-    for name, listener in listeners:
-        sa.event.listen(engine, name, listener)
-    try:
+    with engine_events(app, listeners):
         yield committed
-    finally:
-        for name, listener in listeners:
-            sa.event.remove(engine, name, listener)
 
 
 def _writes(statements: list[str], table: str) -> bool:

@@ -19,6 +19,7 @@ from payment_grpc.adapters.db.tables import payments
 from payment_grpc.bootstrap import Application, build_cipher
 from payment_grpc.domain.errors import PaymentNotFound
 from tests.helpers.builders import card, charge_request
+from tests.helpers.db import engine_events
 
 METADATA = {"cart": "42", "note": "ünïcode"}
 
@@ -31,11 +32,8 @@ def _statements(app: Application) -> Iterator[list[str]]:
     def before(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         seen.append(statement)
 
-    sa.event.listen(app.engine.sync_engine, "before_cursor_execute", before)
-    try:
+    with engine_events(app, [("before_cursor_execute", before)]):
         yield seen
-    finally:
-        sa.event.remove(app.engine.sync_engine, "before_cursor_execute", before)
 
 
 async def test_a_read_only_get_reads_what_sqlalchemy_reads(app, stub) -> None:  # type: ignore[no-untyped-def]

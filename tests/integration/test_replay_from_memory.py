@@ -13,7 +13,6 @@ from datetime import timedelta
 from typing import Any
 
 import grpc
-import sqlalchemy as sa
 from payments.v1 import payment_service_pb2 as api
 
 from payment_grpc.bootstrap import Application
@@ -21,7 +20,7 @@ from tests.conftest import make_settings
 from tests.helpers.builders import S, card, charge_request, keyed, usd
 from tests.helpers.calls import replayed, replayed_error, rpc_error
 from tests.helpers.clock import SettableClock
-from tests.helpers.db import row_counts
+from tests.helpers.db import engine_events, row_counts
 from tests.helpers.servers import serving
 
 
@@ -29,7 +28,6 @@ from tests.helpers.servers import serving
 def database_work(app: Application) -> Iterator[list[str]]:
     """Everything that reaches the request pool's database while inside: connection
     checkouts, BEGINs, statements, COMMITs and ROLLBACKs."""
-    engine = app.engine.sync_engine
     seen: list[str] = []
 
     def statement(_conn: Any, _cursor: Any, text: str, *_args: Any) -> None:
@@ -42,13 +40,8 @@ def database_work(app: Application) -> Iterator[list[str]]:
         ("commit", lambda _conn: seen.append("COMMIT")),
         ("rollback", lambda _conn: seen.append("ROLLBACK")),
     ]
-    for name, listener in listeners:
-        sa.event.listen(engine, name, listener)
-    try:
+    with engine_events(app, listeners):
         yield seen
-    finally:
-        for name, listener in listeners:
-            sa.event.remove(engine, name, listener)
 
 
 async def test_a_charge_replayed_from_memory_touches_no_database(
