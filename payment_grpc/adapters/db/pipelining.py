@@ -38,8 +38,9 @@ import psycopg
 import sqlalchemy as sa
 from psycopg import AsyncPipeline
 from psycopg.abc import Params
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from payment_grpc.adapters.bus.postgres import libpq_dsn
 
 WRITE_BEHIND = "payment_grpc_write_behind"  # the execution option that marks a statement
 # The execution option of a connection that begins no transaction (reading.py's read-only
@@ -210,7 +211,7 @@ def pipelined_engine(url: str, options: str, **kwargs: Any) -> AsyncEngine:
     """A PostgreSQL engine whose connections are PipelinedConnections: SQLAlchemy's
     isolation level AUTOCOMMIT (psycopg sends no BEGIN), BEGIN queued by the "begin"
     event, statements marked `write_behind` queued by "before_cursor_execute"."""
-    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    dsn = libpq_dsn(url)
 
     async def connect() -> PipelinedConnection:
         return await PipelinedConnection.connect(
