@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import pathlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -413,10 +414,21 @@ def build_cipher(settings: Settings) -> FieldCipher:
     into DATA_DIR (embedded default, kid `local`). Raises KeyConfigError when malformed."""
     if settings.storage.encryption_keys is not None:
         return FieldCipher.from_spec(settings.storage.encryption_keys.get_secret_value())
-    path = settings.storage.data_dir / "encryption_key"
+    path = generated_key_file(settings)
     if not settings.database.is_sqlite:
         log.warning("ENCRYPTION_KEYS unset: every replica must share %s", path)
     return FieldCipher([generated_key(load_or_create_secret(path), source=str(path))])
+
+
+def generated_key_file(settings: Settings) -> pathlib.Path:
+    return settings.storage.data_dir / "encryption_key"
+
+
+def cipher_source(settings: Settings) -> str:
+    """Where the keys come from, for messages: the setting, or the generated key's file."""
+    if settings.storage.encryption_keys is not None:
+        return "ENCRYPTION_KEYS"
+    return f"the generated key {generated_key_file(settings)}"
 
 
 def build_bus(settings: Settings) -> BusAdapter:

@@ -72,10 +72,21 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
         migrate(settings, args)
     else:
         wait_for_database(settings.database.url, settings.database.wait_seconds)
+    check_keys(settings)
     if workers == 1:
         run_server(settings.replace({"WORKERS": 1}))
         return 0
     return Supervisor(settings, workers).run()
+
+
+def check_keys(settings: Settings) -> None:
+    """Refuses to serve when the configured keys do not open the stored payments
+    (adapters/db/key_check.py): every read would otherwise answer INTERNAL."""
+    from payment_grpc.adapters.db.key_check import check_database_keys
+    from payment_grpc.bootstrap import build_cipher, cipher_source
+
+    cipher = build_cipher(settings)
+    asyncio.run(check_database_keys(settings.database.url, cipher, cipher_source(settings)))
 
 
 def tune_gc(settings: Settings) -> None:

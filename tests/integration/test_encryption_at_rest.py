@@ -24,12 +24,13 @@ from payments.v1 import resources_pb2 as pb
 
 from payment_grpc.adapters.db.crypto import DecryptionError
 from payment_grpc.adapters.db.engine import SqlUnitOfWorkFactory
+from payment_grpc.adapters.db.key_check import StoredDataUnreadable, check_stored_keys
 from payment_grpc.adapters.db.rotation import KeyRotation
 from payment_grpc.adapters.db.tables import idempotency_keys, payments
 from payment_grpc.bootstrap import Application, build_application, build_cipher
 from payment_grpc.config import Settings
 from payment_grpc.domain.payment import Payment
-from tests.conftest import make_settings
+from tests.conftest import TEST_JWT_SECRET, make_settings
 from tests.helpers.builders import S, card, charge_request, usd
 from tests.helpers.calls import rpc_error
 from tests.helpers.credentials import client_metadata
@@ -383,3 +384,74 @@ async def test_the_same_card_has_the_same_fingerprint_and_callers_never_see_it(a
     for reply in replies:
         assert fingerprints[0] not in str(reply)
         assert fingerprints[2] not in str(reply)
+
+
+async def serve_cli(settings: Settings, keys: str) -> tuple[int | None, str]:
+    """`python -m payment_grpc serve` on the given database and keys; its stderr once it
+    ended (a server that starts serving would hit the timeout: the test fails)."""
+    env = {
+        **os.environ,
+        "DATABASE_URL": settings.database.url,
+        "ENCRYPTION_KEYS": keys,
+        "DATA_DIR": str(settings.storage.data_dir),
+        "JWT_SECRET_KEY": TEST_JWT_SECRET,
+        "PORT": "0",
+        "LOG_LEVEL": "WARNING",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "payment_grpc", "serve",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        _, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    except TimeoutError:
+        process.kill()  # it served instead of refusing
+        await process.wait()
+        raise
+    return process.returncode, err.decode()
+
+
+async def test_a_key_id_given_other_key_material_refuses_to_serve(
+    database_url: str, tmp_path: pathlib.Path
+) -> None:
+    async with serving(make_settings(database_url, tmp_path, encryption_keys=OLD)) as (_, stub):
+        await stub.Charge(charge_request(method=wallet(), metadata=METADATA))
+
+    swapped = "old:" + base64.b64encode(os.urandom(32)).decode()
+    code, message = await serve_cli(make_settings(database_url, tmp_path), swapped)
+    assert code == 2
+    assert message.startswith("payment-grpc: invalid encryption keys: ENCRYPTION_KEYS does not")
+    assert "authentication failed under key 'old'" in message
+    assert message.count("\n") == 1
+    assert "Traceback" not in message
+    assert swapped.split(":")[1] not in message
+    assert OLD.split(":")[1] not in message
+
+
+async def test_a_removed_key_still_in_use_refuses_to_serve(
+    database_url: str, tmp_path: pathlib.Path
+) -> None:
+    async with serving(make_settings(database_url, tmp_path, encryption_keys=OLD)) as (_, stub):
+        await stub.Charge(charge_request(method=wallet(), metadata=METADATA))
+
+    code, message = await serve_cli(make_settings(database_url, tmp_path), NEW)
+    assert code == 2
+    assert "unknown key id 'old' (configured: new); add it to ENCRYPTION_KEYS" in message
+    assert message.count("\n") == 1
+
+
+async def test_the_start_up_check_passes_with_the_keys_that_wrote_the_data(
+    database_url: str, tmp_path: pathlib.Path
+) -> None:
+    settings = make_settings(database_url, tmp_path, encryption_keys=OLD)
+    async with serving(settings) as (app, stub):
+        await check_stored_keys(app.engine, build_cipher(settings), "ENCRYPTION_KEYS")  # empty
+        for _ in range(2):
+            await stub.Charge(charge_request(method=wallet(), metadata=METADATA))
+    rotated = make_settings(database_url, tmp_path, encryption_keys=f"{NEW},{OLD}")
+    async with serving(rotated) as (app, stub):
+        await stub.Charge(charge_request(method=upi()))  # newest under NEW, oldest under OLD
+        await check_stored_keys(app.engine, build_cipher(rotated), "ENCRYPTION_KEYS")
+        only_old = build_cipher(make_settings(database_url, tmp_path, encryption_keys=OLD))
+        with pytest.raises(StoredDataUnreadable, match="unknown key id 'new'"):
+            await check_stored_keys(app.engine, only_old, "ENCRYPTION_KEYS")
