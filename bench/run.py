@@ -485,7 +485,9 @@ def _streams(args: argparse.Namespace) -> StreamsSummary:
         run_secrets = ServerSecrets.generate()
         with (
             fresh_database("postgresql", workdir) as url,
-            running_server(url, workdir, run_secrets, workers=1) as server,
+            running_server(
+                url, workdir, run_secrets, workers=1, extra_env=_source_env(args.server_path)
+            ) as server,
         ):
             summary = run_streams(
                 server,
