@@ -15,7 +15,7 @@ from payments.v1 import admin_service_pb2_grpc, payment_service_pb2_grpc
 
 from payment_grpc.api.admin_servicer import AdminServicer
 from payment_grpc.api.interceptors.observability import InFlight
-from payment_grpc.api.interceptors.wrapping import ServerInterceptor, chained
+from payment_grpc.api.interceptors.wrapping import SendsEncoded, ServerInterceptor, chained
 from payment_grpc.api.methods import ADMIN_SERVICE_NAME, SERVICE_NAME
 from payment_grpc.api.servicer import PaymentServicer
 from payment_grpc.api.streams import StreamDrain
@@ -87,7 +87,8 @@ class PaymentServer:
             ("grpc.so_reuseport", int(reuse_port)),
             *pending_call_limits(max_streams),
         ]
-        self.server = aio.server(interceptors=chained(interceptors), options=options)
+        innermost = SendsEncoded(servicer.SENDS_ENCODED)  # how the servicer answers
+        self.server = aio.server(interceptors=chained([*interceptors, innermost]), options=options)
         payment_service_pb2_grpc.add_PaymentServiceServicer_to_server(servicer, self.server)
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(admin_servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)  # type: ignore[no-untyped-call]

@@ -17,12 +17,14 @@ from payments.v1 import payment_service_pb2 as api
 from payment_grpc.api import convert
 from payment_grpc.api.context import keyed_execution, request_context
 from payment_grpc.api.errors import abort_with, build_status
+from payment_grpc.api.methods import payment_method
 from payment_grpc.api.responses import (
     cancel_response,
     capture_response,
     charge_response,
     refund_response,
 )
+from payment_grpc.domain.payment import PaymentEvent
 from payment_grpc.domain.refund import RefundReason
 from payment_grpc.grpc_private import ExecuteBatchError
 from payment_grpc.service.charging import Charging
@@ -84,7 +86,34 @@ def too_slow(cursor: str) -> grpc.Status:
     )
 
 
+class EncodedEvents:
+    """WatchPaymentStatus messages, each encoded once for every watcher it reaches.
+
+    The watchers of a payment woken by one change get equal events (one shared read,
+    service/event_reads.py): with 100 watchers of a payment, each converting and gRPC
+    serializing the same message took ~0.4 ms of the ~0.5 ms per delivery in a burst.
+    Keyed by the event itself (a frozen value: equal events encode to equal bytes); the
+    `size` most recently encoded are kept."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self._size = size
+        self._encoded: dict[PaymentEvent, bytes] = {}
+
+    def encoded(self, event: PaymentEvent) -> bytes:
+        data = self._encoded.get(event)
+        if data is None:
+            response = api.WatchPaymentStatusResponse(event=convert.event_to_pb(event))
+            data = response.SerializeToString()  # as the method's own serializer does
+            if len(self._encoded) >= self._size:
+                del self._encoded[next(iter(self._encoded))]  # the oldest
+            self._encoded[event] = data
+        return data
+
+
 class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
+    # Methods that yield already serialized messages (bytes), sent as they are.
+    SENDS_ENCODED = (payment_method("WatchPaymentStatus"),)
+
     def __init__(
         self,
         charging: Charging,
@@ -107,6 +136,7 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
         self.consumers_cut = 0  # WatchPayments streams cut for slowness (a metric)
         self._cuts = asyncio.Condition()
         self._page_bytes = max_message_bytes - PAGE_ENVELOPE_BYTES
+        self._encoded_events = EncodedEvents()
 
     async def _page(
         self,
@@ -191,9 +221,11 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
         )
         return api.ListRefundsResponse(refunds=refunds, next_page_token=next_token)
 
-    async def WatchPaymentStatus(
+    async def WatchPaymentStatus(  # type: ignore[override]  # it also yields bytes
         self, request: api.WatchPaymentStatusRequest, context: Context
-    ) -> AsyncIterator[api.WatchPaymentStatusResponse]:
+    ) -> AsyncIterator[api.WatchPaymentStatusResponse | bytes]:
+        """Each event's message is encoded once for all the watchers it reaches (sent as
+        bytes: the method is in SENDS_ENCODED); a heartbeat is the stream's own."""
         events = self._queries.watch(
             request.payment_id,
             request.from_sequence,
@@ -205,7 +237,7 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
             if event is None:
                 yield _heartbeat()
             else:
-                yield api.WatchPaymentStatusResponse(event=convert.event_to_pb(event))
+                yield self._encoded_events.encoded(event)
 
     async def _send(self, context: Context, response: api.WatchPaymentsResponse, sent: str) -> bool:
         """Write one message; False when the call is over (the client cancelled)."""

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import grpc
+from grpc import aio
 from payments.v1 import payment_service_pb2 as api
 
+from payment_grpc.adapters.db.engine import SqlUnitOfWorkFactory
+from payment_grpc.api import convert
+from payment_grpc.api.methods import payment_method
+from payment_grpc.bootstrap import Application, build_cipher
 from tests.helpers.builders import S, charge_request, usd
 from tests.helpers.calls import rpc_error
 
@@ -86,3 +91,38 @@ async def test_vanished_watcher_is_released_and_writers_go_on(stub, app) -> None
     assert released
     reply = await stub.CapturePayment(api.CapturePaymentRequest(payment_id=payment.payment_id))
     assert reply.payment.status == S.PAYMENT_STATUS_CAPTURED
+
+
+async def test_every_watcher_gets_each_event_as_grpc_encoded_it_before(
+    app: Application, channel: aio.Channel, stub
+) -> None:
+    """An event is encoded once for all its watchers and sent as bytes: on the wire each
+    watcher gets exactly what gRPC's serializer made of the message, byte for byte."""
+    payment = (await stub.Charge(charge_request(manual=True))).payment
+    raw_watch = channel.unary_stream(
+        payment_method("WatchPaymentStatus"),
+        request_serializer=api.WatchPaymentStatusRequest.SerializeToString,
+        response_deserializer=None,  # the bytes as they came
+    )
+    request = api.WatchPaymentStatusRequest(payment_id=payment.payment_id)
+    calls = [raw_watch(request) for _ in range(3)]
+    snapshots = [await call.read() for call in calls]
+    await stub.CapturePayment(api.CapturePaymentRequest(payment_id=payment.payment_id))
+    captures = [await call.read() for call in calls]
+    for call in calls:
+        assert await call.read() == aio.EOF
+
+    uow = SqlUnitOfWorkFactory(app.engine, build_cipher(app.settings))
+    async with uow(read_only=True) as tx:
+        authorized, captured = await tx.payments.events_after(payment.payment_id, 2, 10)
+    expected = [
+        api.WatchPaymentStatusResponse.SerializeToString(  # the method's serializer
+            api.WatchPaymentStatusResponse(event=convert.event_to_pb(event))
+        )
+        for event in (authorized, captured)
+    ]
+    assert snapshots == [expected[0]] * 3
+    assert captures == [expected[1]] * 3
+    assert api.WatchPaymentStatusResponse.FromString(captures[0]).event.status == (
+        S.PAYMENT_STATUS_CAPTURED
+    )

@@ -9,8 +9,9 @@ interceptor for a run of them: one handler lookup per call instead of one per la
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
@@ -44,9 +45,10 @@ def wrap_handler(
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """Return `handler` with its unary-unary or unary-stream behaviour wrapped.
 
-    With `passthrough_bytes`, a behaviour may return already serialized bytes (a stored
-    response replayed exactly); they are sent as they are. `deserializer` wraps the
-    request deserializer.
+    With `passthrough_bytes`, a behaviour may return (or a streaming one yield) already
+    serialized bytes (a stored response replayed exactly, an event encoded once for all
+    its watchers); they are sent as they are. `deserializer` wraps the request
+    deserializer.
     """
     if handler.request_streaming:
         return handler  # no client-streaming RPCs in this API
@@ -58,21 +60,21 @@ def wrap_handler(
     else:
         behavior = handler.unary_unary
         wrap = unary
-        passthrough_bytes = passthrough_bytes and handler.response_serializer is not None
+    serializer = handler.response_serializer
+    passthrough_bytes = passthrough_bytes and serializer is not None
     if wrap is unchanged and deserializer is None and not passthrough_bytes:
         return handler  # this kind of call is left alone: no new handler for it
     request_deserializer = handler.request_deserializer
     if deserializer is not None and request_deserializer is not None:
         request_deserializer = deserializer(request_deserializer)
+    if passthrough_bytes and serializer is not None:
+        serializer = _passthrough(serializer)
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(
             wrap(behavior),
             request_deserializer=request_deserializer,
-            response_serializer=handler.response_serializer,
+            response_serializer=serializer,
         )
-    serializer = handler.response_serializer
-    if passthrough_bytes and serializer is not None:
-        serializer = _passthrough(serializer)
     return grpc.unary_unary_rpc_method_handler(
         wrap(cast(Unary, behavior)),
         request_deserializer=request_deserializer,
@@ -80,6 +82,7 @@ def wrap_handler(
     )
 
 
+@functools.cache  # one per method's serializer, not one per call
 def _passthrough(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
     def serialized(response: Any) -> bytes:
         return response if isinstance(response, bytes) else serialize(response)
@@ -109,6 +112,20 @@ class MethodInterceptor(ServerInterceptor):
         if handler is None or not self.applies(handler_call_details):
             return handler
         return self.wrap(handler, handler_call_details)
+
+
+class SendsEncoded(MethodInterceptor):
+    """The handlers of `methods` may answer with already serialized messages (bytes),
+    sent as they are; a message object is still serialized by the method's serializer."""
+
+    def __init__(self, methods: Iterable[str]) -> None:
+        self._methods = frozenset(methods)
+
+    def applies(self, details: grpc.HandlerCallDetails) -> bool:
+        return details.method in self._methods
+
+    def wrap(self, handler: Handler, details: grpc.HandlerCallDetails) -> Handler:
+        return wrap_handler(handler, unchanged, unchanged, passthrough_bytes=True)
 
 
 class _Chain(ServerInterceptor):
