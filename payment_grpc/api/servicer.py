@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -52,6 +53,8 @@ class PageRequest(Protocol):
     @property
     def page_token(self) -> str: ...
 
+
+NANOS_PER_SECOND = 1_000_000_000
 
 # Room in a list response for next_page_token and each item's field tag and length.
 PAGE_ENVELOPE_BYTES = 4 * 1024
@@ -289,6 +292,9 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
 
 
 def _heartbeat() -> api.WatchPaymentStatusResponse:
+    """Now, from the clock's nanoseconds: Timestamp.GetCurrentTime goes through a datetime
+    and calendar.timegm, ~3x the cost, and 10,000 open watches send ~670 a second."""
     response = api.WatchPaymentStatusResponse()
-    response.heartbeat_time.GetCurrentTime()
+    when = response.heartbeat_time
+    when.seconds, when.nanos = divmod(time.time_ns(), NANOS_PER_SECOND)
     return response

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import pathlib
+import time
 
 import grpc
 import pytest
@@ -46,7 +47,9 @@ async def test_a_quiet_watch_gets_heartbeats_then_its_event(stub) -> None:
     for _ in range(2):
         heartbeat = await asyncio.wait_for(call.read(), 10 * HEARTBEAT_S + 5)
         assert not heartbeat.HasField("event")
-        assert heartbeat.heartbeat_time.seconds > 0
+        sent = heartbeat.heartbeat_time.ToNanoseconds()
+        assert abs(time.time_ns() - sent) < 5 * 10**9  # the server's now (same clock here)
+        assert 0 <= heartbeat.heartbeat_time.nanos < 10**9
     await stub.CapturePayment(api.CapturePaymentRequest(payment_id=payment.payment_id))
     while (message := await call.read()) is not grpc.aio.EOF and not message.HasField("event"):
         pass  # a heartbeat may come first
