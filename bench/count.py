@@ -206,8 +206,8 @@ def _ledger_traced(tally: Tally) -> Any:
     """The gateway engine's ledger connection, with a trace callback counting its SQL."""
     original = gateway_engine._open_ledger
 
-    async def traced(path: str) -> Any:
-        db = await original(path)
+    def traced(path: str) -> Any:  # on the ledger's thread
+        db = original(path)
 
         def trace(statement: str) -> None:
             kind = _kind(statement)
@@ -215,7 +215,7 @@ def _ledger_traced(tally: Tally) -> Any:
                 tally.ledger_commits += 1
             tally.ledger_statements[kind] += 1
 
-        await db.set_trace_callback(trace)
+        db.set_trace_callback(trace)
         return db
 
     gateway_engine._open_ledger = traced

@@ -1,6 +1,6 @@
-"""An aiosqlite open of the simulated gateway's ledger, or the service's database readiness
-check, that fails or is cancelled (a readiness check or a first ledger read cut by
-shutdown) leaves no worker thread answering
+"""An open of the simulated gateway's ledger (on its own thread), or an aiosqlite open of the
+service's database for a readiness check, that fails or is cancelled (a readiness check or a
+first ledger read cut by shutdown) leaves no worker thread answering
 into a loop the process has since closed
 ("Exception in thread ... RuntimeError: Event loop is closed" at exit).
 
@@ -20,11 +20,12 @@ import pytest
 from payment_grpc.adapters.db.health import DatabaseProbe
 from payment_grpc.adapters.gateways.simulated import SimulatedGateway, SimulatedGatewayConfig
 
-WORKER = "_connection_worker_thread"  # aiosqlite's thread target, in the thread's name
+# aiosqlite's thread target, and the gateway ledger's thread, in the threads' names
+WORKERS = ("_connection_worker_thread", "gateway-ledger")
 
 
 def _workers() -> set[threading.Thread]:
-    return {thread for thread in threading.enumerate() if WORKER in thread.name}
+    return {t for t in threading.enumerate() if any(name in t.name for name in WORKERS)}
 
 
 def _run_then_close_loop(

@@ -9,6 +9,14 @@ file (outside the service's memory), every call is idempotent by key, and UPI, n
 banking and PayPal settle later: the engine tells its settlement listener when.
 The ledger's own errors (sqlite3) are the simulated gateway's failures: they leave
 through `_ledger_errors`, mapped to the GatewayError family, never raw.
+
+The ledger is off the event loop: its connection lives on one thread of its own
+(`_LedgerThread`), and each operation (an authorization with its lookup, decision and
+record; a follow-up's check and record) goes there whole, in one hop, never a hop per
+statement. Operations that arrive while the thread is busy go together in its next batch:
+one transaction, one COMMIT and one wake-up of the event loop for all of them (group
+commit), while a lone operation starts at once. Every answer is written to the ledger
+file before it is given, so the ledger survives a SIGKILL of the process.
 """
 
 from __future__ import annotations
@@ -22,13 +30,11 @@ import random
 import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
-import aiosqlite
-
-from payment_grpc.adapters import sqlite_open
 from payment_grpc.adapters.gateways.failure_mix import FailureMix
 from payment_grpc.domain.money import Money
 from payment_grpc.domain.payment import (
@@ -120,35 +126,186 @@ _INDEXES = (
 )
 
 
-async def _open_ledger(path: str) -> aiosqlite.Connection:
-    db = await sqlite_open.connect(path, timeout=30, isolation_level=None)
+def _open_ledger(path: str) -> sqlite3.Connection:
+    """Opens the ledger; runs on the ledger's thread, the only one that uses the connection."""
+    db = sqlite3.connect(path, timeout=30, isolation_level=None)
     try:
-        await db.execute_fetchall("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA journal_mode=WAL")
         # Under WAL, NORMAL syncs at checkpoints rather than at every commit: a power cut may
-        # lose the last writes of a simulator, never corrupt its ledger.
-        await db.execute_fetchall("PRAGMA synchronous=NORMAL")
-        await db.execute_fetchall(_SCHEMA)
-        columns = {row[1] for row in await db.execute_fetchall("PRAGMA table_info(ledger)")}
+        # lose the last writes of a simulator, never corrupt its ledger (a killed process
+        # loses nothing: a committed write is in the file).
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute(_SCHEMA)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(ledger)")}
         if {"reference", "payment_id"} <= columns:  # a ledger of another shape is left as it is
             for index in _INDEXES:
-                await db.execute_fetchall(index)
-        db.row_factory = aiosqlite.Row
+                db.execute(index)
+        db.row_factory = sqlite3.Row
     except BaseException:
-        await db.close()
+        db.close()
         raise
     return db
 
 
+T = TypeVar("T")
+Operation = Callable[[sqlite3.Connection], T]
+
+
+class _MaybeWritten(Exception):
+    """An operation's write failed after it started: it may or may not have landed."""
+
+
 @contextlib.contextmanager
-def _ledger_errors(*, writing: bool) -> Iterator[None]:
+def _writing() -> Iterator[None]:
+    """Around an operation's write and what follows it: a failure there is an unknown
+    outcome (GatewayTimeout), not a failed read."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise _MaybeWritten from exc
+
+
+@contextlib.contextmanager
+def _atomic(db: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction around a check and the write that depends on it, unless the
+    operation already runs inside its batch's transaction (which then covers it)."""
+    if db.in_transaction:
+        yield
+        return
+    db.execute("BEGIN IMMEDIATE")  # the write lock first: no read snapshot to go stale
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+@dataclass(slots=True)
+class _Work:
+    run: Operation[Any]
+    writes: bool
+    answer: asyncio.Future[Any]
+
+
+class _LedgerThread:
+    """The ledger's SQLite connection on one thread (a one-worker executor) and the batches
+    of operations sent to it. The event loop never waits on SQLite: it queues an operation
+    and awaits its answer; one batch runs at a time, and what queued meanwhile is the next."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._db: sqlite3.Connection | None = None  # used on the ledger's thread only
+        self._executor: ThreadPoolExecutor | None = None
+        self._queued: list[_Work] = []
+        self._running: asyncio.Future[list[tuple[bool, Any]]] | None = None
+
+    async def run(self, operation: Operation[T], *, writes: bool) -> T:
+        """`operation(connection)` on the ledger's thread; `writes` when it may write (a
+        failed batch COMMIT is then an unknown outcome for it)."""
+        loop = asyncio.get_running_loop()
+        work = _Work(operation, writes, loop.create_future())
+        self._queued.append(work)
+        if self._running is None:
+            self._start(loop)
+        result: T = await work.answer
+        return result
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch, self._queued = self._queued, []
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="gateway-ledger")
+        running = loop.run_in_executor(self._executor, self._run_batch, batch)
+        self._running = running
+        running.add_done_callback(lambda done: self._answer(loop, batch, done))
+
+    def _answer(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[_Work],
+        done: asyncio.Future[list[tuple[bool, Any]]],
+    ) -> None:
+        self._running = None
+        if self._queued:
+            self._start(loop)  # before answering: the thread never waits for the loop
+        if done.cancelled():
+            outcomes: list[tuple[bool, Any]] = [(False, asyncio.CancelledError())] * len(batch)
+        elif (failure := done.exception()) is not None:
+            outcomes = [(False, failure)] * len(batch)
+        else:
+            outcomes = done.result()
+        for work, (ok, value) in zip(batch, outcomes, strict=True):
+            if work.answer.done():  # its caller was cancelled; the work was done all the same
+                continue
+            if ok:
+                work.answer.set_result(value)
+            else:
+                work.answer.set_exception(value)
+
+    def _run_batch(self, batch: list[_Work]) -> list[tuple[bool, Any]]:
+        """On the ledger's thread: the batch's operations, in one transaction when more than
+        one of them writes. (ok, result or exception) per operation, in order."""
+        try:
+            if self._db is None:
+                self._db = _open_ledger(self._path)
+            db = self._db
+            together = sum(work.writes for work in batch) > 1
+            if together:
+                db.execute("BEGIN IMMEDIATE")
+        except Exception as exc:  # nothing was written
+            return [(False, exc)] * len(batch)
+        outcomes: list[tuple[bool, Any]] = []
+        for work in batch:
+            try:
+                outcomes.append((True, work.run(db)))
+            except Exception as exc:  # a failed statement undoes itself, not the others
+                outcomes.append((False, exc))
+        if together:
+            try:
+                if not db.in_transaction:  # a severe error rolled the whole batch back
+                    raise sqlite3.OperationalError("the batch's transaction was rolled back")
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                return [(False, _lost(exc) if work.writes else exc) for work in batch]
+        return outcomes
+
+    async def close(self) -> None:
+        while self._running is not None:
+            await asyncio.wait([self._running])
+            await asyncio.sleep(0)  # its answers, and a next batch started by them
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        await asyncio.get_running_loop().run_in_executor(executor, self._close_db)
+        executor.shutdown(wait=True)  # its one thread has nothing left to do: ends at once
+
+    def _close_db(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
+
+
+def _lost(exc: sqlite3.Error) -> _MaybeWritten:
+    lost = _MaybeWritten()
+    lost.__cause__ = exc
+    return lost
+
+
+@contextlib.contextmanager
+def _ledger_errors() -> Iterator[None]:
     """The one place the ledger's errors become gateway errors. A failed read changed
     nothing (unreachable: retry); a failed write may or may not have landed (timeout:
     the outcome is unknown, so it is looked up or repeated with the same key)."""
     try:
         yield
-    except (sqlite3.Error, ValueError) as exc:  # aiosqlite: ValueError once closed
-        error = GatewayTimeout if writing else GatewayUnreachable
-        raise error(f"simulated gateway ledger failed: {type(exc).__name__}") from exc
+    except _MaybeWritten as lost:
+        cause = lost.__cause__
+        raise GatewayTimeout(f"simulated gateway ledger failed: {type(cause).__name__}") from cause
+    except sqlite3.Error as exc:
+        raise GatewayUnreachable(f"simulated gateway ledger failed: {type(exc).__name__}") from exc
 
 
 SettlementListener = Callable[[str, str, Authorization], Awaitable[None]]
@@ -188,10 +345,7 @@ class SimulatorEngine:
         self._config = config
         self._prefix = reference_prefix
         self._rng = random.Random(config.seed)
-        self._db: aiosqlite.Connection | None = None
-        # One statement at a time on the shared connection: a half-read cursor of one
-        # coroutine would hold a snapshot that makes another's write fail with "locked".
-        self._using = asyncio.Lock()
+        self._ledger = _LedgerThread(config.ledger_path)
         self._listener: SettlementListener | None = None
         self._timers: set[asyncio.Task[None]] = set()
 
@@ -201,27 +355,13 @@ class SimulatorEngine:
 
     # ---------------------------------------------------------------- lifecycle
 
-    async def _ledger(self) -> aiosqlite.Connection:
-        """The open ledger; call with `_using` held."""
-        if self._db is None:
-            self._db = await _open_ledger(self._config.ledger_path)
-        return self._db
+    async def _run(self, operation: Operation[T], *, writes: bool = False) -> T:
+        """`operation(connection)` on the ledger's thread, its errors as gateway errors."""
+        with _ledger_errors():
+            return await self._ledger.run(operation, writes=writes)
 
-    async def _query(self, sql: str, parameters: tuple[Any, ...] = ()) -> list[aiosqlite.Row]:
-        async with self._using:
-            with _ledger_errors(writing=False):
-                db = await self._ledger()
-                return list(await db.execute_fetchall(sql, parameters))
-
-    async def _write(self, sql: str, parameters: dict[str, Any]) -> int:
-        """One statement, in autocommit: atomic on its own, and it asks for the write lock
-        as it starts (no read snapshot to go stale), so sqlite's busy timeout covers another
-        replica's writer. Returns the number of rows it changed."""
-        async with self._using:
-            with _ledger_errors(writing=True):
-                db = await self._ledger()
-                async with db.execute(sql, parameters) as cursor:
-                    return cursor.rowcount
+    async def _query(self, sql: str, parameters: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        return await self._run(lambda db: [dict(row) for row in db.execute(sql, parameters)])
 
     def on_settled(self, listener: SettlementListener) -> None:
         self._listener = listener
@@ -238,10 +378,7 @@ class SimulatorEngine:
     async def close(self) -> None:
         for timer in list(self._timers):
             timer.cancel()
-        async with self._using:
-            if self._db is not None:
-                await self._db.close()
-                self._db = None
+        await self._ledger.close()
 
     # ---------------------------------------------------------------- operations
 
@@ -249,21 +386,31 @@ class SimulatorEngine:
         """Raises GatewayTimeout when the simulated network loses the response (the
         gateway did record the authorization: a retry with the same key finds it)."""
         await self.latency()
-        stored = await self._find(request.idempotency_key)
-        if stored is not None:
-            return await self._settled(stored)
-        authorization, settle_at, lost = self._decide(request)
-        stored = _authorization_row(request, authorization, settle_at)
-        if not await self._record(stored):
-            # A concurrent duplicate (another process, same key) recorded its own first.
-            stored = await self._find(request.idempotency_key)
-            assert stored is not None
+        stored, new, lost = await self._run(lambda db: self._authorize_in(db, request), writes=True)
         if lost:
             raise GatewayTimeout("simulated network error: the response was lost")
         result = await self._settled(stored)
-        if result.outcome is AuthorizationOutcome.PENDING:
+        if new and result.outcome is AuthorizationOutcome.PENDING:
             self._schedule_settlement(request.payment_id, request.idempotency_key)
         return result
+
+    def _authorize_in(
+        self, db: sqlite3.Connection, request: AuthorizationRequest
+    ) -> tuple[dict[str, Any], bool, bool]:
+        """On the ledger's thread: (the stored row, whether it was decided now, whether
+        its response is lost). A key already there keeps its first answer."""
+        stored = _find(db, request.idempotency_key)
+        if stored is not None:
+            return stored, False, False
+        authorization, settle_at, lost = self._decide(request)
+        stored = _authorization_row(request, authorization, settle_at)
+        with _writing():
+            if db.execute(_INSERT_AUTHORIZATION, stored).rowcount != 1:
+                # A concurrent duplicate (another process, same key) recorded its own first.
+                found = _find(db, request.idempotency_key)
+                assert found is not None
+                stored = found
+        return stored, True, lost
 
     async def lookup(self, idempotency_key: str) -> Authorization | None:
         stored = await self._find(idempotency_key)
@@ -419,73 +566,62 @@ class SimulatorEngine:
     # ---------------------------------------------------------------- ledger
 
     async def _find(self, key: str) -> dict[str, Any] | None:
-        rows = await self._query("SELECT * FROM ledger WHERE key = ?", (key,))
-        return dict(rows[0]) if rows else None
-
-    async def _record(self, row: dict[str, Any]) -> bool:
-        """INSERT OR IGNORE: a concurrent duplicate (another process, same key) keeps the
-        first. Whether this row is the one recorded."""
-        return await self._write(_INSERT_AUTHORIZATION, row) == 1
+        return await self._run(lambda db: _find(db, key))
 
     async def _follow_up(
         self, kind: str, reference: str, amount: Money | None, key: str
     ) -> GatewayResult:
         await self.latency()
-        stored = await self._find(key)
-        if stored is not None:
-            return _result(json.loads(stored["result"]))
-        decided = await self._decide_follow_up(kind, reference, amount, key)
-        if decided is not None:
-            return decided
-        stored = await self._find(key)  # a concurrent duplicate recorded its answer first
-        assert stored is not None
-        return _result(json.loads(stored["result"]))
-
-    async def _decide_follow_up(
-        self, kind: str, reference: str, amount: Money | None, key: str
-    ) -> GatewayResult | None:
-        """Check the charge's state and record the answer in one write transaction, so two
-        refunds racing from two replicas can never take more than was captured. The answer,
-        or None when a concurrent call with the same key recorded one first."""
-        async with self._using:
-            with _ledger_errors(writing=True):
-                db = await self._ledger()
-                await db.execute("BEGIN IMMEDIATE")
-                try:
-                    rows = await db.execute_fetchall(
-                        "SELECT kind, result, amount_minor FROM ledger"
-                        " WHERE reference = ? OR payment_id = ?",
-                        (reference, reference),
-                    )
-                    found = [(r[0], json.loads(r[1]), r[2]) for r in rows]
-                    result = _follow_up_result(kind, found, amount)
-                    cursor = await db.execute(
-                        "INSERT OR IGNORE INTO ledger (key, kind, payment_id, reference,"
-                        " amount_minor, currency, result, settle_at, created_at)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?)",
-                        (
-                            key,
-                            kind,
-                            reference,
-                            result.reference,
-                            amount.amount_minor if amount else 0,
-                            amount.currency if amount else "",
-                            json.dumps(_result_json(result)),
-                            datetime.now(UTC).isoformat(),
-                        ),
-                    )
-                    inserted = cursor.rowcount == 1
-                    await cursor.close()
-                except BaseException:
-                    await db.rollback()
-                    raise
-                await db.commit()
-        return result if inserted else None
+        return await self._run(
+            lambda db: _follow_up_in(db, kind, reference, amount, key), writes=True
+        )
 
     async def authorization_count(self) -> int:
         """Authorizations that reached the gateway (for tests and benchmarks)."""
-        rows = await self._query("SELECT COUNT(*) FROM ledger WHERE kind = 'authorize'")
-        return int(rows[0][0])
+        sql = "SELECT COUNT(*) FROM ledger WHERE kind = 'authorize'"
+        return await self._run(lambda db: int(db.execute(sql).fetchone()[0]))
+
+
+def _find(db: sqlite3.Connection, key: str) -> dict[str, Any] | None:
+    row = db.execute("SELECT * FROM ledger WHERE key = ?", (key,)).fetchone()
+    return None if row is None else dict(row)
+
+
+def _follow_up_in(
+    db: sqlite3.Connection, kind: str, reference: str, amount: Money | None, key: str
+) -> GatewayResult:
+    """On the ledger's thread: the answer already recorded under this key, or the charge's
+    state checked and the answer recorded in one write transaction, so two refunds racing
+    from two replicas can never take more than was captured."""
+    stored = _find(db, key)
+    if stored is not None:
+        return _result(json.loads(stored["result"]))
+    with _writing(), _atomic(db):
+        rows = db.execute(
+            "SELECT kind, result, amount_minor FROM ledger WHERE reference = ? OR payment_id = ?",
+            (reference, reference),
+        ).fetchall()
+        result = _follow_up_result(kind, [(r[0], json.loads(r[1]), r[2]) for r in rows], amount)
+        inserted = db.execute(
+            "INSERT OR IGNORE INTO ledger (key, kind, payment_id, reference,"
+            " amount_minor, currency, result, settle_at, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+            (
+                key,
+                kind,
+                reference,
+                result.reference,
+                amount.amount_minor if amount else 0,
+                amount.currency if amount else "",
+                json.dumps(_result_json(result)),
+                datetime.now(UTC).isoformat(),
+            ),
+        ).rowcount
+        if inserted != 1:  # a concurrent call with the same key recorded its answer first
+            stored = _find(db, key)
+            assert stored is not None
+            return _result(json.loads(stored["result"]))
+    return result
 
 
 REQUIRED_STATUS = {"capture": "AUTHORIZED", "void": "AUTHORIZED", "refund": "CAPTURED"}
