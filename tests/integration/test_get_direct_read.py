@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -89,3 +90,26 @@ async def test_a_database_error_is_sqlalchemys(app) -> None:  # type: ignore[no-
         with pytest.raises(ProgrammingError):
             await DirectRow(missing).first(conn, {})
         assert (await conn.execute(sa.text("SELECT 1"))).scalar_one() == 1  # still usable
+
+
+async def test_a_read_only_unit_of_work_begins_nothing_on_postgresql(app, stub) -> None:  # type: ignore[no-untyped-def]
+    """Its connections come set up for reading (reading.read_only_engine): on PostgreSQL
+    no transaction is begun for a read, on SQLite one begins DEFERRED as before; the next
+    writing transaction on the same pooled connection is a transaction again."""
+    reply = await stub.Charge(charge_request())
+    payment_id = reply.payment.payment_id
+    uow = SqlUnitOfWorkFactory(app.engine, build_cipher(app.settings))
+    begun: list[object] = []
+    with engine_events(app, [("begin", begun.append)]):
+        async with uow(read_only=True) as tx:
+            read = await tx.payments.get(payment_id)
+            begun_by_the_read = len(begun)
+            events = await tx.payments.events_after(payment_id, 0, 10)  # SQLAlchemy's path
+    postgres = app.engine.dialect.name == "postgresql"
+    assert begun_by_the_read == (0 if postgres else 1)
+    assert [event.sequence for event in events] == [1, 2, 3]
+    assert read.sequence == 3
+    async with uow() as tx:  # writes, then rolls back: nothing stays
+        await tx.payments.save(read, replace(read, description="changed"), [])
+    async with uow(read_only=True) as tx:
+        assert (await tx.payments.get(payment_id)).description == read.description

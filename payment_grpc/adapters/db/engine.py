@@ -27,7 +27,7 @@ from payment_grpc.adapters.db.event_log import EventLog
 from payment_grpc.adapters.db.gateway_events import SqlGatewayEventRepository
 from payment_grpc.adapters.db.idempotency import SqlIdempotencyRepository
 from payment_grpc.adapters.db.pipelining import pipelined_engine
-from payment_grpc.adapters.db.reading import without_writer_lock
+from payment_grpc.adapters.db.reading import read_only_engine
 from payment_grpc.adapters.db.repositories import (
     SqlPaymentRepository,
     SqlRefundRepository,
@@ -231,6 +231,9 @@ class SqlUnitOfWorkFactory:
         payment by id through psycopg directly (reading.DirectRow)."""
         self._engine = engine
         self._sqlite = engine.dialect.name == "sqlite"
+        # Read-only work: connections set up for it from the start (reading.py). On
+        # PostgreSQL each of its statements runs on its own: nothing to begin or end.
+        self._read_engine = read_only_engine(engine)
         self._direct_reads = engine.dialect.name == "postgresql" and not statement_spans
         self._cipher = cipher  # encrypts sensitive columns (built once, shared)
         self._bus = bus
@@ -240,10 +243,9 @@ class SqlUnitOfWorkFactory:
     async def __call__(self, *, read_only: bool = False) -> AsyncIterator[SqlUnitOfWork]:
         uow: SqlUnitOfWork | None = None
         try:
-            async with self._engine.connect() as conn:
-                if read_only:
-                    conn = await without_writer_lock(conn)
-                await conn.begin()
+            async with (self._read_engine if read_only else self._engine).connect() as conn:
+                if self._sqlite or not read_only:
+                    await conn.begin()
                 uow = SqlUnitOfWork(
                     conn,
                     not self._sqlite,

@@ -224,6 +224,11 @@ def pipelined_engine(url: str, options: str, **kwargs: Any) -> AsyncEngine:
     return engine
 
 
+def is_pipelined(engine: AsyncEngine) -> bool:
+    """`engine` was made by `pipelined_engine`."""
+    return sa.event.contains(engine.sync_engine, "begin", _begin_later)
+
+
 def _driver(conn: sa.Connection) -> PipelinedConnection | None:
     driver = conn.connection.driver_connection
     return driver if isinstance(driver, PipelinedConnection) else None

@@ -13,9 +13,10 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import psycopg as sa_psycopg
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.pool import PoolProxiedConnection
 
-from payment_grpc.adapters.db.pipelining import NO_TRANSACTION, PipelinedConnection
+from payment_grpc.adapters.db.pipelining import NO_TRANSACTION, PipelinedConnection, is_pipelined
 
 _PSYCOPG = sa_psycopg.dialect()  # type: ignore[no-untyped-call]
 
@@ -30,6 +31,18 @@ async def without_writer_lock(conn: AsyncConnection) -> AsyncConnection:
     if isinstance(raw.driver_connection, PipelinedConnection):  # autocommit for psycopg
         return await conn.execution_options(**{NO_TRANSACTION: True})
     return await conn.execution_options(isolation_level="AUTOCOMMIT")
+
+
+def read_only_engine(engine: AsyncEngine) -> AsyncEngine:
+    """`engine` (same pool, same events) whose connections are set up as
+    `without_writer_lock` sets one up, from the start: no per-checkout call into the
+    connection (a greenlet round trip through SQLAlchemy each). For the unit of work's
+    read-only transactions (issue 12: GetPayment)."""
+    if engine.dialect.name == "sqlite":
+        return engine.execution_options(sqlite_begin="DEFERRED")
+    if is_pipelined(engine):
+        return engine.execution_options(**{NO_TRANSACTION: True})
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
 
 
 class DirectRow:
@@ -63,8 +76,7 @@ class DirectRow:
     ) -> dict[str, Any] | None:
         """The first row, by column name, or None. psycopg's errors are raised as
         SQLAlchemy's, a lost connection invalidated, as SQLAlchemy does."""
-        fairy = await conn.get_raw_connection()
-        driver = cast(psycopg.AsyncConnection[Any], fairy.driver_connection)
+        driver = cast(psycopg.AsyncConnection[Any], (await _pooled(conn)).driver_connection)
         try:
             cursor = await driver.execute(self._sql, parameters)
             row = await cursor.fetchone()
@@ -81,6 +93,15 @@ class DirectRow:
         for i, process in self._processors:
             values[i] = process(values[i], _PSYCOPG)
         return dict(zip(self._names, values, strict=True))
+
+
+async def _pooled(conn: AsyncConnection) -> PoolProxiedConnection:
+    """The pooled connection `conn` holds: without a greenlet round trip while it holds
+    one (SQLAlchemy's `get_raw_connection` spawns one to read the same attribute)."""
+    sync = conn.sync_connection
+    if sync is not None and not sync.closed and not sync.invalidated:
+        return sync.connection  # checked out and valid: a plain attribute
+    return await conn.get_raw_connection()  # reconnects (pool I/O) or raises
 
 
 def _result_value(name: str, column_type: sa.types.TypeEngine[Any]) -> Any:
