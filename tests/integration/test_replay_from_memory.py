@@ -13,8 +13,10 @@ from datetime import timedelta
 from typing import Any
 
 import grpc
+import sqlalchemy as sa
 from payments.v1 import payment_service_pb2 as api
 
+from payment_grpc.adapters.db.tables import metadata
 from payment_grpc.bootstrap import Application
 from tests.conftest import make_settings
 from tests.helpers.builders import S, card, charge_request, keyed, usd
@@ -169,3 +171,47 @@ async def test_the_number_of_answers_kept_is_bounded(
         assert await replayed(again)
         assert len(app.keys.answers) == 2
         assert (await row_counts(app))["payments"] == 4
+
+
+async def _every_row(app: Application) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table of ours, in a stable order."""
+    async with app.engine.connect() as conn:
+        return {
+            table.name: sorted(map(tuple, await conn.execute(sa.select(table))), key=repr)
+            for table in metadata.sorted_tables
+        }
+
+
+async def test_a_replay_the_database_answers_writes_nothing_and_ends_with_a_commit(
+    database_url: str, tmp_path: pathlib.Path
+) -> None:
+    """A Charge replay that misses the answers kept in memory (another replica, a restart)
+    meets its key in the create transaction's claim; that transaction wrote nothing and
+    ends with a COMMIT, not a ROLLBACK (a round trip less on PostgreSQL, and psycopg keeps
+    its prepared statements). The answers are those of a ROLLBACK: the stored one, or
+    IDEMPOTENCY_KEY_REUSED for another request."""
+    async with serving(make_settings(database_url, tmp_path)) as (app, stub):
+        request, key = charge_request(1_000, order_id="ord_missed"), uuid.uuid4().hex
+        first = await stub.Charge(request, metadata=keyed(key))
+        before = await _every_row(app)
+        app.keys.answers.clear()
+        with database_work(app) as seen:
+            again = stub.Charge(request, metadata=keyed(key))
+            replay = await again
+        assert await replayed(again)
+        assert replay.SerializeToString(deterministic=True) == first.SerializeToString(
+            deterministic=True
+        )
+        assert seen[-1] == "COMMIT"
+        assert "ROLLBACK" not in seen
+        app.keys.answers.clear()
+        other = charge_request(2_000, order_id="ord_missed")
+        with database_work(app) as seen:
+            error = await rpc_error(stub.Charge(other, metadata=keyed(key)))
+        assert (error.code, error.info.reason) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "IDEMPOTENCY_KEY_REUSED",
+        )
+        assert seen[-1] == "COMMIT"
+        assert "ROLLBACK" not in seen
+        assert await _every_row(app) == before
