@@ -160,6 +160,8 @@ class SqlUnitOfWork:
             written=self.events,
             changed=self._changed,
             direct_reads=direct_reads,
+            # The event log writes them with the feed rows, in one statement (PostgreSQL).
+            events_with_commit=event_log is not None and conn.dialect.name == "postgresql",
         )
         self.refunds = SqlRefundRepository(conn)
         self.idempotency = SqlIdempotencyRepository(conn, row_locks, cipher)

@@ -77,12 +77,16 @@ class SqlPaymentRepository:
         written: list[PaymentEvent] | None = None,
         changed: Written | None = None,
         direct_reads: bool = False,
+        events_with_commit: bool = False,
     ) -> None:
         """`written` collects the events this repository writes (its unit of work's);
         `changed` the same as (payment, its events), for the feed and the outbox;
         `direct_reads`: `get` reads through psycopg directly (read-only on PostgreSQL,
-        untraced: SqlUnitOfWorkFactory decides)."""
+        untraced: SqlUnitOfWorkFactory decides); `events_with_commit`: the payment_events
+        rows of `changed` are written by the unit of work's commit (event_log.py, on
+        PostgreSQL), not here."""
         self._conn = conn
+        self._events_with_commit = events_with_commit
         self._direct_reads = direct_reads
         self._row_locks = row_locks
         self._cipher = cipher
@@ -132,7 +136,8 @@ class SqlPaymentRepository:
 
     async def _insert_events(self, events: Sequence[PaymentEvent]) -> None:
         if events:
-            await self._conn.execute(_INSERT_EVENT, [event_to_row(e) for e in events])
+            if not self._events_with_commit:
+                await self._conn.execute(_INSERT_EVENT, [event_to_row(e) for e in events])
             self._written.extend(events)
 
     async def active_for_order(self, order_id: str) -> Payment | None:
