@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 
 from payment_grpc.adapters.db.engine import SqlUnitOfWorkFactory
@@ -30,6 +31,52 @@ def engine_events(
     finally:
         for name, listener in listeners:
             sa.event.remove(engine, name, listener)
+
+
+@contextmanager
+def committed_transactions(app: Application) -> Iterator[list[list[str]]]:
+    """The statements of every transaction that commits while inside, in the order they
+    reach the database (whitespace collapsed, upper case). On PostgreSQL they are read
+    where psycopg sends them (its cursors' execute, which the pipelined connection's
+    queued statements, its COMMIT and the writes past SQLAlchemy go through too: the
+    engine's events do not see those); on SQLite from SQLAlchemy's engine events."""
+    running: dict[int, list[str]] = {}
+    committed: list[list[str]] = []
+
+    def seen(connection: int, text: str) -> None:
+        statement = " ".join(text.split()).upper()
+        if statement == "BEGIN":  # also after a ROLLBACK, which is no cursor statement
+            running[connection] = []
+        running.setdefault(connection, []).append(statement)
+        if statement == "COMMIT":
+            committed.append(running.pop(connection)[:-1])
+
+    if app.engine.dialect.name != "postgresql":
+
+        def statement(conn: Any, _cursor: Any, text: str, *_args: Any) -> None:
+            seen(id(conn), text)
+
+        listeners: list[tuple[str, Callable[..., Any]]] = [
+            ("before_cursor_execute", statement),
+            ("commit", lambda conn: committed.append(running.pop(id(conn), []))),
+            ("rollback", lambda conn: running.pop(id(conn), None)),
+        ]
+        with engine_events(app, listeners):
+            yield committed
+        return
+
+    execute = psycopg.AsyncCursor.execute
+
+    async def sent(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        text = query if isinstance(query, str) else query.as_string(self.connection)
+        seen(id(self.connection), text)
+        return await execute(self, query, *args, **kwargs)
+
+    psycopg.AsyncCursor.execute = sent  # type: ignore[method-assign]
+    try:
+        yield committed
+    finally:
+        psycopg.AsyncCursor.execute = execute  # type: ignore[method-assign]
 
 
 async def row_counts(app: Application) -> dict[str, int]:

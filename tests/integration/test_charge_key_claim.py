@@ -7,12 +7,9 @@ to the usual claim, so the refusal is stored or not exactly as before."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import pathlib
 import sqlite3
 import uuid
-from collections.abc import Iterator
-from typing import Any
 
 import grpc
 from payments.v1 import payment_service_pb2 as api
@@ -23,7 +20,7 @@ from payment_grpc.service.ports import RecoveryPoint
 from tests.conftest import make_settings
 from tests.helpers.builders import S, charge_request, keyed
 from tests.helpers.calls import RichError, replayed, rpc_error
-from tests.helpers.db import engine_events, row_counts, stored_key
+from tests.helpers.db import committed_transactions, row_counts, stored_key
 from tests.helpers.servers import serving
 from tests.stripe_sim import payment_stub, running_simulator, stripe_service
 
@@ -35,30 +32,6 @@ def authorizations(app: Application) -> int:
         )
 
 
-@contextlib.contextmanager
-def transactions(app: Application) -> Iterator[list[list[str]]]:
-    """The statements of every transaction that ends (COMMIT) while inside, in order."""
-    running: dict[int, list[str]] = {}
-    committed: list[list[str]] = []
-
-    def statement(conn: Any, _cursor: Any, text: str, *_args: Any) -> None:
-        running.setdefault(id(conn), []).append(" ".join(text.split()).upper())
-
-    def commit(conn: Any) -> None:
-        committed.append(running.pop(id(conn), []))
-
-    def rollback(conn: Any) -> None:
-        running.pop(id(conn), None)
-
-    listeners = (
-        ("before_cursor_execute", statement),
-        ("commit", commit),
-        ("rollback", rollback),
-    )
-    with engine_events(app, listeners):
-        yield committed
-
-
 def _writes(statements: list[str], table: str) -> bool:
     return any(s.startswith(f"INSERT INTO {table.upper()} ") for s in statements)
 
@@ -67,7 +40,7 @@ async def test_a_new_charge_claims_its_key_in_the_transaction_creating_the_payme
     database_url: str, tmp_path: pathlib.Path
 ) -> None:
     async with serving(make_settings(database_url, tmp_path)) as (app, stub):
-        with transactions(app) as committed:
+        with committed_transactions(app) as committed:
             reply = await stub.Charge(charge_request(), metadata=keyed(uuid.uuid4().hex))
         assert reply.payment.status == S.PAYMENT_STATUS_CAPTURED
         claims = [t for t in committed if _writes(t, "idempotency_keys")]

@@ -33,6 +33,7 @@ from payment_grpc.adapters.db.repositories import (
     SqlRefundRepository,
     Written,
 )
+from payment_grpc.adapters.db.writing import DirectConnection
 from payment_grpc.domain.payment import Payment, PaymentEvent
 from payment_grpc.domain.refund import Refund
 from payment_grpc.service.errors import StorageUnavailable
@@ -145,8 +146,10 @@ class SqlUnitOfWork:
         cipher: FieldCipher,
         event_log: EventLog | None = None,
         direct_reads: bool = False,
+        direct_writes: bool = False,
     ) -> None:
         self._conn = conn
+        direct = DirectConnection(conn) if direct_writes else None
         self.events: list[PaymentEvent] = []  # written in this transaction, in order
         self._changed: Written = []  # the same, with the payment each left behind
         self._event_log = event_log
@@ -162,9 +165,10 @@ class SqlUnitOfWork:
             direct_reads=direct_reads,
             # The event log writes them with the feed rows, in one statement (PostgreSQL).
             events_with_commit=event_log is not None and conn.dialect.name == "postgresql",
+            direct=direct,
         )
         self.refunds = SqlRefundRepository(conn)
-        self.idempotency = SqlIdempotencyRepository(conn, row_locks, cipher)
+        self.idempotency = SqlIdempotencyRepository(conn, row_locks, cipher, direct)
         self.gateway_events = SqlGatewayEventRepository(conn)
 
     def on_commit(self, action: Callable[[], None]) -> None:
@@ -230,13 +234,15 @@ class SqlUnitOfWorkFactory:
         as for tools that only read); `event_log` writes their feed and outbox rows.
         `statement_spans`: the engine's statements are traced (trace_database), so every
         one goes through SQLAlchemy; else a read-only transaction on PostgreSQL reads a
-        payment by id through psycopg directly (reading.DirectRow)."""
+        payment by id through psycopg directly (reading.DirectRow), and a writing one sends
+        its hot writes that way (writing.DirectWrite)."""
         self._engine = engine
         self._sqlite = engine.dialect.name == "sqlite"
         # Read-only work: connections set up for it from the start (reading.py). On
         # PostgreSQL each of its statements runs on its own: nothing to begin or end.
         self._read_engine = read_only_engine(engine)
         self._direct_reads = engine.dialect.name == "postgresql" and not statement_spans
+        self._direct_writes = self._direct_reads
         self._cipher = cipher  # encrypts sensitive columns (built once, shared)
         self._bus = bus
         self._event_log = event_log
@@ -254,6 +260,7 @@ class SqlUnitOfWorkFactory:
                     cipher=self._cipher,
                     event_log=self._event_log,
                     direct_reads=read_only and self._direct_reads,
+                    direct_writes=not read_only and self._direct_writes,
                 )
                 yield uow
         except PoolTimeout as exc:

@@ -102,7 +102,8 @@ _EVENT_BINDS = tuple(
 )
 # PostgreSQL: the transaction's payment events and their feed rows in one statement, sent
 # with the COMMIT (psycopg's own parameters, one array per column, one element per event);
-# the feed's `position` and `tx` are the columns' defaults, in the events' order.
+# the feed's `position` and `tx` are the columns' defaults, in the events' order. Built from
+# the table's metadata, so a new column is never left out; every value is a parameter.
 _EVENTS_AND_FEED_POSTGRES = f"""
     WITH e AS (
         SELECT * FROM unnest(
@@ -120,7 +121,7 @@ _EVENTS_AND_FEED_POSTGRES = f"""
            %(created_at)s
     FROM e
     ORDER BY n
-"""
+"""  # noqa: S608
 
 
 async def _append_and_commit_postgres(

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from payment_grpc.adapters.db.crypto import FieldCipher
 from payment_grpc.adapters.db.pipelining import write_behind
 from payment_grpc.adapters.db.tables import idempotency_keys as keys
+from payment_grpc.adapters.db.writing import DirectConnection, DirectWrite
 from payment_grpc.service.ports import KeyRecord, Operation, RecoveryPoint
 
 RESPONSE_BODY = "idempotency_keys.response_body"  # AAD: column name + record id
@@ -71,9 +72,10 @@ def _from_row(row: RowMapping, cipher: FieldCipher) -> KeyRecord:
     )
 
 
-# Built once, executed with parameters (see repositories.py).
+# Built once, executed with parameters (see repositories.py); the hot writes on
+# PostgreSQL past SQLAlchemy's layers (writing.py).
 _CLAIM = {
-    name: dialect.insert(keys).on_conflict_do_nothing().returning(keys.c.id)
+    name: DirectWrite(dialect.insert(keys).on_conflict_do_nothing().returning(keys.c.id))
     for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
 }
 _BY_KEY = sa.select(keys).where(
@@ -86,25 +88,36 @@ _UPDATE = keys.update().where(keys.c.id == sa.bindparam("b_id"))
 # A checkpoint's write (progress, the final answer, a resumed lease): nobody reads its
 # result, so on PostgreSQL it goes out with the next statement that needs an answer, or
 # with the COMMIT (pipelining.py).
-_SAVE = write_behind(_UPDATE)
-_ADVANCE = write_behind(
-    _UPDATE.values(
-        recovery_point=sa.bindparam("recovery_point"),
-        payment_id=sa.bindparam("payment_id"),
-        refund_id=sa.bindparam("refund_id"),
+_SAVE = DirectWrite(write_behind(_UPDATE))
+_ADVANCE = DirectWrite(
+    write_behind(
+        _UPDATE.values(
+            recovery_point=sa.bindparam("recovery_point"),
+            payment_id=sa.bindparam("payment_id"),
+            refund_id=sa.bindparam("refund_id"),
+        )
     )
 )
 
 
 class SqlIdempotencyRepository:
-    def __init__(self, conn: AsyncConnection, row_locks: bool, cipher: FieldCipher) -> None:
+    def __init__(
+        self,
+        conn: AsyncConnection,
+        row_locks: bool,
+        cipher: FieldCipher,
+        direct: DirectConnection | None = None,
+    ) -> None:
+        """`direct`: the hot writes go through psycopg on it (writing.py)."""
         self._conn = conn
+        self._direct = direct
         self._row_locks = row_locks
         self._cipher = cipher
 
     async def insert_if_absent(self, record: KeyRecord) -> bool:
         claim = _CLAIM["postgresql" if self._conn.dialect.name == "postgresql" else "sqlite"]
-        return (await self._conn.execute(claim, _to_row(record, self._cipher))).first() is not None
+        row = _to_row(record, self._cipher)
+        return await claim.first(self._conn, self._direct, row) is not None
 
     async def get_for_update(self, scope: str, operation: Operation, key: str) -> KeyRecord | None:
         query = _LOCK_BY_KEY if self._row_locks else _BY_KEY
@@ -113,11 +126,13 @@ class SqlIdempotencyRepository:
         return _from_row(row, self._cipher) if row else None
 
     async def save(self, record: KeyRecord) -> None:
-        await self._conn.execute(_SAVE, {**_to_row(record, self._cipher), "b_id": record.record_id})
+        row = {**_to_row(record, self._cipher), "b_id": record.record_id}
+        await _SAVE.write_behind(self._conn, self._direct, row)
 
     async def advance(self, record: KeyRecord) -> None:
-        await self._conn.execute(
-            _ADVANCE,
+        await _ADVANCE.write_behind(
+            self._conn,
+            self._direct,
             {
                 "b_id": record.record_id,
                 "recovery_point": record.recovery_point.value,

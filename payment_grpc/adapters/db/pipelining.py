@@ -85,10 +85,15 @@ class PipelinedConnection(psycopg.AsyncConnection[Any]):
         self._queued.append(("BEGIN", None, False))
         self._began = True
 
+    @property
+    def in_transaction(self) -> bool:
+        """A transaction is under way (begun, or BEGIN queued)."""
+        return self._began or self.info.transaction_status != _IDLE
+
     def write_behind_next(self) -> None:
         """The next statement executed is queued (see `write_behind`), if a transaction
-        is under way (begun, or BEGIN queued): in autocommit it runs at once."""
-        if self._began or self.info.transaction_status != _IDLE:
+        is under way: in autocommit it runs at once."""
+        if self.in_transaction:
             self._write_behind = True
 
     def queue(self, query: Any, params: Params | Sequence[Params] | None, many: bool) -> None:

@@ -22,6 +22,7 @@ from payment_grpc.adapters.db.rows import (
     row_to_refund,
 )
 from payment_grpc.adapters.db.tables import payment_events, payments, refunds
+from payment_grpc.adapters.db.writing import DirectConnection, DirectWrite
 from payment_grpc.domain.errors import ActivePaymentExists, PaymentNotFound, RefundNotFound
 from payment_grpc.domain.payment import (
     INACTIVE_STATUSES,
@@ -41,8 +42,9 @@ _INACTIVE = [s.value for s in INACTIVE_STATUSES]
 # Bind names start with `b_` so they never clash with the column names being SET.
 # A new payment whose order already has an active one (the partial unique index) is not
 # inserted: no row comes back, instead of an error that would need a SAVEPOINT around it.
+# The hot writes are DirectWrites: on PostgreSQL past SQLAlchemy's layers (writing.py).
 _INSERT_PAYMENT = {
-    name: dialect.insert(payments).on_conflict_do_nothing().returning(payments.c.id)
+    name: DirectWrite(dialect.insert(payments).on_conflict_do_nothing().returning(payments.c.id))
     for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
 }
 _SELECT_PAYMENT = sa.select(payments).where(payments.c.id == sa.bindparam("b_id"))
@@ -50,12 +52,14 @@ _LOCK_PAYMENT = _SELECT_PAYMENT.with_for_update()
 _READ_PAYMENT = DirectRow(_SELECT_PAYMENT)  # read-only, PostgreSQL, no statement spans
 # Only if the row is still the version the change was decided on (changes.py's Snapshot:
 # sequence, status, claim, reference), so a change can be written without reading first.
-_UPDATE_PAYMENT = payments.update().where(
-    payments.c.id == sa.bindparam("b_id"),
-    payments.c.sequence == sa.bindparam("b_sequence"),
-    payments.c.status == sa.bindparam("b_status"),
-    payments.c.in_flight == sa.bindparam("b_in_flight"),
-    payments.c.gateway_reference == sa.bindparam("b_gateway_reference"),
+_UPDATE_PAYMENT = DirectWrite(
+    payments.update().where(
+        payments.c.id == sa.bindparam("b_id"),
+        payments.c.sequence == sa.bindparam("b_sequence"),
+        payments.c.status == sa.bindparam("b_status"),
+        payments.c.in_flight == sa.bindparam("b_in_flight"),
+        payments.c.gateway_reference == sa.bindparam("b_gateway_reference"),
+    )
 )
 # Nobody reads these statements' results: on PostgreSQL they go out with the next statement
 # that needs an answer, or with the COMMIT (pipelining.py).
@@ -78,14 +82,17 @@ class SqlPaymentRepository:
         changed: Written | None = None,
         direct_reads: bool = False,
         events_with_commit: bool = False,
+        direct: DirectConnection | None = None,
     ) -> None:
         """`written` collects the events this repository writes (its unit of work's);
         `changed` the same as (payment, its events), for the feed and the outbox;
         `direct_reads`: `get` reads through psycopg directly (read-only on PostgreSQL,
         untraced: SqlUnitOfWorkFactory decides); `events_with_commit`: the payment_events
         rows of `changed` are written by the unit of work's commit (event_log.py, on
-        PostgreSQL), not here."""
+        PostgreSQL), not here; `direct`: the hot writes go through psycopg on it
+        (writing.py)."""
         self._conn = conn
+        self._direct = direct
         self._events_with_commit = events_with_commit
         self._direct_reads = direct_reads
         self._row_locks = row_locks
@@ -97,7 +104,7 @@ class SqlPaymentRepository:
     async def add(self, payment: Payment, events: Sequence[PaymentEvent]) -> None:
         insert = _INSERT_PAYMENT[self._conn.dialect.name]
         row = payment_to_row(payment, self._cipher)
-        if (await self._conn.execute(insert, row)).first() is None:
+        if await insert.first(self._conn, self._direct, row) is None:
             existing = await self.active_for_order(payment.order_id)
             if existing is None:  # the other one became inactive meanwhile: decide again
                 raise ConcurrentModification(f"order {payment.order_id} changed concurrently")
@@ -118,8 +125,9 @@ class SqlPaymentRepository:
         return row_to_payment(row, self._cipher)
 
     async def save(self, before: Payment, after: Payment, events: Sequence[PaymentEvent]) -> None:
-        result = await self._conn.execute(
-            _UPDATE_PAYMENT,
+        changed = await _UPDATE_PAYMENT.rowcount(
+            self._conn,
+            self._direct,
             {
                 **payment_changes(before, after, self._cipher),
                 "b_id": before.payment_id,
@@ -129,7 +137,7 @@ class SqlPaymentRepository:
                 "b_gateway_reference": before.gateway_reference,
             },
         )
-        if result.rowcount != 1:
+        if changed != 1:
             raise ConcurrentModification(f"payment {before.payment_id} changed concurrently")
         await self._insert_events(events)
         self.changed.append((after, events))
