@@ -13,6 +13,7 @@ largest share of a Charge's CPU).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -84,44 +85,49 @@ class EventLog:
 _DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
 
 
-def _array_type(column: sa.Column[Any]) -> str:
-    """The element type of a column's parameter array: strings as text, so that the
-    INSERT's assignment cast checks the length (an explicit cast to varchar(n) would cut
-    a longer value short instead of refusing it)."""
+def _param_type(column: sa.Column[Any]) -> str:
+    """The type a column's parameter is cast to: strings as text, so that the INSERT's
+    assignment cast checks the length (an explicit cast to varchar(n) would cut a longer
+    value short instead of refusing it)."""
     if isinstance(column.type, sa.String):
         return "text"
-    return str(column.type.compile(dialect=postgresql.dialect()))  # type: ignore[no-untyped-call]
+    return str(column.type.compile(dialect=_DIALECT))
 
 
-_EVENT_COLUMNS = tuple(column.name for column in payment_events.columns)
+_EVENT_NAMES = tuple(column.name for column in payment_events.columns)
+_EVENT_COLUMNS = ", ".join(_EVENT_NAMES)
+# One row of the statement below: an event's columns, then its feed row's own.
+_ROW = ", ".join(
+    f"%s::{t}" for t in (*(_param_type(c) for c in payment_events.columns), "text", "text", "bytea")
+)
 # A column's values as they are bound (UtcDateTime refuses a naive datetime).
 _EVENT_BINDS = tuple(
-    (column.name, column.type.process_bind_param)
-    for column in payment_events.columns
+    (i, column.type.process_bind_param)
+    for i, column in enumerate(payment_events.columns)
     if isinstance(column.type, TypeDecorator)
 )
-# PostgreSQL: the transaction's payment events and their feed rows in one statement, sent
-# with the COMMIT (psycopg's own parameters, one array per column, one element per event);
-# the feed's `position` and `tx` are the columns' defaults, in the events' order. Built from
-# the table's metadata, so a new column is never left out; every value is a parameter.
-_EVENTS_AND_FEED_POSTGRES = f"""
-    WITH e AS (
-        SELECT * FROM unnest(
-            {", ".join(f"%(e_{c.name})s::{_array_type(c)}[]" for c in payment_events.columns)},
-            %(f_order_id)s::text[], %(f_customer_id)s::text[], %(f_payload)s::bytea[]
-        ) WITH ORDINALITY AS e({", ".join(_EVENT_COLUMNS)}, f_order_id, f_customer_id,
-                               f_payload, n)
-    ), events AS (
-        INSERT INTO payment_events ({", ".join(_EVENT_COLUMNS)})
-        SELECT {", ".join(_EVENT_COLUMNS)} FROM e
-    )
-    INSERT INTO payment_feed
-        (payment_id, sequence, order_id, customer_id, status, payload, created_at)
-    SELECT payment_id, sequence, f_order_id, f_customer_id, status, f_payload,
-           %(created_at)s
-    FROM e
-    ORDER BY n
-"""  # noqa: S608
+
+
+@functools.lru_cache(maxsize=16)
+def _events_and_feed(rows: int) -> str:
+    """PostgreSQL: a transaction's payment events and their feed rows in one statement,
+    sent with the COMMIT; the feed's `position` and `tx` are the columns' defaults, in the
+    events' order. Scalar parameters (psycopg dumps those in C; a list parameter per
+    column, unnest's, cost more CPU than the rows' other work together). Built from the
+    table's metadata, so a new column is never left out; every value is a parameter."""
+    values = ", ".join(f"({_ROW}, {n})" for n in range(rows))
+    return f"""
+        WITH e ({_EVENT_COLUMNS}, f_order_id, f_customer_id, f_payload, n) AS (
+            VALUES {values}
+        ), events AS (
+            INSERT INTO payment_events ({_EVENT_COLUMNS}) SELECT {_EVENT_COLUMNS} FROM e
+        )
+        INSERT INTO payment_feed
+            (payment_id, sequence, order_id, customer_id, status, payload, created_at)
+        SELECT payment_id, sequence, f_order_id, f_customer_id, status, f_payload, %s
+        FROM e
+        ORDER BY n
+    """  # noqa: S608
 
 
 async def _append_and_commit_postgres(
@@ -131,23 +137,22 @@ async def _append_and_commit_postgres(
     then SQLAlchemy's COMMIT, which sends them, whatever else is queued and COMMIT in one
     pipeline (pipelining.py); its errors are SQLAlchemy's (the unit of work maps those).
     `recorded`: each event once, as the feed has it."""
-    rows = [event_to_row(item.event) for item in recorded]
-    for name, bind in _EVENT_BINDS:
-        for row in rows:
-            row[name] = bind(row[name], _DIALECT)
-    parameters: dict[str, Any] = {
-        f"e_{name}": [row[name] for row in rows] for name in _EVENT_COLUMNS
-    }
-    parameters["f_order_id"] = [item.payment.order_id for item in recorded]
-    parameters["f_customer_id"] = [item.payment.customer_id for item in recorded]
-    parameters["f_payload"] = [item.payload for item in recorded]
-    parameters["created_at"] = now
+    parameters: list[Any] = []
+    for item in recorded:
+        columns = event_to_row(item.event)
+        row = [columns[name] for name in _EVENT_NAMES]
+        for i, bind in _EVENT_BINDS:
+            row[i] = bind(row[i], _DIALECT)
+        parameters += row
+        parameters += (item.payment.order_id, item.payment.customer_id, item.payload)
+    parameters.append(now)
+    statement = _events_and_feed(len(recorded))
     fairy = await conn.get_raw_connection()
     driver = fairy.driver_connection
     if isinstance(driver, PipelinedConnection):
-        driver.queue(_EVENTS_AND_FEED_POSTGRES, parameters, many=False)
+        driver.queue(statement, parameters, many=False)
     else:  # an engine not made by make_engine
-        await conn.exec_driver_sql(_EVENTS_AND_FEED_POSTGRES, parameters)
+        await conn.exec_driver_sql(statement, tuple(parameters))
     await conn.commit()
 
 
