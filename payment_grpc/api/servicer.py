@@ -54,7 +54,7 @@ class PageRequest(Protocol):
     def page_token(self) -> str: ...
 
 
-NANOS_PER_SECOND = 1_000_000_000
+MICROS_PER_SECOND = 1_000_000
 
 # Room in a list response for next_page_token and each item's field tag and length.
 PAGE_ENVELOPE_BYTES = 4 * 1024
@@ -292,9 +292,11 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
 
 
 def _heartbeat() -> api.WatchPaymentStatusResponse:
-    """Now, from the clock's nanoseconds: Timestamp.GetCurrentTime goes through a datetime
-    and calendar.timegm, ~3x the cost, and 10,000 open watches send ~670 a second."""
+    """Now, to the microsecond as before, from the clock's nanoseconds: GetCurrentTime goes
+    through a datetime and calendar.timegm, ~3x the cost, and 10,000 open watches send
+    ~670 a second."""
     response = api.WatchPaymentStatusResponse()
     when = response.heartbeat_time
-    when.seconds, when.nanos = divmod(time.time_ns(), NANOS_PER_SECOND)
+    seconds, micros = divmod(time.time_ns() // 1000, MICROS_PER_SECOND)
+    when.seconds, when.nanos = seconds, micros * 1000
     return response
