@@ -5,6 +5,7 @@ bare INTERNAL (logged here, never sent to the caller)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
@@ -44,6 +45,7 @@ UNDECODABLE_REQUEST = build_status(
 )
 
 
+@functools.cache  # one per method's deserializer, not one per call
 def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     # A raising deserializer makes grpc.aio answer UNKNOWN; the caller deserves
     # INVALID_ARGUMENT with details instead.
