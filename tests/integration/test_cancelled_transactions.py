@@ -7,6 +7,10 @@ waiting takes the writer lock once it is free), and sqlite3 kept the closed conn
 open as a "zombie" as long as its statements were referenced (by the traceback, until
 the garbage collector ran), transaction and writer lock included: every later write
 failed after the busy timeout. test_interrupted_keys[sqlite] hung that way.
+
+SQLite's statements now run on the loop's thread (adapters/db/sqlite_inline.py): a call
+is cut while it waits for the engine's writer lock, or mid-transaction while it awaits
+something else (here a plain yield between statements), never inside a statement.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ async def test_calls_cut_mid_transaction_leave_the_database_writable(database_ur
                     await conn.begin()
                     for _ in range(STATEMENTS):
                         await conn.execute(TOUCH)
+                        await asyncio.sleep(0)  # the transaction awaits something else
                         await conn.execute(READ)
                     await conn.commit()
         except BaseException as error:
@@ -53,6 +58,7 @@ async def test_calls_cut_mid_transaction_leave_the_database_writable(database_ur
     gc.disable()  # as in a busy server, where the collector had not run yet
     try:
         for _ in range(ROUNDS):
+            sent = asyncio.Semaphore(0)  # this round's statements only
             writers = {asyncio.ensure_future(writing()) for _ in range(WRITERS)}
             for _ in range(STATEMENTS):
                 await sent.acquire()

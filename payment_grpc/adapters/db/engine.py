@@ -33,6 +33,7 @@ from payment_grpc.adapters.db.repositories import (
     SqlRefundRepository,
     Written,
 )
+from payment_grpc.adapters.db.sqlite_inline import InlineConnection, inline_connector
 from payment_grpc.adapters.db.writing import DirectConnection
 from payment_grpc.domain.payment import Payment, PaymentEvent
 from payment_grpc.domain.refund import Refund
@@ -99,8 +100,9 @@ def postgres_options(timeouts: Timeouts) -> str:
 
 
 def _sqlite_engine(url: str, timeouts: Timeouts) -> AsyncEngine:
+    # Statements run on the loop's thread, one writer at a time (sqlite_inline.py).
     engine = create_async_engine(
-        url, pool_timeout=timeouts.pool, connect_args={"timeout": timeouts.lock}
+        url, pool_timeout=timeouts.pool, async_creator=inline_connector(url, timeouts.lock)
     )
 
     @sa.event.listens_for(engine.sync_engine, "connect")
@@ -135,7 +137,11 @@ def _roll_back_before_closing(dbapi_connection: Any, _record: Any, _error: Any) 
     # Cancelled again meanwhile, or no task to wait in: the close follows either way, and
     # the call's own CancelledError is already on its way out.
     with contextlib.suppress(Exception, asyncio.CancelledError):
-        dbapi_connection.rollback()
+        driver = getattr(dbapi_connection, "driver_connection", None)
+        if isinstance(driver, InlineConnection):
+            driver.roll_back_now()  # no task needed: it runs on this thread
+        else:
+            dbapi_connection.rollback()
 
 
 class SqlUnitOfWork:

@@ -1,0 +1,187 @@
+"""SQLite on the event loop's own thread: aiosqlite's connection without its thread.
+
+aiosqlite runs every call on a thread of its own and hands the result back through the
+loop: a statement through SQLAlchemy was 3-4 such handoffs (cursor, execute, fetch,
+close), ~40 per Charge, each a wake-up of the other thread and a fight for the GIL; under
+load the worker thread waited for the GIL while its transaction held SQLite's writer lock,
+and the other connections' BEGIN IMMEDIATE slept in SQLite's busy handler (bench/README,
+16:40-18:30 UTC). Our statements take tens of microseconds and a COMMIT in WAL mode with
+`synchronous=NORMAL` writes the WAL without waiting for the disk, so they run here, inline:
+`InlineConnection` is aiosqlite's `Connection` whose calls run at once on the caller's thread
+(its request queue runs each request as it is put; no thread is started). SQLAlchemy's
+aiosqlite dialect drives it unchanged (`create_async_engine(async_creator=...)`).
+
+The loop must never wait in SQLite's busy handler (nothing else would run meanwhile, the
+writer it waits for included), so:
+
+- one writer at a time in this engine: a connection takes the engine's `WriterLock`
+  (asyncio, first come first served) before the statement that makes it a writer (BEGIN
+  IMMEDIATE, or a write outside a transaction) and gives it back as soon as its
+  transaction is over (COMMIT, ROLLBACK, an error that ended it, close). A Charge queues
+  there for the single writer instead of polling for it; it waits at most the lock timeout
+  (`DB_LOCK_TIMEOUT_SECONDS`), then fails with SQLite's own "database is locked" (the call
+  is UNAVAILABLE, as after SQLite's busy timeout before);
+- SQLite's busy timeout is 0: a writer outside this engine (another process, a second
+  engine on the file) makes BEGIN IMMEDIATE fail at once, and it is tried again after an
+  asyncio sleep (backoff) until the same deadline. Readers never wait in WAL mode.
+
+The aiosqlite internals used (`_execute`, `_tx`, `_connection`, `stop`) are those
+SQLAlchemy's own adapter relies on, with aiosqlite pinned (requirements.lock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Generator
+from functools import partial
+from typing import Any
+
+import aiosqlite
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
+from sqlalchemy.engine import make_url
+
+# A statement that writes (or takes the writer lock) when it runs; anything else only reads.
+_WRITES = ("BEGIN IMMEDIATE", "BEGIN EXCLUSIVE", "INSERT", "UPDATE", "DELETE", "REPLACE")
+_WRITES_DDL = ("CREATE", "DROP", "ALTER")
+_BUSY_RETRY_FIRST_S = 0.001
+_BUSY_RETRY_MAX_S = 0.05
+
+
+class WriterLock:
+    """The engine's single writer: asyncio.Lock with a bounded wait."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._lock = asyncio.Lock()
+
+    async def acquire(self, deadline: float) -> None:
+        """Free and nobody queued: at once, without suspending."""
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await self._lock.acquire()
+        except TimeoutError:
+            raise sqlite3.OperationalError("database is locked") from None
+
+    def release(self) -> None:
+        self._lock.release()
+
+
+class _RunAtOnce:
+    """aiosqlite's request queue, each request run as it is put (SQLAlchemy's adapter puts
+    some requests on it directly: the isolation level)."""
+
+    def put_nowait(self, item: tuple[asyncio.Future[Any] | None, Callable[[], Any]]) -> None:
+        future, function = item
+        try:
+            result = function()
+        except Exception as exc:
+            if future is None:
+                raise
+            future.set_exception(exc)
+        else:
+            if future is not None:
+                future.set_result(result)
+
+
+class InlineConnection(aiosqlite.Connection):
+    def __init__(self, connector: Callable[[], sqlite3.Connection], writer: WriterLock) -> None:
+        super().__init__(connector, iter_chunk_size=64)
+        self._tx = _RunAtOnce()  # type: ignore[assignment]
+        self._writer = writer
+        self._holds_writer = False
+
+    def __await__(self) -> Generator[Any, None, InlineConnection]:  # no thread to start
+        return self._connect_here().__await__()
+
+    async def _connect_here(self) -> InlineConnection:
+        await self._connect()
+        return self
+
+    async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        conn = self._connection
+        if not self._running or conn is None:
+            raise ValueError("Connection closed")
+        if not self._holds_writer and _writes(fn, args):
+            deadline = time.monotonic() + self._writer.timeout
+            await self._writer.acquire(deadline)
+            self._holds_writer = True
+            try:
+                return await _until_not_busy(partial(fn, *args, **kwargs), deadline)
+            finally:
+                self._release_if_over()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if self._holds_writer:
+                self._release_if_over()
+
+    def stop(self) -> asyncio.Future[Any] | None:
+        """Close now (SQLAlchemy's terminate, the garbage collector); the writer lock too."""
+        future = super().stop()
+        self._release_if_over()
+        return future
+
+    def roll_back_now(self) -> None:
+        """End the transaction at once, outside any task (engine.py's invalidate listener)."""
+        if self._connection is not None:
+            self._connection.rollback()
+        self._release_if_over()
+
+    def _release_if_over(self) -> None:
+        if self._holds_writer and not _in_transaction(self._connection):
+            self._holds_writer = False
+            self._writer.release()
+
+
+def _in_transaction(conn: sqlite3.Connection | None) -> bool:
+    if conn is None:
+        return False
+    try:
+        return conn.in_transaction
+    except sqlite3.ProgrammingError:  # closed
+        return False
+
+
+def _writes(fn: Callable[..., Any], args: tuple[Any, ...]) -> bool:
+    if not args or not isinstance(args[0], str):
+        return False
+    if getattr(fn, "__name__", "") not in ("execute", "executemany", "executescript"):
+        return False
+    head = args[0].lstrip()[:15].upper()
+    return head.startswith(_WRITES) or head.startswith(_WRITES_DDL)
+
+
+async def _until_not_busy(call: Callable[[], Any], deadline: float) -> Any:
+    """Run `call`; while another process holds SQLite's writer lock, try again after an
+    asyncio sleep (never in SQLite's busy handler, which would stop the loop)."""
+    delay = _BUSY_RETRY_FIRST_S
+    while True:
+        try:
+            return call()
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc) or time.monotonic() + delay > deadline:
+                raise
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, _BUSY_RETRY_MAX_S)
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return bool(code & 0xFF == sqlite3.SQLITE_BUSY)
+    return "database is locked" in str(exc)
+
+
+def inline_connector(url: str, lock_timeout: float) -> Callable[[], Awaitable[InlineConnection]]:
+    """`async_creator` for create_async_engine: connections to the URL's database (its
+    query options as SQLAlchemy's sqlite dialect reads them), one writer lock for all."""
+    args, options = SQLiteDialect_pysqlite().create_connect_args(make_url(url))
+    options = {**options, "timeout": 0, "check_same_thread": False}
+    writer = WriterLock(lock_timeout)
+
+    async def connect() -> InlineConnection:
+        return await InlineConnection(partial(sqlite3.connect, *args, **options), writer)
+
+    return connect
