@@ -13,6 +13,8 @@ running meanwhile.
 from __future__ import annotations
 
 import asyncio
+import pathlib
+import shutil
 import threading
 from typing import Any
 
@@ -22,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from payment_grpc.adapters.db.crypto import FieldCipher
 from payment_grpc.adapters.db.engine import SqlUnitOfWorkFactory, Timeouts, make_engine
+from payment_grpc.adapters.db.reading import without_writer_lock
 from payment_grpc.service.errors import StorageUnavailable
 from tests.helpers.credentials import TEST_ENCRYPTION_KEYS
 
@@ -105,3 +108,44 @@ async def test_a_writer_held_up_past_the_lock_timeout_is_unavailable(database_ur
     finally:
         await engine.dispose()
         await other.dispose()
+
+
+async def test_a_read_cut_on_its_thread_blocks_neither_the_loop_nor_writers(
+    tmp_path: pathlib.Path, sqlite_template: pathlib.Path
+) -> None:
+    """SQLite only (PostgreSQL reads wait on the socket, not on a thread): a read outside a
+    write transaction runs on a thread, so a long one never stops the loop; cut meanwhile,
+    its connection is closed once the read is over, and writers go on."""
+    path = tmp_path / "payments.db"
+    shutil.copyfile(sqlite_template, path)
+    engine = make_engine(f"sqlite+aiosqlite:///{path}")
+    entered, release = threading.Event(), threading.Event()
+
+    def held() -> int:
+        entered.set()
+        release.wait(30)
+        return 1
+
+    @sa.event.listens_for(engine.sync_engine, "connect")
+    def _function(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.create_function("held", 0, held)
+
+    async def read() -> None:
+        async with engine.connect() as conn:
+            conn = await without_writer_lock(conn)
+            await conn.execute(sa.text("SELECT held()"))
+
+    try:
+        reader = asyncio.ensure_future(read())
+        await asyncio.to_thread(entered.wait, 30)  # the read runs on its thread
+        reader.cancel()
+        async with engine.begin() as conn:  # the loop runs, the writer is free
+            assert (await conn.execute(TOUCH)).rowcount == 1
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        async with engine.begin() as conn:
+            assert (await conn.execute(TOUCH)).rowcount == 1
+    finally:
+        release.set()
+        await engine.dispose()

@@ -45,6 +45,10 @@ from sqlalchemy.engine import make_url
 # A statement that writes (or takes the writer lock) when it runs; anything else only reads.
 _WRITES = ("BEGIN IMMEDIATE", "BEGIN EXCLUSIVE", "INSERT", "UPDATE", "DELETE", "REPLACE")
 _WRITES_DDL = ("CREATE", "DROP", "ALTER")
+# The sqlite3 calls that step through rows: a read's time is spent there.
+_READ_STEPS = frozenset(
+    ("execute", "executemany", "executescript", "fetchone", "fetchmany", "fetchall")
+)
 _BUSY_RETRY_FIRST_S = 0.001
 _BUSY_RETRY_MAX_S = 0.05
 
@@ -91,6 +95,8 @@ class InlineConnection(aiosqlite.Connection):
         self._tx = _RunAtOnce()  # type: ignore[assignment]
         self._writer = writer
         self._holds_writer = False
+        self._reading: asyncio.Future[Any] | None = None  # a read on its thread
+        self._closing_after_read = False
 
     def __await__(self) -> Generator[Any, None, InlineConnection]:  # no thread to start
         return self._connect_here().__await__()
@@ -100,10 +106,17 @@ class InlineConnection(aiosqlite.Connection):
         return self
 
     async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self._reading is not None:  # a cut call's read still runs on its thread
+            await asyncio.wait([self._reading])
         conn = self._connection
         if not self._running or conn is None:
             raise ValueError("Connection closed")
-        if not self._holds_writer and _writes(fn, args):
+        if self._holds_writer:
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._release_if_over()
+        if _writes(fn, args):
             deadline = time.monotonic() + self._writer.timeout
             await self._writer.acquire(deadline)
             self._holds_writer = True
@@ -111,21 +124,43 @@ class InlineConnection(aiosqlite.Connection):
                 return await _until_not_busy(partial(fn, *args, **kwargs), deadline)
             finally:
                 self._release_if_over()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            if self._holds_writer:
-                self._release_if_over()
+        if getattr(fn, "__name__", "") in _READ_STEPS and not _begins(args):
+            # A read outside a write transaction may be long (a listing, a scan): on a
+            # thread, as aiosqlite did, so that it never stops the loop.
+            reading = asyncio.get_running_loop().run_in_executor(None, partial(fn, *args, **kwargs))
+            self._reading = reading
+            try:
+                return await asyncio.shield(reading)
+            finally:
+                if reading.done():
+                    self._reading = None
+                else:  # cut: whatever comes next waits for its end
+                    reading.add_done_callback(self._read_over)
+        return fn(*args, **kwargs)
+
+    def _read_over(self, reading: asyncio.Future[Any]) -> None:
+        if self._reading is reading:
+            self._reading = None
+        if not reading.cancelled():
+            reading.exception()  # retrieved: a cut call's error is nobody's
+        if self._closing_after_read:
+            self.stop()
 
     def stop(self) -> asyncio.Future[Any] | None:
-        """Close now (SQLAlchemy's terminate, the garbage collector); the writer lock too."""
+        """Close now (SQLAlchemy's terminate, the garbage collector); the writer lock too.
+        A cut call's read still running on its thread: once it is over."""
+        if self._reading is not None:
+            self._closing_after_read = True
+            return None
         future = super().stop()
         self._release_if_over()
         return future
 
     def roll_back_now(self) -> None:
-        """End the transaction at once, outside any task (engine.py's invalidate listener)."""
-        if self._connection is not None:
+        """End the transaction at once, outside any task (engine.py's invalidate listener).
+        Not while a read runs on its thread: a reader holds no writer lock, and the close
+        that follows waits for the read."""
+        if self._connection is not None and self._reading is None:
             self._connection.rollback()
         self._release_if_over()
 
@@ -151,6 +186,11 @@ def _writes(fn: Callable[..., Any], args: tuple[Any, ...]) -> bool:
         return False
     head = args[0].lstrip()[:15].upper()
     return head.startswith(_WRITES) or head.startswith(_WRITES_DDL)
+
+
+def _begins(args: tuple[Any, ...]) -> bool:
+    """A BEGIN (DEFERRED): it reads nothing yet."""
+    return bool(args) and isinstance(args[0], str) and args[0].lstrip()[:5].upper() == "BEGIN"
 
 
 async def _until_not_busy(call: Callable[[], Any], deadline: float) -> Any:
