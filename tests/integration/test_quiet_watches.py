@@ -25,12 +25,12 @@ from tests.helpers.credentials import client_metadata
 HEARTBEAT_S = 0.2
 WATCHERS = 200
 # Tracked objects one open quiet watch adds, server AND client side in this process
-# (gRPC's own call state included). Measured 2026-12-01: 167 (184 while CheckFirst and
-# the stream limit kept closures per call, and guard a request deserializer per call);
-# 269-273 while each watch kept its snapshot's transaction and payment, two tasks racing
-# its next message (heartbeat, shutdown), an asyncio.Event and generator-based context
-# managers.
-MAX_OBJECTS_PER_WATCH = 200
+# (gRPC's own call state included). Measured 2026-12-01: 152 (184 while observability,
+# CheckFirst, the stream limit and the drain kept closures per call, and guard a request
+# deserializer per call); 269-273 while each watch kept its snapshot's transaction and
+# payment, two tasks racing its next message (heartbeat, shutdown), an asyncio.Event and
+# generator-based context managers.
+MAX_OBJECTS_PER_WATCH = 180
 
 
 @pytest.fixture
