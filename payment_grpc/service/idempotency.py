@@ -174,17 +174,12 @@ class IdempotencyKeys:
         concurrent claim of the key waits on this INSERT (PostgreSQL's unique index,
         SQLite's writer lock) before it has written anything, and then finds the key.
         Held before the claim is visible (COMMIT), as in `begin`. A key already there
-        raises KeyDecided once `tx` is over: nothing of it was written (the claim comes
-        first, its INSERT inserted nothing, the key's row was only read), so it ends with
-        a COMMIT, which on PostgreSQL costs a round trip less than a ROLLBACK and keeps
-        the connection's prepared statements (psycopg drops them all at a ROLLBACK)."""
+        raises KeyDecided: the caller rolls `tx` back, nothing of it is written."""
         if await tx.idempotency.insert_if_absent(record):
             self._holding.add(record.record_id)
             return
         existing = await self._current(tx, record)
-        decided = self._decided(existing, record, self._clock.now())
-        await tx.commit()
-        raise KeyDecided(decided)
+        raise KeyDecided(self._decided(existing, record, self._clock.now()))
 
     def _decided(
         self, existing: KeyRecord | None, fresh: KeyRecord, now: datetime
