@@ -14,10 +14,11 @@ replica, which resumes it from its recovery point. Claims and releases run to th
 even when the call that started them is cancelled (a deadline, a client gone), so an
 interrupted call never leaves its key held behind it.
 
-A Charge's key is claimed by its first write instead (`unclaimed`, `claim_in`): one
-INSERT ... ON CONFLICT DO NOTHING at the head of the transaction that creates the
-payment, so the claim costs no transaction of its own. A key already there is decided in
-that transaction (`KeyDecided`: a stored answer, a conflict) or claimed the usual way.
+A Charge's or a Refund's key is claimed by its first write instead (`unclaimed`,
+`claim_in`): one INSERT ... ON CONFLICT DO NOTHING at the head of the transaction that
+creates the payment (inserts the refund), so the claim costs no transaction of its own. A
+key already there is decided in that transaction (`KeyDecided`: a stored answer, a
+conflict) or claimed the usual way.
 
 Final answers committed or read here are kept in this process (`FinalAnswers`): a replay
 of one is answered by `begin` / `unclaimed` before any database work.

@@ -5,7 +5,8 @@ key -> record (transaction 2, under the row lock). The claim serializes racing
 operations without holding a lock across the gateway call; the recovery worker finishes
 claims left by a crash by repeating the gateway call with the same key. With an
 idempotency key, each transaction also records the key's recovery point, and the final
-one stores the answer.
+one stores the answer. A refund's first transaction claims its key too (when the
+transport left that to it), before it locks the payment.
 """
 
 from __future__ import annotations
@@ -284,7 +285,15 @@ class Operations:
         if checkpoint.refund_id:
             return await self._resume_refund(checkpoint.refund_id, ctx, checkpoint)
         now = self._deps.clock.now()
+        refund_id = new_id("re")
+        claim = checkpoint.claiming(
+            RecoveryPoint.REFUND_CREATED, payment_id=payment_id, refund_id=refund_id
+        )
         async with self._deps.uow() as tx:
+            # First: a Refund whose key is not claimed yet claims it here (as a Charge does
+            # in its create), so a concurrent one with the key waits at its claim before it
+            # locked the payment or wrote anything of its own.
+            await claim(tx)
             payment = await tx.payments.get(payment_id, for_update=True)
             payment.require("refund", PaymentStatus.CAPTURED, PaymentStatus.PARTIALLY_REFUNDED)
             reserved = await tx.refunds.reserved_minor(payment_id)
@@ -292,17 +301,14 @@ class Operations:
             amount = amount or remainder
             payment.check_refund(amount, reserved)
             refund = Refund(
-                refund_id=new_id("re"),
+                refund_id=refund_id,
                 payment_id=payment_id,
                 amount=amount,
                 reason=reason,
                 created_at=now,
                 updated_at=now,
             )
-            reached = checkpoint.reaching(
-                RecoveryPoint.REFUND_CREATED, payment_id=payment_id, refund_id=refund.refund_id
-            )
-            await self._changes.commit(tx, Change(refund=refund, new_refund=True), reached)
+            await self._changes.commit(tx, Change(refund=refund, new_refund=True))
         self._deps.faults.hit("refund.before_gateway")
         return await self.finish_refund(refund, ctx, checkpoint, known=payment)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -77,6 +78,20 @@ def committed_transactions(app: Application) -> Iterator[list[list[str]]]:
         yield committed
     finally:
         psycopg.AsyncCursor.execute = execute  # type: ignore[method-assign]
+
+
+def inserts_into(statements: list[str], table: str) -> bool:
+    """One of a transaction's `statements` (from committed_transactions) inserts into
+    `table`."""
+    return any(s.startswith(f"INSERT INTO {table.upper()} ") for s in statements)
+
+
+def ledger_entries(app: Application, kind: str) -> int:
+    """How many `kind` entries (authorize, capture, void, refund) the simulated gateway's
+    ledger holds: what reached the gateway."""
+    with sqlite3.connect(app.settings.ledger_path()) as ledger:
+        found = ledger.execute("SELECT COUNT(*) FROM ledger WHERE kind = ?", (kind,))
+        return int(found.fetchone()[0])
 
 
 async def row_counts(app: Application) -> dict[str, int]:

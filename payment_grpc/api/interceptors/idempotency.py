@@ -8,8 +8,9 @@ stores the answer (service/idempotency.py). Afterwards the checkpoint's `answer`
 what was stored: this layer sends that answer, stores a business error nothing stored,
 and gives the key back after retryable failures or while the outcome is pending.
 
-A Charge's key is claimed by the use case's first write instead (README, "One claim fewer
-per Charge"): its Checkpoint carries the unclaimed record. If that claim met the key
+A Charge's or a Refund's key is claimed by the use case's first write instead (README, "One
+claim fewer per Charge", "A Refund's key claimed in its first transaction"): its
+Checkpoint carries the unclaimed record. If that claim met the key
 (KeyDecided) the key's answer or conflict is sent; if the call refused before its claim,
 or the key is there to resume, the key is claimed here as for the other RPCs and the call
 runs again under it.
@@ -111,9 +112,10 @@ class _Unclaimed(Exception):
     """An execution failed before its first write claimed its key: nothing ran under it."""
 
 
-# Charge claims its key in the transaction that creates the payment (issue 12: two
-# transactions per Charge); the other operations claim it in one of its own first.
-CLAIMED_BY_FIRST_WRITE = frozenset({Operation.CHARGE})
+# Charge claims its key in the transaction that creates the payment, Refund in the one
+# that inserts the refund (issue 12: two transactions per call); capture and cancel claim
+# it in one of its own first.
+CLAIMED_BY_FIRST_WRITE = frozenset({Operation.CHARGE, Operation.REFUND})
 
 
 class IdempotencyInterceptor(MethodInterceptor):

@@ -436,6 +436,46 @@ async def test_a_key_held_by_a_claim_in_a_create_is_in_use_before_its_commit() -
     assert isinstance(decided.value.found, IdempotencyKeyInUse)
 
 
+async def test_a_refund_claiming_its_key_in_its_first_transaction_runs_two_in_all() -> None:
+    w = world()
+    payment = await _charged(w)
+    record = await w.keys.unclaimed(CALLER.subject, Operation.REFUND, "r1", "f")
+    checkpoint = Checkpoint(record, w.encode, w.refuse, claim_with=w.keys)
+    before = w.db.transactions
+    refund, _ = await w.operations.refund(
+        payment.payment_id, Money(USD, 300), RefundReason.UNSPECIFIED, CALLER, checkpoint
+    )
+    assert w.db.transactions - before == 2  # claim + refund, then outcome + answer
+    assert checkpoint.claimed
+    stored = await w.stored(Operation.REFUND, "r1")
+    assert stored.recovery_point is RecoveryPoint.FINISHED
+    assert (stored.payment_id, stored.refund_id) == (payment.payment_id, refund.refund_id)
+    assert w.gateway.calls("refund") == 1
+
+
+async def test_a_claim_in_a_refund_that_meets_the_key_writes_nothing() -> None:
+    w = world()
+    payment = await _charged(w)
+    running = await w.checkpoint(Operation.REFUND, "r1", fp="first")
+    for fp, found in (("first", IdempotencyKeyInUse), ("other", IdempotencyKeyReused)):
+        record = await w.keys.unclaimed(CALLER.subject, Operation.REFUND, "r1", fp)
+        with pytest.raises(KeyDecided) as decided:
+            await w.operations.refund(
+                payment.payment_id,
+                Money(USD, 300),
+                RefundReason.UNSPECIFIED,
+                CALLER,
+                Checkpoint(record, w.encode, w.refuse, claim_with=w.keys),
+            )
+        assert isinstance(decided.value.found, found)
+    assert w.db.tables.refunds == {}
+    assert w.gateway.calls("refund") == 0
+    await w.operations.refund(
+        payment.payment_id, Money(USD, 300), RefundReason.UNSPECIFIED, CALLER, running
+    )
+    assert len(w.db.tables.refunds) == 1
+
+
 async def test_a_release_gives_back_only_the_row_of_its_own_claim() -> None:
     """A cut Charge whose create never committed releases its record: the key's row is
     another call's claim (same replica), which must stay held."""
