@@ -41,6 +41,9 @@ class Change:
     events: Sequence[PaymentEvent] = field(default_factory=tuple)
     refund: Refund | None = None  # the refund's new state
     new_refund: bool = False
+    # The refund as read: its UPDATE then holds only on that status (as the payment's on
+    # `before`'s version), so the change can be written without reading it first.
+    refund_before: Refund | None = None
 
     @property
     def writes(self) -> bool:
@@ -168,14 +171,14 @@ class Changes:
 
 
 def _checked_by_its_write(change: Change, snapshot: Snapshot) -> bool:
-    """The change updates the snapshot's payment and nothing else the decision read: the
-    UPDATE's version condition (sequence, status, claim, reference) checks it all."""
-    return (
-        snapshot.refund is None
-        and change.refund is None
-        and change.payment is not None
-        and change.before is snapshot.payment
-    )
+    """The change updates the snapshot's payment, and its refund if the decision read
+    one, and nothing else: the payment's UPDATE checks the payment's version (sequence,
+    status, claim, reference), the refund's its status (`refund_before`)."""
+    if change.payment is None or change.before is not snapshot.payment:
+        return False
+    if snapshot.refund is None:
+        return change.refund is None
+    return change.refund is not None and change.refund_before is snapshot.refund
 
 
 def payment_reader(payment_id: str) -> Read:
@@ -194,14 +197,18 @@ def refund_reader(payment_id: str, refund_id: str) -> Read:
 
 
 async def _write(tx: UnitOfWork, change: Change) -> None:
-    if change.refund is not None:
+    if change.refund is not None and change.refund_before is None:
         if change.new_refund:
             await tx.refunds.add(change.refund)
         else:
             await tx.refunds.save(change.refund)
-    if change.payment is None:
-        return
-    if change.before is None:
-        await tx.payments.add(change.payment, change.events)
-    else:
-        await tx.payments.save(change.before, change.payment, change.events)
+    if change.payment is not None:
+        if change.before is None:
+            await tx.payments.add(change.payment, change.events)
+        else:
+            await tx.payments.save(change.before, change.payment, change.events)
+    if change.refund is not None and change.refund_before is not None:
+        # After the payment's UPDATE, which takes the payment's row lock first: every
+        # change of a refund is made under its payment's lock, so the refund's status
+        # is checked once no other change of it can be under way.
+        await tx.refunds.save(change.refund, change.refund_before)

@@ -363,7 +363,8 @@ class Operations:
             after, event = payment.after_refund(
                 current.amount.amount_minor, ctx.subject, ctx.trace_id, now
             )
-            return Decision(Change(after, payment, [event], refund=done), (done, after))
+            change = Change(after, payment, [event], refund=done, refund_before=current)
+            return Decision(change, (done, after))
 
         assert known.refund is not None
         return await self._changes.decide(

@@ -65,7 +65,11 @@ _UPDATE_PAYMENT = DirectWrite(
 # that needs an answer, or with the COMMIT (pipelining.py).
 _INSERT_EVENT = write_behind(payment_events.insert())
 _INSERT_REFUND = write_behind(refunds.insert())
-_UPDATE_REFUND = write_behind(refunds.update().where(refunds.c.id == sa.bindparam("b_id")))
+_UPDATE_REFUND = refunds.update().where(refunds.c.id == sa.bindparam("b_id"))
+# Only if the refund still has the status the change was decided on: sent at once, its
+# row count read (the versioned counterpart of _UPDATE_PAYMENT).
+_UPDATE_REFUND_IF = _UPDATE_REFUND.where(refunds.c.status == sa.bindparam("b_status"))
+_UPDATE_REFUND = write_behind(_UPDATE_REFUND)
 _SELECT_REFUND = sa.select(refunds).where(refunds.c.id == sa.bindparam("b_id"))
 
 
@@ -253,10 +257,14 @@ class SqlRefundRepository:
         await self._conn.execute(_INSERT_REFUND, refund_to_row(refund))
         self.changed.append(refund)
 
-    async def save(self, refund: Refund) -> None:
-        await self._conn.execute(
-            _UPDATE_REFUND, {**refund_to_row(refund), "b_id": refund.refund_id}
-        )
+    async def save(self, refund: Refund, before: Refund | None = None) -> None:
+        row = {**refund_to_row(refund), "b_id": refund.refund_id}
+        if before is None:
+            await self._conn.execute(_UPDATE_REFUND, row)
+        else:
+            versioned = {**row, "b_status": before.status.value}
+            if (await self._conn.execute(_UPDATE_REFUND_IF, versioned)).rowcount != 1:
+                raise ConcurrentModification(f"refund {refund.refund_id} changed concurrently")
         self.changed.append(refund)
 
     async def get(self, refund_id: str) -> Refund:

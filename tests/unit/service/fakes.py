@@ -181,7 +181,10 @@ class MemoryRefunds:
     async def add(self, refund: Refund) -> None:
         self._t.refunds[refund.refund_id] = refund
 
-    async def save(self, refund: Refund) -> None:
+    async def save(self, refund: Refund, before: Refund | None = None) -> None:
+        stored = self._t.refunds.get(refund.refund_id)
+        if before is not None and (stored is None or stored.status is not before.status):
+            raise ConcurrentModification(f"refund {refund.refund_id} changed concurrently")
         self._t.refunds[refund.refund_id] = refund
 
     async def get(self, refund_id: str) -> Refund:

@@ -336,6 +336,27 @@ async def test_a_refund_the_gateway_did_not_answer_stays_pending_until_recovery(
     assert w.gateway.calls("refund") == 1
 
 
+async def test_a_refund_outcome_is_not_written_over_a_refund_recorded_meanwhile() -> None:
+    """The gateway's answer is recorded without reading the refund first: its UPDATE
+    holds only on the status decided on. Recorded FAILED meanwhile (the payment
+    unchanged): the success is not written over it, nor the payment refunded."""
+    w = world()
+    payment = await _charged(w)
+    w.gateway.unreachable = True
+    pending, known = await w.operations.refund(
+        payment.payment_id, Money(USD, 300), RefundReason.UNSPECIFIED, CALLER
+    )
+    w.gateway.unreachable = False
+    async with w.db() as tx:
+        await tx.refunds.save(pending.failed("declined", w.clock.now()))
+        await tx.commit()
+    refund, after = await w.operations.finish_refund(pending, CALLER, known=known)
+    assert refund.status is RefundStatus.FAILED
+    assert w.db.tables.refunds[pending.refund_id].status is RefundStatus.FAILED
+    assert (after.status, after.refunded_minor) == (S.CAPTURED, 0)
+    assert (await w.payment(payment.payment_id)).refunded_minor == 0
+
+
 # ------------------------------------------------------------------ idempotency keys
 
 
