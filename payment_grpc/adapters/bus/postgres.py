@@ -8,6 +8,10 @@ costs nothing: after reconnecting it wakes every local watcher to re-read the ta
 Publishing never waits for PostgreSQL: local watchers are woken at once, and the NOTIFYs
 queue up for one sender task, which sends whatever has queued meanwhile in one statement
 (a busy server sends many per round trip instead of one round trip per event, in turn).
+What queues is one notification per payment, its latest sequence: a notification only wakes
+watchers, who read every event after the last one they sent from the table, and the latest
+is sent after every earlier change of that payment was committed (under load a Charge's two
+changes, PROCESSING and CAPTURED, often queue behind one send: one NOTIFY instead of two).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ class PostgresStatusBus:
         self._dsn = libpq_dsn(sqlalchemy_url)
         self._local = InProcessStatusBus()
         self._publisher: psycopg.AsyncConnection[object] | None = None
-        self._queued: list[str] = []  # payloads waiting for the sender
+        self._queued: dict[str, int] = {}  # payment id -> latest sequence, for the sender
         self._sender: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
@@ -61,13 +65,15 @@ class PostgresStatusBus:
 
     async def publish(self, payment_id: str, sequence: int) -> None:
         self._local.wake(payment_id)
-        self._queued.append(f"{payment_id}:{sequence}")
+        if sequence > self._queued.get(payment_id, 0):
+            self._queued[payment_id] = sequence
         if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._send_queued())
 
     async def _send_queued(self) -> None:
         while self._queued:
-            payloads, self._queued = self._queued, []
+            queued, self._queued = self._queued, {}
+            payloads = [f"{payment_id}:{sequence}" for payment_id, sequence in queued.items()]
             try:
                 if self._publisher is None or self._publisher.closed:
                     self._publisher = await psycopg.AsyncConnection.connect(
