@@ -121,22 +121,31 @@ class InlineConnection(aiosqlite.Connection):
             await self._writer.acquire(deadline)
             self._holds_writer = True
             try:
-                return await _until_not_busy(partial(fn, *args, **kwargs), deadline)
+                return await _until_not_busy(partial(_now, fn, *args, **kwargs), deadline)
             finally:
                 self._release_if_over()
         if getattr(fn, "__name__", "") in _READ_STEPS and not _begins(args):
             # A read outside a write transaction may be long (a listing, a scan): on a
-            # thread, as aiosqlite did, so that it never stops the loop.
-            reading = asyncio.get_running_loop().run_in_executor(None, partial(fn, *args, **kwargs))
-            self._reading = reading
-            try:
-                return await asyncio.shield(reading)
-            finally:
-                if reading.done():
-                    self._reading = None
-                else:  # cut: whatever comes next waits for its end
-                    reading.add_done_callback(self._read_over)
+            # thread, as aiosqlite did, so that it never stops the loop. WAL readers still
+            # meet SQLITE_BUSY at times (the first connection after a crash recovers the
+            # WAL under an exclusive lock; an exclusive-mode connection): with the busy
+            # timeout at 0, a statement is tried again as a write is, not failed at once.
+            call = partial(self._read_on_thread, partial(fn, *args, **kwargs))
+            if fn.__name__ != "execute":  # a fetch is not started again
+                return await call()
+            return await _until_not_busy(call, time.monotonic() + self._writer.timeout)
         return fn(*args, **kwargs)
+
+    async def _read_on_thread(self, call: Callable[[], Any]) -> Any:
+        reading = asyncio.get_running_loop().run_in_executor(None, call)
+        self._reading = reading
+        try:
+            return await asyncio.shield(reading)
+        finally:
+            if reading.done():
+                self._reading = None
+            else:  # cut: whatever comes next waits for its end
+                reading.add_done_callback(self._read_over)
 
     def _read_over(self, reading: asyncio.Future[Any]) -> None:
         if self._reading is reading:
@@ -193,13 +202,19 @@ def _begins(args: tuple[Any, ...]) -> bool:
     return bool(args) and isinstance(args[0], str) and args[0].lstrip()[:5].upper() == "BEGIN"
 
 
-async def _until_not_busy(call: Callable[[], Any], deadline: float) -> Any:
-    """Run `call`; while another process holds SQLite's writer lock, try again after an
-    asyncio sleep (never in SQLite's busy handler, which would stop the loop)."""
+async def _now(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`fn` run at once on the loop's thread, as a coroutine for _until_not_busy."""
+    return fn(*args, **kwargs)
+
+
+async def _until_not_busy(call: Callable[[], Awaitable[Any]], deadline: float) -> Any:
+    """Run `call`; while SQLite answers busy (another process holds its writer lock, or a
+    WAL recovery runs), try again after an asyncio sleep (never in SQLite's busy handler,
+    which would stop the loop)."""
     delay = _BUSY_RETRY_FIRST_S
     while True:
         try:
-            return call()
+            return await call()
         except sqlite3.OperationalError as exc:
             if not _busy(exc) or time.monotonic() + delay > deadline:
                 raise
