@@ -155,6 +155,17 @@ class InlineConnection(aiosqlite.Connection):
         if self._closing_after_read:
             self.stop()
 
+    async def close(self) -> None:
+        """Close, after a cut call's read on its thread. A connection stopped meanwhile
+        (SQLAlchemy terminates a connection whose call was cut, then closes it gracefully
+        in a task of its own) has nothing left to close: aiosqlite's close would raise
+        "Connection closed" into that task, logged as never retrieved at shutdown."""
+        if self._reading is not None:
+            await asyncio.wait([self._reading])  # its _read_over (and a stop) run first
+        if not self._running:
+            return
+        await super().close()
+
     def stop(self) -> asyncio.Future[Any] | None:
         """Close now (SQLAlchemy's terminate, the garbage collector); the writer lock too.
         A cut call's read still running on its thread: once it is over."""
