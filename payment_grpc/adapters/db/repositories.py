@@ -65,11 +65,11 @@ _UPDATE_PAYMENT = DirectWrite(
 # that needs an answer, or with the COMMIT (pipelining.py).
 _INSERT_EVENT = write_behind(payment_events.insert())
 _INSERT_REFUND = write_behind(refunds.insert())
-_UPDATE_REFUND = refunds.update().where(refunds.c.id == sa.bindparam("b_id"))
+_REFUND_BY_ID = refunds.update().where(refunds.c.id == sa.bindparam("b_id"))
+_UPDATE_REFUND = write_behind(_REFUND_BY_ID)
 # Only if the refund still has the status the change was decided on: sent at once, its
 # row count read (the versioned counterpart of _UPDATE_PAYMENT).
-_UPDATE_REFUND_IF = _UPDATE_REFUND.where(refunds.c.status == sa.bindparam("b_status"))
-_UPDATE_REFUND = write_behind(_UPDATE_REFUND)
+_UPDATE_REFUND_IF = _REFUND_BY_ID.where(refunds.c.status == sa.bindparam("b_status"))
 _SELECT_REFUND = sa.select(refunds).where(refunds.c.id == sa.bindparam("b_id"))
 
 
