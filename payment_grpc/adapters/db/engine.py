@@ -247,8 +247,8 @@ class SqlUnitOfWorkFactory:
         # Read-only work: connections set up for it from the start (reading.py). On
         # PostgreSQL each of its statements runs on its own: nothing to begin or end.
         self._read_engine = read_only_engine(engine)
-        self._direct_reads = engine.dialect.name == "postgresql" and not statement_spans
-        self._direct_writes = self._direct_reads
+        # psycopg directly, past SQLAlchemy: reads in read-only units, hot writes in others.
+        self._direct = engine.dialect.name == "postgresql" and not statement_spans
         self._cipher = cipher  # encrypts sensitive columns (built once, shared)
         self._bus = bus
         self._event_log = event_log
@@ -265,8 +265,8 @@ class SqlUnitOfWorkFactory:
                     not self._sqlite,
                     cipher=self._cipher,
                     event_log=self._event_log,
-                    direct_reads=read_only and self._direct_reads,
-                    direct_writes=not read_only and self._direct_writes,
+                    direct_reads=read_only and self._direct,
+                    direct_writes=not read_only and self._direct,
                 )
                 yield uow
         except PoolTimeout as exc:
