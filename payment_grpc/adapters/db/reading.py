@@ -76,7 +76,8 @@ class DirectRow:
     ) -> dict[str, Any] | None:
         """The first row, by column name, or None. psycopg's errors are raised as
         SQLAlchemy's, a lost connection invalidated, as SQLAlchemy does."""
-        driver = cast(psycopg.AsyncConnection[Any], (await _pooled(conn)).driver_connection)
+        pooled = await pooled_connection(conn)
+        driver = cast(psycopg.AsyncConnection[Any], pooled.driver_connection)
         try:
             cursor = await driver.execute(self._sql, parameters)
             row = await cursor.fetchone()
@@ -95,7 +96,7 @@ class DirectRow:
         return dict(zip(self._names, values, strict=True))
 
 
-async def _pooled(conn: AsyncConnection) -> PoolProxiedConnection:
+async def pooled_connection(conn: AsyncConnection) -> PoolProxiedConnection:
     """The pooled connection `conn` holds: without a greenlet round trip while it holds
     one (SQLAlchemy's `get_raw_connection` spawns one to read the same attribute)."""
     sync = conn.sync_connection

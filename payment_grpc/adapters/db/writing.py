@@ -32,6 +32,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from payment_grpc.adapters.db.pipelining import PipelinedConnection
+from payment_grpc.adapters.db.reading import pooled_connection
 
 _PSYCOPG = sa_psycopg.dialect()  # type: ignore[no-untyped-call]
 Processors = tuple[tuple[str, Callable[[Any, Any], Any]], ...]
@@ -48,8 +49,7 @@ class DirectConnection:
 
     async def driver(self) -> PipelinedConnection | None:
         if not self._looked_up:
-            fairy = await self.conn.get_raw_connection()
-            driver = fairy.driver_connection
+            driver = (await pooled_connection(self.conn)).driver_connection
             self._driver = driver if isinstance(driver, PipelinedConnection) else None
             self._looked_up = True
         return self._driver
